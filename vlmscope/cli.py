@@ -1,0 +1,45 @@
+"""The ``vlmscope`` command line: a thin click group.
+
+Commands live in their own modules and are imported only when used; heavy packages
+(torch, textual) are imported inside command bodies, so ``vlmscope --help`` and the
+trace-only commands start fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from vlmscope import __version__
+
+COMMANDS = {
+    "record": "vlmscope.cli_record:record",
+    "summary": "vlmscope.cli_record:summary",
+    "check": "vlmscope.cli_analyze:check",
+    "diff": "vlmscope.cli_analyze:diff",
+    "snapshot": "vlmscope.cli_analyze:snapshot",
+    "view": "vlmscope.cli_view:view",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        mod, _, attr = target.partition(":")
+        return getattr(importlib.import_module(mod), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vlmscope")
+def main() -> None:
+    """vlmscope: record, check, diff and view the shapes of a multimodal Qwen forward."""
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,194 @@
+"""``vlmscope record`` and ``vlmscope summary``."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from vlmscope.errors import OutputError, UserError
+
+
+def _parse_option(values: tuple[str, ...]) -> dict:
+    out: dict = {}
+    for item in values:
+        if "=" not in item:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--option")
+        k, v = item.split("=", 1)
+        low = v.lower()
+        if low in ("true", "false"):
+            out[k] = low == "true"
+        else:
+            try:
+                out[k] = int(v)
+            except ValueError:
+                try:
+                    out[k] = float(v)
+                except ValueError:
+                    out[k] = v
+    return out
+
+
+def default_out(model: str, image: str | None, root: Path = Path("traces")) -> Path:
+    """A readable, unique trace name: traces/<model>-<image>-<YYYYmmdd-HHMMSS>.h5."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name.split(":")[-1]).strip("-") or "model"
+    parts = [name]
+    if image:
+        parts.append(re.sub(r"[^A-Za-z0-9._-]+", "-", Path(image).stem))
+    parts.append(time.strftime("%Y%m%d-%H%M%S"))
+    base = root / ("-".join(parts) + ".h5")
+    path, i = base, 2
+    while path.exists() or path.with_name(path.name + ".partial").exists():
+        path = base.with_name(f"{base.stem}-{i}.h5")
+        i += 1
+    return path
+
+
+def _check_writable(path: Path) -> None:
+    d = path.parent if str(path.parent) else Path(".")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create output directory {d}: {e.strerror or e}") from None
+    if not os.access(d, os.W_OK):
+        raise OutputError(f"output directory is not writable: {d}")
+    if path.is_dir():
+        raise OutputError(f"output path is a directory: {path}")
+
+
+@click.command()
+@click.option("--model", "-m", "model_spec", default=None, metavar="NAME|DIR|MODULE:FACTORY",
+              help="Embedded model name (default tiny-qwen2.5-vl), a local checkpoint directory, "
+                   "or package.module:factory returning (model, processor).")
+@click.option("--image", "-i", type=click.Path(dir_okay=True, path_type=str), default=None,
+              help="Image file to describe (omit for a text-only run).")
+@click.option("--prompt", "-p", default="Describe this image.", show_default=True)
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
+              help="Trace path (default: a unique name under traces/).")
+@click.option("--max-new-tokens", "-n", type=click.IntRange(0, 100_000), default=8, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64", "auto"]), default=None,
+              help="Model dtype (default: the model's own).")
+@click.option("--attn-implementation", type=str, default=None, help="eager, sdpa, flash_attention_2, ...")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for weights of embedded models and torch.")
+@click.option("--save-tensors", multiple=True, metavar="GLOB",
+              help="Save full outputs of modules whose path matches GLOB (repeatable).")
+@click.option("--max-tensor-bytes", type=int, default=256 * 1024 * 1024, show_default=True,
+              help="Cap on saved tensor payload bytes; past it only stats are kept.")
+@click.option("--no-reshapes", is_flag=True, help="Do not record reshape events.")
+@click.option("--no-stats", is_flag=True, help="Do not compute tensor stats.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Extra keyword option for the model factory (e.g. use_cache_quantization=true).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_implementation, seed,
+           save_tensors, max_tensor_bytes, no_reshapes, no_stats, options, debug):
+    """Run generation on a model and record every step into an HDF5 trace."""
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    try:
+        code = _record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_implementation, seed,
+                       save_tensors, max_tensor_bytes, no_reshapes, no_stats, _parse_option(options))
+    except UserError as e:
+        if debug:
+            raise
+        err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    sys.exit(code)
+
+
+def _record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_implementation, seed,
+            save_tensors, max_tensor_bytes, no_reshapes, no_stats, options) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    import vlmscope_models
+
+    model_spec = model_spec or vlmscope_models.DEFAULT_MODEL
+    # Cheap checks first: nothing is loaded for a bad image or an unwritable output.
+    img = img_info = None
+    if image is not None:
+        from vlmscope.inputs import load_image
+
+        img, img_info = load_image(image)
+    out = Path(out) if out else default_out(model_spec, image)
+    _check_writable(out)
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True,
+                  disable=not console.is_terminal) as progress:
+        task = progress.add_task(f"loading {model_spec}", total=None)
+        import torch
+
+        from vlmscope.inputs import build_inputs, generate_text
+        from vlmscope.loader import load_model
+        from vlmscope.recorder import Recorder
+
+        torch.manual_seed(seed)
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {device} requested but CUDA is not available")
+        if model_spec in vlmscope_models.EMBEDDED_MODELS:
+            options = {"seed": seed, **options}
+        model, processor, minfo = load_model(model_spec, device=device, dtype=dtype,
+                                             attn_implementation=attn_implementation, options=options)
+        inputs, info = build_inputs(model, processor, prompt=prompt, image=img)
+        if img_info is not None:
+            img_info["resized"] = info.get("image", {}).get("resized")
+            info["image"] = img_info
+        progress.update(task, description="recording", total=max_new_tokens, completed=0)
+
+        def on_step(step: int, rec) -> None:
+            progress.update(task, completed=min(step, max_new_tokens),
+                            description="prefill" if step == 0 else f"decode {step}")
+
+        meta = {**minfo, **info, "seed": seed, "argv": ["vlmscope", *sys.argv[1:]],
+                "generation": {"max_new_tokens": max_new_tokens, "do_sample": False}}
+        if attn_implementation:
+            meta["attn_implementation"] = attn_implementation
+        rec = Recorder(model, out, meta=meta, save_tensors=list(save_tensors), max_tensor_bytes=max_tensor_bytes,
+                       reshapes=not no_reshapes, stats=not no_stats, on_step=on_step)
+        failure: BaseException | None = None
+        try:
+            with rec:
+                text = generate_text(model, processor, inputs, max_new_tokens=max_new_tokens)
+                rec.add_meta(generated_text=text)
+        except KeyboardInterrupt:
+            failure = KeyboardInterrupt()
+        except Exception as e:  # noqa: BLE001 - the model's own failure is what we report
+            failure = e
+    from vlmscope import open_trace
+    from vlmscope.summary import print_summary
+
+    with open_trace(rec.path) as t:
+        print_summary(t, Console())
+    if isinstance(failure, KeyboardInterrupt):
+        console.print(f"[yellow]interrupted:[/] kept {rec.n_steps} finished step(s) in {rec.path} (incomplete)")
+        return 130
+    if failure is not None:
+        return 1
+    return 0
+
+
+@click.command()
+@click.argument("trace", type=click.Path(path_type=Path))
+def summary(trace: Path):
+    """Print the summary of a trace: steps, events, size, generated text, broken invariants."""
+    from rich.console import Console
+
+    from vlmscope import TraceError, open_trace
+    from vlmscope.summary import print_summary
+
+    try:
+        with open_trace(trace) as t:
+            print_summary(t, Console())
+    except TraceError as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(3)

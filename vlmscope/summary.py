@@ -1,0 +1,115 @@
+"""The short rich summary printed by ``record`` and ``summary``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from vlmscope.trace import Trace
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _pos(st: np.void) -> str:
+    rows = int(st["pos_rows"])
+    if rows == 0:
+        return "-"
+    rng = [f"{int(a)}..{int(b)}" for a, b in zip(st["pos_min"][:rows], st["pos_max"][:rows])]
+    return rng[0] if rows == 1 or len(set(rng)) == 1 and rows == 1 else " / ".join(rng)
+
+
+def violations(trace: Trace) -> list[Any]:
+    """Invariant violations found by ``vlmscope check`` (empty when the rules are unavailable)."""
+    try:
+        from vlmscope.analyze.check import run_checks
+    except ImportError:
+        return []
+    try:
+        return list(run_checks(trace))
+    except Exception:  # noqa: BLE001 - a summary must never fail on a rule bug
+        return []
+
+
+def print_summary(trace: Trace, console: Any) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    meta = trace.meta
+    status = trace.status
+    colour = {"complete": "green", "incomplete": "yellow", "failed": "red"}.get(status, "white")
+    steps = trace.steps
+    head = Text.assemble(
+        ("trace ", "bold"), (str(trace.path), "cyan"), "  ",
+        (status, f"bold {colour}"), "  ",
+        f"{len(steps)} steps, {trace.n_rows('events')} module calls, {trace.n_rows('reshapes')} reshapes, "
+        f"{trace.n_rows('probes')} probes, {_fmt_bytes(trace.file_size)}",
+    )
+    console.print(head)
+    model = meta.get("model") or meta.get("model_class")
+    img = meta.get("image") or {}
+    line = f"model {model} ({meta.get('family') or '?'}) on {meta.get('device')} {meta.get('dtype')}"
+    if meta.get("attn_implementation"):
+        line += f", attn {meta['attn_implementation']}"
+    if img:
+        line += f"; image {img.get('path')} {img.get('size')}"
+        if img.get("resized"):
+            line += f" -> {img['resized']}"
+    console.print(line, highlight=False)
+    if len(steps):
+        tbl = Table(box=None, pad_edge=False, header_style="bold")
+        for col in ("step", "kind", "input", "q_len", "cache", "positions", "mask", "image tok", "calls", "ms"):
+            tbl.add_column(col, justify="right" if col not in ("kind", "positions", "mask") else "left")
+        show = list(range(len(steps)))
+        if len(show) > 12:
+            show = show[:6] + [-1] + show[-5:]
+        for i in show:
+            if i < 0:
+                tbl.add_row("...", *[""] * 9)
+                continue
+            st = steps[i]
+            mask = "x".join(str(int(d)) for d in st["mask_shape"][: int(st["mask_ndim"])]) or "-"
+            cache = "-" if st["cache_after"] < 0 else f"{int(st['cache_before'])}->{int(st['cache_after'])}"
+            tbl.add_row(
+                str(int(st["step"])),
+                ("prefill" if st["kind"] == 0 else "decode") + (" [red]raised[/]" if st["status"] else ""),
+                str(int(st["input_len"])), str(int(st["q_len"])), cache, _pos(st), mask,
+                str(int(st["image_tokens"])) if st["image_tokens"] >= 0 else "-",
+                str(int(st["event_count"])), f"{float(st['wall_ms']):.0f}",
+            )
+        console.print(tbl)
+    text = meta.get("generated_text")
+    if text is not None:
+        console.print(Text.assemble(("generated: ", "bold"), repr(text)))
+    for w in meta.get("warnings") or []:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    err = trace.error
+    if err:
+        console.print(Text.assemble(("forward raised ", "bold red"), (f"{err['type']}: ", "red"),
+                                    err["message"].splitlines()[0] if err["message"] else ""))
+        if err["module_stack"]:
+            console.print(f"  in module  {err['module_stack'][-1] or '<root>'}  (stack: "
+                          f"{' > '.join(p or '<root>' for p in err['module_stack'])})", highlight=False)
+        lr = err.get("last_reshape")
+        if lr:
+            console.print(f"  last reshape  {lr.get('op')} {lr.get('in_shapes')} {lr.get('args') or ''} "
+                          f"at {lr.get('site')} in {lr.get('module') or '<root>'}", highlight=False)
+    vs = violations(trace)
+    if vs:
+        console.print(f"[bold yellow]{len(vs)} invariant violation(s)[/] (vlmscope check {trace.path}):")
+        for v in vs[:8]:
+            console.print(f"  {_violation_line(v)}", highlight=False)
+        if len(vs) > 8:
+            console.print(f"  ... {len(vs) - 8} more")
+
+
+def _violation_line(v: Any) -> str:
+    get = (lambda k: v.get(k)) if isinstance(v, dict) else (lambda k: getattr(v, k, None))
+    return (f"[{get('rule')}] step {get('step')} {get('module') or ''}: expected {get('expected')}, "
+            f"got {get('actual')}  ({get('hint') or ''})")
