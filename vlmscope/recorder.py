@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import json
+import math
 import os
 import sys
 import time
@@ -225,6 +226,7 @@ class Recorder:
         self._internal_code: dict[Any, bool] = {}
         self._site_cache: dict[tuple, tuple[int, int, int, str]] = {}
         self._layout_hint: str | None = None
+        self._zeros: dict[Any, Tensor] = {}
         self._analyse_structure()
 
     # ------------------------------------------------------------------ structure
@@ -263,6 +265,7 @@ class Recorder:
         self._merger_id = paths.index(self.merger) if self.merger in paths else -1
         self._text_model_id = paths.index(self.text_model) if self.text_model in paths else -1
         self._decoder_prefix = (self.decoder_layers + ".") if self.decoder_layers else None
+        self._rotary_ids = {i for i, (_, m) in enumerate(self._modules) if "rotary" in type(m).__name__.lower()}
         self._save_ids = {i for i, p in enumerate(paths)
                           if any(fnmatch.fnmatchcase(p, g) for g in self.save_globs)}
 
@@ -452,6 +455,8 @@ class Recorder:
                 st.first_layer_q = int(hs.shape[-2])
         if mod_id == 0 and len(self._stack) == 1:
             self._root_inputs(module, args, kwargs, names)
+        if mod_id in self._rotary_ids:
+            self._rotary_probe(ev, mod_id, args, kwargs, names)
 
     def _post(self, mod_id: int, module, args, kwargs, output) -> None:
         st = self._step
@@ -532,7 +537,15 @@ class Recorder:
                            w.intern(str(t.device)), t.numel(), slot, payload))
 
     def _stats(self, t: Tensor) -> int:
-        """Queue min/max/mean/std/nan/inf of ``t`` on its device; returns the stat slot."""
+        """Queue min, max, sum, L2 norm, NaN and Inf counts of ``t`` on its device.
+
+        Returns the byte offset of the 6-float64 slot in the step's device blob. Mean and
+        std are derived on the host at the end of the step (std from the sum of squares,
+        which is one fast pass; it is approximate only when std << |mean|). NaN/Inf counts
+        cost several passes, so they are computed only when needed: on CUDA always (the
+        GPU does it cheaply and we must not sync), on CPU only when min or max is not
+        finite (a CPU tensor's value is already on the host: reading it is no sync).
+        """
         st = self._step
         key = (id(t), _version_of(t))
         hit = st.stat_dedupe.get(key)
@@ -543,22 +556,24 @@ class Recorder:
             return -1
         x = t.detach()
         if x.dtype == torch.bool:
-            x = x.to(torch.uint8)
+            x = x.view(torch.uint8)
+        mn, mx = torch.aminmax(x)
         if x.is_floating_point():
-            if x.dtype not in (torch.float32, torch.float64):
-                x = x.float()
-            mn, mx = torch.aminmax(x)
-            sd, mean = torch.std_mean(x, correction=0)
-            nan = torch.isnan(x).sum()
-            inf = torch.isinf(x).sum()
-            vec = torch.stack([mn, mx, mean, sd, nan, inf]).to(torch.float64)
+            acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
+            total = x.sum(dtype=acc)
+            norm = torch.linalg.vector_norm(x, dtype=acc)
+            if x.device.type != "cpu" or not (math.isfinite(mn) and math.isfinite(mx)):
+                nan = torch.isnan(x).sum()
+                inf = torch.isinf(x).sum()
+            else:
+                nan = inf = self._zero(x.device)
         else:
-            mn, mx = torch.aminmax(x)
             xd = x.to(torch.float64)
-            sd, mean = torch.std_mean(xd, correction=0)
-            vec = torch.stack([mn.to(torch.float64), mx.to(torch.float64), mean, sd,
-                               torch.zeros((), dtype=torch.float64, device=x.device),
-                               torch.zeros((), dtype=torch.float64, device=x.device)])
+            total = xd.sum()
+            norm = torch.linalg.vector_norm(xd)
+            nan = inf = self._zero(x.device)
+        vec = torch.stack([mn.to(torch.float64), mx.to(torch.float64), total.to(torch.float64),
+                           norm.to(torch.float64), nan.to(torch.float64), inf.to(torch.float64)])
         slot = st.device_bytes
         st.device_chunks.append(vec.view(torch.uint8))
         st.device_bytes += 48
@@ -567,6 +582,12 @@ class Recorder:
         except TypeError:
             pass
         return slot
+
+    def _zero(self, device: torch.device) -> Tensor:
+        z = self._zeros.get(device)
+        if z is None:
+            z = self._zeros[device] = torch.zeros((), dtype=torch.float64, device=device)
+        return z
 
     def _queue_bytes(self, t: Tensor) -> tuple[int, int]:
         """Queue a device tensor for the end-of-step copy; returns (byte offset, length)."""
@@ -718,6 +739,23 @@ class Recorder:
         self._probe_row(ev, mod_id, "cache", name, (len(lengths),), "int64", T.ENC_INT64, -1, 0, info,
                         late=lengths)
         return info
+
+    def _rotary_probe(self, ev: int, mod_id: int, args, kwargs, names) -> None:
+        """A rotary module called with a length (Qwen-1 style) builds its table for KV indices
+        0..len-1 and the new tokens use the last q_len rows: those are the positions it applies.
+        (Rotary modules called with ``position_ids`` get a ``position_ids`` probe instead.)"""
+        for i, a in enumerate(args):
+            if isinstance(a, int) and not isinstance(a, bool):
+                name = names[i] if i < len(names) else f"args[{i}]"
+                break
+        else:
+            for name, a in kwargs.items():
+                if isinstance(a, int) and not isinstance(a, bool):
+                    break
+            else:
+                return
+        self._probe_row(ev, mod_id, "rope_positions", name, (), "int64", T.ENC_INT64, -1, 0,
+                        {"table_len": int(a)}, late=("rope", int(a)))
 
     def _merger_probe(self, ev: int, mod_id: int, output: Any) -> None:
         t = output
@@ -919,8 +957,11 @@ class Recorder:
             tt["numel"] = cols[7]
             slots = np.asarray(cols[8], dtype=np.int64)
             stats = self._stats_from_blob(blob, slots)
-            for j, f in enumerate(("min", "max", "mean", "std")):
-                tt[f] = stats[:, j]
+            numel = np.maximum(np.asarray(cols[7], dtype=np.float64), 1)
+            mean = stats[:, 2] / numel
+            with np.errstate(invalid="ignore", over="ignore"):
+                var = np.maximum(stats[:, 3] ** 2 / numel - mean ** 2, 0.0)
+            tt["min"], tt["max"], tt["mean"], tt["std"] = stats[:, 0], stats[:, 1], mean, np.sqrt(var)
             tt["absmax"] = np.maximum(np.abs(stats[:, 0]), np.abs(stats[:, 1]))
             tt["nan"] = np.nan_to_num(stats[:, 4], nan=0).astype(np.int64)
             tt["inf"] = np.nan_to_num(stats[:, 5], nan=0).astype(np.int64)
@@ -974,6 +1015,13 @@ class Recorder:
                 data = blob[off:off + n].view(np.int64).reshape(shape)
             elif enc == T.ENC_INT64 and isinstance(late, np.ndarray):
                 data = late
+            elif isinstance(late, tuple) and late[0] == "rope":
+                q = st.first_layer_q if st.first_layer_q > 0 else max(st.input_len, 0)
+                data = np.arange(max(late[1] - q, 0), late[1], dtype=np.int64)
+                shape = data.shape
+                late = data
+                if data.size:
+                    info = {**(info or {}), "min": int(data[0]), "max": int(data[-1])}
             elif enc == T.ENC_BITS:
                 data = blob[off:off + n].astype(bool).reshape(shape)
             info = dict(info or {})

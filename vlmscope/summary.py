@@ -22,7 +22,9 @@ def _pos(st: np.void) -> str:
     if rows == 0:
         return "-"
     rng = [f"{int(a)}..{int(b)}" for a, b in zip(st["pos_min"][:rows], st["pos_max"][:rows])]
-    return rng[0] if rows == 1 or len(set(rng)) == 1 and rows == 1 else " / ".join(rng)
+    if rows == 1:
+        return rng[0]
+    return f"{rng[0]} x{rows}" if len(set(rng)) == 1 else " ".join(rng)
 
 
 def violations(trace: Trace) -> list[Any]:

@@ -1,0 +1,143 @@
+"""Recording overhead, measured side by side in one run.
+
+Builds a Qwen2.5-VL-shaped model (real transformers class, random weights): text
+hidden 1024, 8 decoder layers, a 4-layer vision tower, a 448x448 image (256 merged
+image tokens) and ~64 text tokens. Alternating rounds time:
+
+  * untraced ``forward`` (the prefill) and ``generate`` (16 new tokens);
+  * the same under vlmscope's full default recording (modules + reshapes + probes + stats);
+  * the same under transformers' ``model_addition_debugger_context`` (the reference).
+
+It prints medians and the ratios to untraced. Run:
+
+    python bench/overhead.py               # 448x448, 5 rounds
+    python bench/overhead.py --image-size 224 --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build(image_size: int, device: str):
+    from PIL import Image
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from vlmscope_models.qwen_vl import build_qwen2_5_vl
+
+    _, processor = build_qwen2_5_vl(max_pixels=image_size * image_size, min_pixels=image_size * image_size)
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                         num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                          "mrope_section": [8, 12, 12]}, tie_word_embeddings=True,
+                         eos_token_id=151645, pad_token_id=151643),
+        vision_config=dict(depth=4, hidden_size=1024, intermediate_size=2816, num_heads=16, out_hidden_size=1024,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[3]),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        tie_word_embeddings=True,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval().to(device)
+    model.generation_config.eos_token_id = None  # always generate the full 16 tokens
+    model.generation_config.pad_token_id = 151643
+    img = Image.open(ROOT / "examples" / "astronaut.png").convert("RGB").resize((image_size, image_size))
+    words = " ".join(["Describe the picture in detail, naming every object you can see."] * 5)
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": words}]}],
+                                         tokenize=False, add_generation_prompt=True)
+    inputs = {k: v.to(device) for k, v in processor(text=[text], images=[img], return_tensors="pt").items()}
+    return model, inputs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--image-size", type=int, default=448)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--skip-generate", action="store_true")
+    args = ap.parse_args()
+
+    from transformers import model_addition_debugger_context
+
+    from vlmscope import Recorder
+
+    model, inputs = build(args.image_size, args.device)
+    ids = inputs["input_ids"][0]
+    n_img = int((ids == 151655).sum())
+    print(f"model: hidden 1024, 8 text layers, 4 vision layers; {ids.numel()} tokens "
+          f"({n_img} image, {ids.numel() - n_img} text); image {args.image_size}x{args.image_size}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    tmp = Path(tempfile.mkdtemp(prefix="vlmscope-bench-"))
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+
+    def forward():
+        with torch.inference_mode():
+            model(**inputs)
+
+    def generate():
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=args.new_tokens, do_sample=False)
+
+    counter = iter(range(10**6))
+
+    def under_vlmscope(fn):
+        def run():
+            with Recorder(model, tmp / f"r{next(counter)}.h5"):
+                fn()
+        return run
+
+    def under_hf(fn):
+        def run():
+            d = tmp / f"hf{next(counter)}"
+            d.mkdir()
+            with model_addition_debugger_context(model, debug_path=str(d)):
+                fn()
+        return run
+
+    cases = {
+        "prefill untraced": forward,
+        "prefill vlmscope": under_vlmscope(forward),
+        "prefill hf-debugger": under_hf(forward),
+    }
+    if not args.skip_generate:
+        cases.update({
+            "generate untraced": generate,
+            "generate vlmscope": under_vlmscope(generate),
+            "generate hf-debugger": under_hf(generate),
+        })
+    for fn in cases.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for r in range(args.rounds):
+        for name, fn in cases.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n{'case':24s} {'median s':>9s} {'min s':>8s} {'ratio':>7s}   ({args.rounds} alternating rounds)")
+    for name in cases:
+        base = med[name.split()[0] + " untraced"]
+        print(f"{name:24s} {med[name]:9.3f} {min(times[name]):8.3f} {med[name] / base:6.2f}x")
+    for kind in ("prefill", "generate"):
+        if f"{kind} untraced" in med:
+            v = med[f"{kind} vlmscope"] / med[f"{kind} untraced"]
+            h = med[f"{kind} hf-debugger"] / med[f"{kind} untraced"]
+            print(f"{kind}: vlmscope {v:.2f}x untraced, hf-debugger {h:.2f}x untraced, "
+                  f"vlmscope/hf-debugger {med[f'{kind} vlmscope'] / med[f'{kind} hf-debugger']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
