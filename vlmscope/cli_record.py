@@ -83,20 +83,21 @@ def _check_writable(path: Path) -> None:
 @click.option("--no-stats", is_flag=True, help="Do not compute tensor stats.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Extra keyword option for the model factory (e.g. use_cache_quantization=true).")
+@click.option("--verbose", "-v", is_flag=True, help="Print one line per recorded step (useful in logs).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_implementation, seed,
-           save_tensors, max_tensor_bytes, no_reshapes, no_stats, options, debug):
+           save_tensors, max_tensor_bytes, no_reshapes, no_stats, options, verbose, debug):
     """Run generation on a model and record every step into an HDF5 trace."""
     from rich.console import Console
 
     err = Console(stderr=True)
     try:
         code = _record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_implementation, seed,
-                       save_tensors, max_tensor_bytes, no_reshapes, no_stats, _parse_option(options))
+                       save_tensors, max_tensor_bytes, no_reshapes, no_stats, _parse_option(options), verbose)
     except UserError as e:
         if debug:
             raise
-        err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")
@@ -105,7 +106,7 @@ def record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_i
 
 
 def _record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_implementation, seed,
-            save_tensors, max_tensor_bytes, no_reshapes, no_stats, options) -> int:
+            save_tensors, max_tensor_bytes, no_reshapes, no_stats, options, verbose=False) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -113,6 +114,12 @@ def _record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_
     import vlmscope_models
 
     model_spec = model_spec or vlmscope_models.DEFAULT_MODEL
+    try:  # our own progress bar replaces transformers' weight-loading bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     # Cheap checks first: nothing is loaded for a bad image or an unwritable output.
     img = img_info = None
     if image is not None:
@@ -148,8 +155,13 @@ def _record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_
         def on_step(step: int, rec) -> None:
             progress.update(task, completed=min(step, max_new_tokens),
                             description="prefill" if step == 0 else f"decode {step}")
+            if verbose:
+                console.print(f"step {step} recorded ({'prefill' if step == 0 else 'decode'}, "
+                              f"{rec.n_events} module calls so far)", highlight=False)
 
-        meta = {**minfo, **info, "seed": seed, "argv": ["vlmscope", *sys.argv[1:]],
+        ctx = click.get_current_context(silent=True)
+        argv = ctx.meta.get("vlmscope.argv") if ctx else None
+        meta = {**minfo, **info, "seed": seed, "argv": argv or ["vlmscope", *sys.argv[1:]],
                 "generation": {"max_new_tokens": max_new_tokens, "do_sample": False}}
         if attn_implementation:
             meta["attn_implementation"] = attn_implementation
@@ -190,5 +202,5 @@ def summary(trace: Path):
         with open_trace(trace) as t:
             print_summary(t, Console())
     except TraceError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        click.echo(f"error: {e}", err=True)
         sys.exit(3)

@@ -38,7 +38,9 @@ _VLMSCOPE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 CACHE_ARG_NAMES = ("past_key_values", "past_key_value", "layer_past", "cache", "layer_pasts")
 INT_PROBE_NAMES = ("position_ids", "cache_position", "rope_deltas", "image_grid_thw", "video_grid_thw",
-                   "mm_token_type_ids", "token_type_ids", "input_ids")
+                   "grid_thw", "mm_token_type_ids", "token_type_ids", "input_ids")
+# argument names that are recorded under another probe kind
+PROBE_KIND = {"video_grid_thw": "image_grid_thw", "grid_thw": "image_grid_thw"}
 MASK_NAMES = ("attention_mask", "causal_mask", "encoder_attention_mask")
 
 DEFAULT_MAX_TENSOR_BYTES = 256 * 1024 * 1024
@@ -635,7 +637,7 @@ class Recorder:
         if name in INT_PROBE_NAMES:
             if t.is_floating_point() or t.is_complex():
                 return
-            kind = name if name not in ("video_grid_thw",) else "image_grid_thw"
+            kind = PROBE_KIND.get(name, name)
             key = (id(t), _version_of(t), "i")
             cached = self._step.probe_cache.get(key)
             if cached is None or cached[2]() is not t:
@@ -795,13 +797,14 @@ class Recorder:
         st = self._step
         obj = None
         if output is not None:
-            for n in ("past_key_values", "cache"):
-                if isinstance(output, dict) and output.get(n) is not None:
-                    obj = output[n]
-                    break
-                v = getattr(output, n, None) if not isinstance(output, dict) else None
-                if v is not None:
-                    obj = v
+            # "cache" first: transformers 5 warns on every look-up of the old name
+            for n in ("cache", "past_key_values"):
+                if isinstance(output, dict):
+                    if n in output.keys() and output[n] is not None:
+                        obj = output[n]
+                        break
+                elif getattr(output, n, None) is not None:
+                    obj = getattr(output, n)
                     break
         if obj is None:
             obj = self._root_cache_obj
@@ -1032,7 +1035,11 @@ class Recorder:
                     rows = data.reshape(1, -1)
                 info["rows"] = [[int(r.min()), int(r.max())] if r.size else [0, -1] for r in rows]
                 path = self._paths[mod_id]
-                if pos_candidate is None or (
+                in_vision = bool(self.vision_model) and (path == self.vision_model or
+                                                         path.startswith(self.vision_model + "."))
+                if in_vision:
+                    pass
+                elif pos_candidate is None or (
                         (mod_id == self._text_model_id or (self._decoder_prefix and path.startswith(self._decoder_prefix)))
                         and not pos_candidate[0]):
                     pos_candidate = ((mod_id == self._text_model_id or bool(self._decoder_prefix and
@@ -1046,7 +1053,9 @@ class Recorder:
                 if slot >= 0:
                     mn = float(blob[slot:slot + 8].view(np.float64)[0])
                     if info["style"] == "additive":
-                        info["fill"] = mn
+                        # the blocked value; None when nothing is blocked (e.g. a decode step)
+                        info["min"] = mn
+                        info["fill"] = mn if data is not None and not data.all() else None
             elif lk is not None and data is not None and data.size:
                 info["min"], info["max"] = int(data.min()), int(data.max())
             if data is not None:

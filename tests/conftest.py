@@ -1,0 +1,53 @@
+"""Shared fixtures: traces recorded once per test session from the embedded tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = ROOT / "examples" / "astronaut.png"
+PROMPT = "Describe this image."
+
+
+def _record(name: str, out: Path, max_new_tokens: int = 4, **options):
+    import vlmscope_models
+    from vlmscope.recorder import record
+
+    model, proc = vlmscope_models.load_embedded(name, **options)
+    return record(model, proc, image=str(IMAGE), prompt=PROMPT, out=out, max_new_tokens=max_new_tokens)
+
+
+@pytest.fixture(scope="session")
+def qwen25_trace_path(tmp_path_factory) -> Path:
+    """tiny-qwen2.5-vl, eager attention, astronaut.png, 4 new tokens."""
+    return _record("tiny-qwen2.5-vl", tmp_path_factory.mktemp("q25") / "q25.h5")
+
+
+@pytest.fixture(scope="session")
+def qwen2_trace_path(tmp_path_factory) -> Path:
+    """tiny-qwen2-vl, eager attention, astronaut.png, 4 new tokens."""
+    return _record("tiny-qwen2-vl", tmp_path_factory.mktemp("q2") / "q2.h5")
+
+
+@pytest.fixture(scope="session")
+def mqwen_trace_path(tmp_path_factory) -> Path:
+    """tiny-mqwen, astronaut.png, 4 new tokens."""
+    return _record("tiny-mqwen", tmp_path_factory.mktemp("mq") / "mq.h5")
+
+
+@pytest.fixture
+def qwen25_trace(qwen25_trace_path):
+    import vlmscope
+
+    with vlmscope.open_trace(qwen25_trace_path) as t:
+        yield t
+
+
+@pytest.fixture
+def qwen2_trace(qwen2_trace_path):
+    import vlmscope
+
+    with vlmscope.open_trace(qwen2_trace_path) as t:
+        yield t
