@@ -88,6 +88,11 @@ def load_model(spec: str, *, device: str = "cpu", dtype: str | None = None,
 
 def _load_factory(spec: str, opts: dict) -> tuple[Any, Any]:
     mod_name, _, fn_name = spec.partition(":")
+    import os
+    import sys
+
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: a user's module in the current directory
     try:
         mod = importlib.import_module(mod_name)
     except Exception as e:  # noqa: BLE001 - any import failure is the user's module

@@ -45,6 +45,9 @@ MASK_NAMES = ("attention_mask", "causal_mask", "encoder_attention_mask")
 
 DEFAULT_MAX_TENSOR_BYTES = 256 * 1024 * 1024
 
+# Our own torch calls inside hooks must not go through the reshape mode (cost, and noise).
+_NO_TORCH_FUNCTION = torch._C.DisableTorchFunction
+
 
 def _reshape_ops() -> dict[Any, str]:
     """The shape-changing torch callables we log, mapped to their op names."""
@@ -106,10 +109,32 @@ def _fmt_arg(a: Any) -> str:
 def _version_of(t: Tensor) -> int:
     """In-place version counter (inference tensors have none: they cannot be modified in place
     outside inference mode, and inside it vlmscope keys on identity alone)."""
+    if t.is_inference():
+        return -1
     try:
         return t._version
     except RuntimeError:
         return -1
+
+
+def _is_quantized_triple(x: Any) -> bool:
+    """Qwen-1's quantized cache tensor: ``(uint8 data, scale, zero)``."""
+    return (isinstance(x, (tuple, list)) and len(x) == 3 and all(isinstance(t, Tensor) for t in x)
+            and not x[0].is_floating_point())
+
+
+def _op_name(func: Any) -> str:
+    name = getattr(func, "__name__", None) or repr(func)
+    return name.strip("_") if name.startswith("__") else name
+
+
+def _has_tensor_index(idx: Any) -> bool:
+    if isinstance(idx, Tensor):
+        return True
+    return isinstance(idx, tuple) and any(isinstance(i, Tensor) for i in idx)
+
+
+_GETITEM = Tensor.__getitem__
 
 
 def _is_cache_object(obj: Any) -> bool:
@@ -161,8 +186,19 @@ class _ReshapeMode(TorchFunctionMode):
             kwargs = {}
         rec = self.rec
         op = RESHAPE_OPS.get(func)
-        if op is None or rec._paused or rec._step is None:
+        if rec._paused or rec._step is None:
             return func(*args, **kwargs)
+        if op is None:
+            if func is _GETITEM and len(args) > 1 and _has_tensor_index(args[1]):
+                op = "index"  # advanced (tensor / boolean-mask) indexing changes shapes
+            else:
+                try:
+                    return func(*args, **kwargs)
+                except Exception:
+                    # Any other torch op that raises (a broadcasting add, a matmul) gets a row
+                    # with status 1, so the trace names the op that failed and its inputs.
+                    rec._reshape_begin(_op_name(func), args, kwargs)
+                    raise
         row = rec._reshape_begin(op, args, kwargs)
         out = func(*args, **kwargs)  # if this raises, the row stays marked as raised
         rec._reshape_end(row, out)
@@ -405,7 +441,8 @@ class Recorder:
                 return None
             self._paused = True
             try:
-                self._pre(mod_id, module, args, kwargs)
+                with _NO_TORCH_FUNCTION():
+                    self._pre(mod_id, module, args, kwargs)
             finally:
                 self._paused = False
             return None
@@ -417,7 +454,8 @@ class Recorder:
                 return None
             self._paused = True
             try:
-                self._post(mod_id, module, args, kwargs, output)
+                with _NO_TORCH_FUNCTION():
+                    self._post(mod_id, module, args, kwargs, output)
             finally:
                 self._paused = False
             return None
@@ -531,54 +569,55 @@ class Recorder:
     def _tensor(self, ev: int, role: int, name: str, t: Tensor, mod_id: int) -> None:
         st = self._step
         w = self._writer
-        slot = self._stats(t) if self.record_stats else -1
+        slot = self._stats(t) if self.record_stats else (-1, 0)
         payload = -1
         if role == T.ROLE_OUTPUT and mod_id in self._save_ids:
             payload = self._request_payload(t, mod_id, name)
         st.events[ev][10].append((ev, role, w.intern(name), t.dim(), tuple(t.shape), w.intern(dtype_name(t.dtype)),
                            w.intern(str(t.device)), t.numel(), slot, payload))
 
-    def _stats(self, t: Tensor) -> int:
-        """Queue min, max, sum, L2 norm, NaN and Inf counts of ``t`` on its device.
+    def _stats(self, t: Tensor) -> tuple[int, int]:
+        """Queue min, max, sum, L2 norm (and NaN/Inf counts) of ``t`` on its device.
 
-        Returns the byte offset of the 6-float64 slot in the step's device blob. Mean and
-        std are derived on the host at the end of the step (std from the sum of squares,
-        which is one fast pass; it is approximate only when std << |mean|). NaN/Inf counts
-        cost several passes, so they are computed only when needed: on CUDA always (the
-        GPU does it cheaply and we must not sync), on CPU only when min or max is not
-        finite (a CPU tensor's value is already on the host: reading it is no sync).
+        Returns (byte offset, number of float64 values) of the stat slot in the step's device
+        blob, or (-1, 0). Mean and std are derived on the host at the end of the step (std
+        from the sum of squares, one fast pass; approximate only when std << |mean|).
+        NaN/Inf counts cost several passes, so they are computed only when they can be
+        non-zero: on CUDA always (cheap there, and we must not sync to decide), on CPU only
+        when min or max is not finite (a CPU tensor's value is already on the host).
         """
         st = self._step
         key = (id(t), _version_of(t))
         hit = st.stat_dedupe.get(key)
         if hit is not None and hit[0]() is t:
             return hit[1]
-        n = t.numel()
-        if n == 0 or t.is_complex() or t.layout != torch.strided or t.is_meta:
-            return -1
+        if t.numel() == 0 or t.is_complex() or t.layout != torch.strided or t.is_meta:
+            return (-1, 0)
         x = t.detach()
         if x.dtype == torch.bool:
             x = x.view(torch.uint8)
         mn, mx = torch.aminmax(x)
+        counts = False
         if x.is_floating_point():
             acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
             total = x.sum(dtype=acc)
             norm = torch.linalg.vector_norm(x, dtype=acc)
-            if x.device.type != "cpu" or not (math.isfinite(mn) and math.isfinite(mx)):
-                nan = torch.isnan(x).sum()
-                inf = torch.isinf(x).sum()
-            else:
-                nan = inf = self._zero(x.device)
+            counts = x.device.type != "cpu" or not (math.isfinite(mn) and math.isfinite(mx))
         else:
             xd = x.to(torch.float64)
             total = xd.sum()
             norm = torch.linalg.vector_norm(xd)
-            nan = inf = self._zero(x.device)
-        vec = torch.stack([mn.to(torch.float64), mx.to(torch.float64), total.to(torch.float64),
-                           norm.to(torch.float64), nan.to(torch.float64), inf.to(torch.float64)])
-        slot = st.device_bytes
+            mn, mx = mn.to(torch.float64), mx.to(torch.float64)
+        if counts:
+            parts = [mn, mx, total, norm, torch.isnan(x).sum(), torch.isinf(x).sum()]
+            vec = torch.stack([p.to(torch.float64) for p in parts])
+        else:
+            vec = torch.stack([mn, mx, total, norm])
+            if vec.dtype != torch.float64:
+                vec = vec.to(torch.float64)
+        slot = (st.device_bytes, 6 if counts else 4)
         st.device_chunks.append(vec.view(torch.uint8))
-        st.device_bytes += 48
+        st.device_bytes += 8 * slot[1]
         try:
             st.stat_dedupe[key] = (weakref.ref(t), slot)
         except TypeError:
@@ -599,7 +638,10 @@ class Recorder:
         off = st.device_bytes
         st.device_chunks.append(b)
         n = t.numel() * t.element_size()
-        st.device_bytes += n
+        pad = -n % 8  # keep every slot 8-byte aligned: stats are read back as float64
+        if pad:
+            st.device_chunks.append(torch.zeros(pad, dtype=torch.uint8, device=b.device))
+        st.device_bytes += n + pad
         return off, n
 
     def _request_payload(self, t: Tensor, mod_id: int, name: str) -> int:
@@ -664,7 +706,7 @@ class Recorder:
                 else:
                     allowed = (x != 0).to(torch.uint8)
                 off, n = self._queue_bytes(allowed)
-                slot = self._stats(t)
+                slot = self._stats(t)[0]
                 cached = (off, n, weakref.ref(t), slot)
                 self._step.probe_cache[key] = cached
             info = {"style": style, "dtype": dtype_name(t.dtype), "stat_slot": cached[3]}
@@ -688,8 +730,8 @@ class Recorder:
             layout = "BHSD"
         elif isinstance(obj, (tuple, list)):
             layout = None
-            if obj and isinstance(obj[0], Tensor) and len(obj) == 2:
-                obj = (obj,)  # a single layer's (k, v)
+            if obj and len(obj) == 2 and (isinstance(obj[0], Tensor) or _is_quantized_triple(obj[0])):
+                obj = (obj,)  # a single layer's (k, v), plain or quantized
             for layer in obj:
                 if isinstance(layer, (tuple, list)) and layer:
                     keys.append(layer[0])
@@ -879,7 +921,8 @@ class Recorder:
             st.seq += 1
             st.reshapes.append(row)
             self._last_reshape = {"op": op, "in_shapes": in_shapes, "in_dtypes": in_dtypes,
-                                  "args": "(" + ", ".join(other) + ")", "module": self._paths[mod] if mod >= 0
+                                  "args": "(" + ", ".join(other) + ")" if other else "",
+                                  "module": self._paths[mod] if mod >= 0
                                   else None, "site": site[3],
                                   "step": st.index}
             return row
@@ -958,8 +1001,7 @@ class Recorder:
             tt["dtype"] = cols[5]
             tt["device"] = cols[6]
             tt["numel"] = cols[7]
-            slots = np.asarray(cols[8], dtype=np.int64)
-            stats = self._stats_from_blob(blob, slots)
+            stats = self._stats_from_blob(blob, cols[8])
             numel = np.maximum(np.asarray(cols[7], dtype=np.float64), 1)
             mean = stats[:, 2] / numel
             with np.errstate(invalid="ignore", over="ignore"):
@@ -1101,12 +1143,17 @@ class Recorder:
             self.on_step(step, self)
 
     @staticmethod
-    def _stats_from_blob(blob: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        out = np.full((len(slots), 6), np.nan)
-        ok = slots >= 0
-        if ok.any():
-            idx = slots[ok][:, None] + np.arange(48)[None, :]
-            out[ok] = blob[idx].reshape(-1).view(np.float64).reshape(-1, 6)
+    def _stats_from_blob(blob: np.ndarray, slots: Iterable[tuple[int, int]]) -> np.ndarray:
+        """Rows of [min, max, sum, norm, nan, inf] (nan/inf 0 where they were not counted)."""
+        sl = np.asarray(list(slots), dtype=np.int64).reshape(-1, 2)
+        out = np.full((len(sl), 6), np.nan)
+        out[:, 4:] = 0.0
+        f64 = blob[: len(blob) - len(blob) % 8].view(np.float64) if len(blob) >= 8 else np.zeros(0)
+        for width in (4, 6):
+            ok = (sl[:, 0] >= 0) & (sl[:, 1] == width)
+            if ok.any():
+                idx = (sl[ok, 0] // 8)[:, None] + np.arange(width)[None, :]
+                out[np.flatnonzero(ok)[:, None], np.arange(width)[None, :]] = f64[idx]
         return out
 
     def _image_spans(self, ids: np.ndarray) -> dict:

@@ -100,13 +100,14 @@ def print_summary(trace: Trace, console: Any) -> None:
                           f"{' > '.join(p or '<root>' for p in err['module_stack'])})", highlight=False)
         lr = err.get("last_reshape")
         if lr:
-            console.print(f"  last reshape  {lr.get('op')} {lr.get('in_shapes')} {lr.get('args') or ''} "
+            args = f" {lr['args']}" if lr.get("args") else ""
+            console.print(f"  last op  {lr.get('op')} {lr.get('in_shapes')}{args} "
                           f"at {lr.get('site')} in {lr.get('module') or '<root>'}", highlight=False)
     vs = violations(trace)
     if vs:
         console.print(f"[bold yellow]{len(vs)} invariant violation(s)[/] (vlmscope check {trace.path}):")
         for v in vs[:8]:
-            console.print(f"  {_violation_line(v)}", highlight=False)
+            console.print(f"  {_violation_line(v)}", highlight=False, markup=False)
         if len(vs) > 8:
             console.print(f"  ... {len(vs) - 8} more")
 

@@ -20,8 +20,8 @@ import numpy as np
 FORMAT_NAME = "vlmscope-trace"
 FORMAT_VERSION = 1
 MAX_DIMS = 8
-CHUNK_ROWS = 4096
-COMPRESSION = "lzf"
+CHUNK_BYTES = 64 * 1024  # per chunk: small enough that the per-step flush of a partly
+COMPRESSION = "lzf"       # filled, compressed chunk stays cheap (~2 ms), large enough to read fast
 
 STATUS_RECORDING = "recording"
 STATUS_COMPLETE = "complete"
@@ -206,12 +206,13 @@ class TraceWriter:
         m.attrs["config_json"] = config_json or "{}"
         for name, dt in TABLES.items():
             f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt,
-                             chunks=(CHUNK_ROWS,), compression=COMPRESSION)
+                             chunks=(max(256, CHUNK_BYTES // dt.itemsize),), compression=COMPRESSION)
         f.create_dataset("strings", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"),
-                         chunks=(CHUNK_ROWS,), compression=COMPRESSION)
+                         chunks=(1024,), compression=COMPRESSION)
         f.create_dataset("probe_data", shape=(0,), maxshape=(None,), dtype=np.uint8,
                          chunks=(1 << 16,), compression=COMPRESSION)
         f.create_group("payloads")
+        self._datasets: dict[str, h5py.Dataset] = {}
         self._strings: dict[str, int] = {}
         self._pending_strings: list[str] = []
         self.counts = {name: 0 for name in TABLES}
@@ -240,24 +241,36 @@ class TraceWriter:
         self._pending_strings = []
 
     # tables --------------------------------------------------------------
+    def _dataset(self, name: str) -> h5py.Dataset:
+        ds = self._datasets.get(name)
+        if ds is None:
+            ds = self._datasets[name] = self._f[name]
+        return ds
+
+    def _write_block(self, name: str, start: int, rows: np.ndarray) -> None:
+        """Resize and write rows[start:] through h5py's low-level API (the high-level
+        ``ds[a:b] = rows`` re-derives dtypes and selections on every call)."""
+        ds = self._dataset(name)
+        k = len(rows)
+        ds.resize((start + k,))
+        fspace = ds.id.get_space()
+        fspace.select_hyperslab((start,), (k,))
+        ds.id.write(h5py.h5s.create_simple((k,)), fspace, np.ascontiguousarray(rows))
+
     def append(self, table: str, rows: np.ndarray) -> int:
         """Append a block of rows; returns the index of the first one."""
-        ds = self._f[table]
         n = self.counts[table]
         if len(rows):
-            ds.resize((n + len(rows),))
-            ds[n:] = rows
+            self._write_block(table, n, rows.astype(TABLES[table], copy=False))
             self.counts[table] = n + len(rows)
         return n
 
     def append_probe_data(self, blob: bytes | np.ndarray) -> int:
         data = np.frombuffer(blob, dtype=np.uint8) if isinstance(blob, (bytes, bytearray, memoryview)) \
             else np.ascontiguousarray(blob).view(np.uint8).ravel()
-        ds = self._f["probe_data"]
         n = self.probe_bytes
         if len(data):
-            ds.resize((n + len(data),))
-            ds[n:] = data
+            self._write_block("probe_data", n, data)
             self.probe_bytes = n + len(data)
         return n
 
