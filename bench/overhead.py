@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+TEXT_TOKENS = 64
 
 
 def build(image_size: int, device: str):
@@ -52,11 +53,18 @@ def build(image_size: int, device: str):
     model.generation_config.eos_token_id = None  # always generate the full 16 tokens
     model.generation_config.pad_token_id = 151643
     img = Image.open(ROOT / "examples" / "astronaut.png").convert("RGB").resize((image_size, image_size))
-    words = " ".join(["Describe the picture in detail, naming every object you can see."] * 5)
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": words}]}],
-                                         tokenize=False, add_generation_prompt=True)
-    inputs = {k: v.to(device) for k, v in processor(text=[text], images=[img], return_tensors="pt").items()}
-    return model, inputs
+    # grow the prompt one word at a time until the chat has TEXT_TOKENS text tokens
+    words = ("Describe the picture in detail, naming every object you can see and where it is, "
+             "its colour, its size, and what it tells about the scene. ") * 4
+    vocab = words.split()
+    for n in range(1, len(vocab) + 1):
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " ".join(vocab[:n])}]}],
+            tokenize=False, add_generation_prompt=True)
+        inputs = processor(text=[text], images=[img], return_tensors="pt")
+        if int((inputs["input_ids"][0] != 151655).sum()) >= TEXT_TOKENS:
+            break
+    return model, {k: v.to(device) for k, v in inputs.items()}
 
 
 def main() -> None:
