@@ -514,3 +514,16 @@ def test_recording_adds_no_cuda_synchronisation(tmp_path):
         rec._step = None
         rec.stop()
     assert recorded == plain
+
+
+def test_submodule_calls_outside_the_root_are_kept(tmp_path):
+    """Running only the vision tower (no root forward) still yields a step with its events."""
+    model, proc, inputs = _tiny()
+    with vlmscope.Recorder(model, out=tmp_path / "vis.h5") as rec:
+        with torch.no_grad():
+            model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    with vlmscope.open_trace(rec.path) as t:
+        assert t.n_steps == 1 and t.complete
+        paths = set(t.module_paths[t.events(0)["module"]])
+        assert "model.visual.merger" in paths and "" not in paths
+        assert t.steps[0]["cache_before"] == -1

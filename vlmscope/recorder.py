@@ -386,11 +386,15 @@ class Recorder:
         w = self._writer
         assert w is not None
         if self._step is not None:
-            # A step still open: the forward raised (and hooks could not close it) or was interrupted.
-            if isinstance(exc, Exception):
+            if exc is None and not self._stack:
+                # submodule calls made outside any root forward (e.g. only a vision tower was run)
+                self._end_step(None)
+            elif isinstance(exc, Exception):
+                # the forward raised and the hooks could not close the step
                 self._step.failed = True
                 self._end_step(None)
             else:
+                # interrupted (Ctrl-C) mid-step: keep only the finished steps
                 self._step = None
         self._stack.clear()
         self._stack_mod.clear()
