@@ -1,0 +1,120 @@
+"""Benchmark ``check`` and ``diff`` on large synthetic traces (1M module calls each).
+
+    PYTHONPATH=. python bench/bench_analyze.py [--events 1000000] [--runs 5] [--dir /tmp/vlmscope-bench]
+
+Writes two traces with :func:`bench.synth_trace.make_trace` (cached in ``--dir``): A clean,
+B with a numeric drift injected half-way (``layers.10.mlp.down_proj`` from the middle step on)
+and a shape change in one decode step. Each timed run opens the traces afresh (cold reader
+caches, warm OS page cache) and prints the median of ``--runs`` runs. Targets: check <= 2 s,
+diff <= 2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.synth_trace import make_trace  # noqa: E402
+from vlmscope.analyze.check import check  # noqa: E402
+from vlmscope.analyze.diff import diff  # noqa: E402
+from vlmscope.trace import open_trace  # noqa: E402
+
+N_LAYERS = 28
+
+
+def traces(n_events: int, folder: Path) -> tuple[Path, Path, int]:
+    folder.mkdir(parents=True, exist_ok=True)
+    a = folder / f"bench_a_{n_events}.h5"
+    b = folder / f"bench_b_{n_events}.h5"
+    per_step = 13 * N_LAYERS + 7            # decode module calls per step (see synth_trace)
+    mid = max(1, n_events // per_step // 2)
+    if not a.exists():
+        t = time.perf_counter()
+        make_trace(a, n_events, n_layers=N_LAYERS)
+        print(f"wrote {a} in {time.perf_counter() - t:.1f}s")
+    if not b.exists():
+        t = time.perf_counter()
+        make_trace(b, n_events, n_layers=N_LAYERS, faults={"drift": (mid, 10), "shape": (mid + 3, 5)})
+        print(f"wrote {b} in {time.perf_counter() - t:.1f}s")
+    return a, b, mid
+
+
+def timed(fn, runs: int) -> tuple[float, list[float], object]:
+    out, times = None, []
+    for _ in range(runs):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=1_000_000)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/vlmscope-bench"))
+    ap.add_argument("--phases", action="store_true", help="also break diff's time into read / align / report")
+    args = ap.parse_args()
+    a, b, mid = traces(args.events, args.dir)
+    with open_trace(a) as t:
+        n = {k: t.n_rows(k) for k in ("events", "tensors", "reshapes", "probes")}
+        print(f"trace A: {t.n_steps} steps, " + ", ".join(f"{v:,} {k}" for k, v in n.items())
+              + f", {a.stat().st_size / 1e6:.0f} MB")
+
+    def run_check():
+        with open_trace(b) as t:
+            return check(t)
+
+    def run_diff():
+        with open_trace(a) as ta, open_trace(b) as tb:
+            return diff(ta, tb)
+
+    med, times, rep = timed(run_check, args.runs)
+    print(f"check B: median {med:.2f}s  runs {', '.join(f'{x:.2f}' for x in times)}  "
+          f"({len(rep.violations)} violations)")
+    med, times, rep = timed(run_diff, args.runs)
+    first = rep.first.headline()[:140] if rep.first else "-"
+    print(f"diff A B: median {med:.2f}s  runs {', '.join(f'{x:.2f}' for x in times)}  "
+          f"({rep.n_divergent:,} divergent nodes; first: {first})")
+    if args.phases:
+        phases(a, b, args.runs)
+
+
+def phases(a: Path, b: Path, runs: int) -> None:
+    """Where diff's time goes: reading (decompressing) the tables vs the analysis itself."""
+    import gc
+    import importlib
+
+    from vlmscope.analyze._index import index_of, parallel_load
+    from vlmscope.analyze.diff import _report
+
+    align = importlib.import_module("vlmscope.analyze.align").align
+    rows = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        ta, tb = open_trace(a), open_trace(b)
+        A, B = index_of(ta), index_of(tb)
+        parallel_load([(ix, n) for ix in (A, B) for n in ("events", "tensors", "reshapes", "probes", "probe_data")])
+        A.strings, B.strings
+        t1 = time.perf_counter()
+        al = align(ta, tb)
+        t2 = time.perf_counter()
+        _report(al, 50, None, None, None)
+        t3 = time.perf_counter()
+        ta.close(), tb.close()
+        del al, A, B, ta, tb
+        gc.collect()
+        rows.append((t1 - t0, t2 - t1, t3 - t2))
+    med = [statistics.median(r[i] for r in rows) for i in range(3)]
+    print(f"diff phases (median): read {med[0]:.2f}s, align {med[1]:.2f}s, report {med[2]:.2f}s")
+
+
+if __name__ == "__main__":
+    main()

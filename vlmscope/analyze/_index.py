@@ -1,0 +1,484 @@
+"""Derived, cached views of a trace shared by check, diff, expect and snapshot.
+
+Everything is computed once per trace with numpy over whole tables; nothing here loops
+over events in Python. Loops run over *distinct* values only (module paths, interned
+strings, probe blobs), which stay small however long the trace is.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import sys
+import threading
+import weakref
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from vlmscope.trace import ENC_BITS, ENC_FLOAT64, ENC_INT64, ENC_NONE, ROLE_OUTPUT, Trace, TraceError
+
+FLOAT_DTYPES = ("float64", "float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2")
+_LAYER_RE_CACHE: dict[str, re.Pattern] = {}
+
+
+def _read_table(trace: Trace, name: str) -> np.ndarray:
+    """A whole table, read once and cached on the trace.
+
+    Uses ``Dataset.read_direct`` into a preallocated array (faster than ``ds[:]`` for
+    compound types); falls back to the public reader when the trace's internals differ.
+    """
+    cache = getattr(trace, "_cache", None)
+    f = getattr(trace, "_f", None)
+    if cache is None or f is None:  # pragma: no cover - defensive
+        return getattr(trace, name)() if name != "steps" else trace.steps
+    if name not in cache:
+        try:
+            ds = f[name]
+            arr = np.empty(ds.shape, ds.dtype)
+            if ds.shape[0]:
+                ds.read_direct(arr)
+            cache[name] = arr
+        except Exception as e:  # noqa: BLE001
+            raise TraceError(f"trace is truncated or corrupt: {trace.path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return cache[name]
+
+
+def _read_into(ds, arr: np.ndarray) -> None:
+    if ds.shape[0]:
+        ds.read_direct(arr)
+
+
+def parallel_load(items: list[tuple["TraceIndex", str]]) -> None:
+    """Read several whole datasets (``(index, table)`` pairs; ``"probe_data"`` counts as a
+    table) into the traces' caches, sharing the work with one forked child process.
+
+    HDF5 decompression holds the GIL and h5py's lock, so threads cannot overlap it; a child
+    process reading into shared anonymous memory can. The rows are split in two halves (by
+    bytes, at chunk boundaries); the parent reads one, the child the other, into the same
+    buffers. Used only where it is safe: a POSIX ``fork``, a single-threaded parent (no lock
+    can be held across the fork) and enough data to pay for the fork; anything unusual falls
+    back to plain reads. ``VLMSCOPE_NO_FORK=1`` disables it.
+    """
+    todo = []
+    for ix, name in items:
+        cache = getattr(ix.trace, "_cache", None)
+        f = getattr(ix.trace, "_f", None)
+        if cache is None or f is None or name in cache or name not in f:
+            continue
+        ds = f[name]
+        if len(ds.shape) != 1 or not ds.shape[0]:
+            continue
+        todo.append((ix, name, ds))
+    total = sum(ds.shape[0] * ds.dtype.itemsize for _, _, ds in todo)
+    if (not todo or total < (64 << 20) or not hasattr(os, "fork") or sys.platform == "win32"
+            or threading.active_count() != 1 or os.environ.get("VLMSCOPE_NO_FORK")):
+        return
+    # one shared buffer per dataset; cut the concatenated rows at half the bytes
+    plan = []   # (ix, name, ds, buf, arr, parent_range, child_range)
+    half, acc = total / 2, 0
+    for ix, name, ds in todo:
+        n, item = ds.shape[0], ds.dtype.itemsize
+        buf = mmap.mmap(-1, n * item)
+        arr = np.frombuffer(buf, dtype=ds.dtype, count=n)
+        lo_b, hi_b = acc, acc + n * item
+        acc = hi_b
+        if hi_b <= half:
+            cut = n                                   # all rows to the parent
+        elif lo_b >= half:
+            cut = 0                                   # all rows to the child
+        else:
+            cut = int((half - lo_b) // item)
+            chunk = (ds.chunks or (1,))[0]
+            cut = min(n, max(0, (cut // chunk) * chunk))
+        plan.append((ix, name, ds, buf, arr, (0, cut), (cut, n)))
+    try:
+        pid = os.fork()
+    except OSError:
+        return
+    if pid == 0:   # child: fresh file handles, its share of the rows, leave without cleanup
+        code = 1
+        try:
+            import h5py
+
+            files: dict = {}
+            for ix, name, _ds, _buf, arr, _p, (a, b) in plan:
+                if b > a:
+                    f = files.get(str(ix.trace.path))
+                    if f is None:
+                        f = files[str(ix.trace.path)] = h5py.File(ix.trace.path, "r")
+                    f[name].read_direct(arr, np.s_[a:b], np.s_[a:b])
+            code = 0
+        except BaseException:  # noqa: BLE001
+            code = 1
+        finally:
+            os._exit(code)
+    ok = False
+    try:
+        for ix, name, ds, _buf, arr, (a, b), _c in plan:
+            if b > a:
+                ds.read_direct(arr, np.s_[a:b], np.s_[a:b])
+        ok = True
+    finally:
+        _, status = os.waitpid(pid, 0)
+    if ok and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        for ix, name, _ds, _buf, arr, _p, _c in plan:
+            ix.trace._cache[name] = arr
+
+
+class TraceIndex:
+    """Cached derived arrays of one trace."""
+
+    def __init__(self, trace: Trace):
+        # a weak reference: the index is cached on the trace itself, and a cycle would keep
+        # the trace's (large) tables alive until the cyclic garbage collector runs
+        self._trace_ref = weakref.ref(trace)
+
+    @property
+    def trace(self) -> Trace:
+        t = self._trace_ref()
+        if t is None:  # pragma: no cover - the index outlived its trace
+            raise TraceError("the trace of this index was closed and released")
+        return t
+
+    # ---- tables -------------------------------------------------------------
+    @cached_property
+    def steps(self) -> np.ndarray:
+        return _read_table(self.trace, "steps")
+
+    @cached_property
+    def events(self) -> np.ndarray:
+        return _read_table(self.trace, "events")
+
+    @cached_property
+    def tensors(self) -> np.ndarray:
+        return _read_table(self.trace, "tensors")
+
+    @cached_property
+    def reshapes(self) -> np.ndarray:
+        return _read_table(self.trace, "reshapes")
+
+    @cached_property
+    def probes(self) -> np.ndarray:
+        return _read_table(self.trace, "probes")
+
+    @cached_property
+    def modules(self) -> np.ndarray:
+        return _read_table(self.trace, "modules")
+
+    @cached_property
+    def strings(self) -> np.ndarray:
+        return self.trace.strings
+
+    def sid(self, s: str) -> int:
+        return self.trace.string_id(s)
+
+    def s(self, i: int) -> str:
+        return self.trace.s(int(i))
+
+    @cached_property
+    def meta(self) -> dict:
+        return self.trace.meta
+
+    @cached_property
+    def config(self) -> dict:
+        return self.trace.config
+
+    @cached_property
+    def family(self) -> str:
+        """Model family: ``meta.family``, else the config's ``model_type`` (``qwen2_vl``, ``mqwen``...)."""
+        fam = self.meta.get("family") or (self.config or {}).get("model_type") or ""
+        return str(fam)
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.steps)
+
+    # ---- modules --------------------------------------------------------------
+    @cached_property
+    def module_paths(self) -> np.ndarray:
+        """Path string per module row (object array)."""
+        m = self.modules
+        return self.strings[m["path"]] if len(m) else np.array([], dtype=object)
+
+    @cached_property
+    def module_classes(self) -> np.ndarray:
+        m = self.modules
+        return self.strings[m["cls"]] if len(m) else np.array([], dtype=object)
+
+    def module_path(self, m: int) -> str:
+        return str(self.module_paths[m]) if 0 <= m < len(self.module_paths) else ""
+
+    def modules_under(self, prefix: str | None) -> np.ndarray:
+        """Bool per module: the module is ``prefix`` or lies below it."""
+        paths = self.module_paths
+        if prefix is None:
+            return np.zeros(len(paths), bool)
+        if prefix == "":
+            return np.ones(len(paths), bool)
+        return np.array([p == prefix or p.startswith(prefix + ".") for p in paths], bool)
+
+    @cached_property
+    def decoder_layers_path(self) -> str | None:
+        p = self.meta.get("decoder_layers")
+        if p:
+            return str(p)
+        # Fallback: the ModuleList whose numbered children look like decoder blocks.
+        paths, classes = self.module_paths, self.module_classes
+        best, best_n = None, 0
+        counts: dict[str, int] = {}
+        for path, cls in zip(paths, classes):
+            m = re.match(r"^(.*)\.(\d+)$", path)
+            if m and re.search(r"(Decoder|Block|Layer)", cls) and "vis" not in path.lower():
+                counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+        for k, n in counts.items():
+            if n > best_n:
+                best, best_n = k, n
+        return best
+
+    @cached_property
+    def layer_of_module(self) -> np.ndarray:
+        """Decoder-layer index of each module that *is* a decoder layer, else -1."""
+        out = np.full(len(self.module_paths), -1, np.int64)
+        dl = self.decoder_layers_path
+        if not dl:
+            return out
+        pat = re.compile(r"^" + re.escape(dl) + r"\.(\d+)$")
+        for i, p in enumerate(self.module_paths):
+            m = pat.match(p)
+            if m:
+                out[i] = int(m.group(1))
+        return out
+
+    @cached_property
+    def layer_under_module(self) -> np.ndarray:
+        """Decoder-layer index of each module inside (or equal to) a decoder layer, else -1."""
+        out = np.full(len(self.module_paths), -1, np.int64)
+        dl = self.decoder_layers_path
+        if not dl:
+            return out
+        pat = re.compile(r"^" + re.escape(dl) + r"\.(\d+)(\.|$)")
+        for i, p in enumerate(self.module_paths):
+            m = pat.match(p)
+            if m:
+                out[i] = int(m.group(1))
+        return out
+
+    @cached_property
+    def layer_paths(self) -> dict[int, str]:
+        lo = self.layer_of_module
+        return {int(lo[i]): str(self.module_paths[i]) for i in np.nonzero(lo >= 0)[0]}
+
+    @cached_property
+    def text_model_path(self) -> str | None:
+        p = self.meta.get("text_model")
+        if p is not None:
+            return str(p)
+        dl = self.decoder_layers_path
+        return dl.rsplit(".", 1)[0] if dl and "." in dl else None
+
+    @cached_property
+    def vision_path(self) -> str | None:
+        p = self.meta.get("vision_model")
+        return str(p) if p else None
+
+    @cached_property
+    def in_vision(self) -> np.ndarray:
+        return self.modules_under(self.vision_path)
+
+    @cached_property
+    def in_text(self) -> np.ndarray:
+        """Modules of the language side: under the text model (or anywhere outside vision)."""
+        tm = self.text_model_path
+        if tm:
+            inside = self.modules_under(tm)
+            if inside.any():
+                return inside
+        return ~self.in_vision
+
+    @cached_property
+    def text_model_module(self) -> int:
+        tm = self.text_model_path
+        if tm is None:
+            return -1
+        hits = np.nonzero(self.module_paths == tm)[0]
+        return int(hits[0]) if len(hits) else -1
+
+    # ---- strings -------------------------------------------------------------
+    @cached_property
+    def is_float_dtype_id(self) -> np.ndarray:
+        """Bool per string id: the string names a floating dtype."""
+        fl = set(FLOAT_DTYPES)
+        return np.array([str(s).removeprefix("torch.") in fl for s in self.strings], bool)
+
+    @cached_property
+    def is_mask_name_id(self) -> np.ndarray:
+        return np.array(["mask" in str(s) for s in self.strings], bool)
+
+    # ---- probes ----------------------------------------------------------------
+    @cached_property
+    def probe_data(self) -> np.ndarray:
+        if getattr(self.trace, "_f", None) is None:  # pragma: no cover - defensive
+            return np.zeros(0, np.uint8)
+        return _read_table(self.trace, "probe_data")
+
+    @cached_property
+    def _probe_groups(self) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """Probe rows grouped by kind id (in row order), and a text-side flag per probe row."""
+        p = self.probes
+        if not len(p):
+            return {}, np.zeros(0, bool)
+        kind = p["kind"]
+        o = np.argsort(kind, kind="stable")
+        ks = kind[o]
+        cuts = np.nonzero(np.r_[True, ks[1:] != ks[:-1]])[0]
+        ends = np.r_[cuts[1:], len(ks)]
+        groups = {int(ks[a]): o[a:b] for a, b in zip(cuts, ends)}
+        mod = p["module"]
+        text = np.zeros(len(p), bool)
+        valid = mod >= 0
+        text[valid] = self.in_text[mod[valid]]
+        return groups, text
+
+    def probe_rows(self, kind: str, *, text_only: bool = True) -> np.ndarray:
+        """Row indices (global, in order) of the probes of ``kind`` (on the text side by default)."""
+        kid = self.sid(kind)
+        groups, text = self._probe_groups
+        rows = groups.get(kid)
+        if rows is None:
+            return np.zeros(0, np.int64)
+        return rows[text[rows]] if text_only else rows
+
+    def value(self, row: int) -> np.ndarray | None:
+        """Decode one probe's stored values (from the cached probe data buffer)."""
+        p = self.probes
+        enc = int(p["enc"][row])
+        if enc == ENC_NONE:
+            return None
+        off, n = int(p["data_off"][row]), int(p["data_len"][row])
+        raw = self.probe_data[off:off + n]
+        nd = int(p["ndim"][row])
+        shape = tuple(p["shape"][row][:nd].tolist())
+        try:
+            if enc == ENC_INT64:
+                return raw.view(np.int64).reshape(shape)
+            if enc == ENC_FLOAT64:
+                return raw.view(np.float64).reshape(shape)
+            if enc == ENC_BITS:
+                count = int(np.prod(shape)) if shape else 1
+                return np.unpackbits(raw, count=count).astype(bool).reshape(shape)
+        except ValueError:
+            return None
+        return None
+
+    def layer_tensor_rows(self) -> np.ndarray:
+        """Rows of the tensors of decoder-layer calls (gathered from their contiguous ranges)."""
+        cached = self.__dict__.get("_layer_tensor_rows")
+        if cached is not None:
+            return cached
+        ev = self.events
+        lo = self.layer_of_module
+        out = np.zeros(0, np.int64)
+        if len(ev) and (lo >= 0).any():
+            sel = np.nonzero(lo[ev["module"]] >= 0)[0]
+            start = ev["tensor_start"][sel].astype(np.int64)
+            cnt = ev["tensor_count"][sel].astype(np.int64)
+            total = int(cnt.sum())
+            if total:
+                rep = np.repeat(start - (np.cumsum(cnt) - cnt), cnt)
+                out = rep + np.arange(total)
+                out = out[out < len(self.tensors)]
+        self.__dict__["_layer_tensor_rows"] = out
+        return out
+
+    def info(self, row: int) -> dict:
+        return self.info_of_sid(int(self.probes["info"][row]))
+
+    def info_of_sid(self, sid: int) -> dict:
+        cache = self.__dict__.setdefault("_info_cache", {})
+        if sid not in cache:
+            s = self.s(sid)
+            try:
+                cache[sid] = json.loads(s) if s else {}
+            except json.JSONDecodeError:
+                cache[sid] = {}
+        return cache[sid]
+
+    # ---- columns ---------------------------------------------------------------
+    def col(self, table: str, field: str) -> np.ndarray:
+        """One field of a table (a strided view of the structured array: no copy)."""
+        return getattr(self, table)[field]
+
+    # ---- events / tensors ------------------------------------------------------
+    @cached_property
+    def event_module(self) -> np.ndarray:
+        return self.events["module"].astype(np.int64)
+
+    @cached_property
+    def tensor_event_module(self) -> np.ndarray:
+        """Module of each tensor row's event."""
+        ev = self.tensors["event"]
+        return self.event_module[ev] if len(ev) else np.zeros(0, np.int64)
+
+    @cached_property
+    def tensor_time(self) -> np.ndarray:
+        """Execution time of each tensor: the call's seq for inputs, its end_seq for outputs."""
+        te = self.tensors
+        if not len(te):
+            return np.zeros(0, np.int64)
+        return self.tensor_time_of(np.arange(len(te)))
+
+    def tensor_time_of(self, rows: np.ndarray) -> np.ndarray:
+        """:attr:`tensor_time` of some tensor rows only."""
+        if not len(rows):
+            return np.zeros(0, np.int64)
+        e = self.col("tensors", "event")[rows]
+        out = self.col("tensors", "role")[rows] == ROLE_OUTPUT
+        return np.where(out, self.col("events", "end_seq")[e], self.col("events", "seq")[e]).astype(np.int64)
+
+    @cached_property
+    def compute_dtype(self) -> str | None:
+        """The model's compute dtype: hidden states entering the decoder layers, else meta."""
+        rows = self.layer_tensor_rows()
+        te = self.tensors
+        if len(rows):
+            role, dt, nm = te["role"][rows], te["dtype"][rows], te["name"][rows]
+            sel = (role != ROLE_OUTPUT) & self.is_float_dtype_id[dt] & ~self.is_mask_name_id[nm]
+            idx = np.nonzero(sel)[0]
+            if len(idx):
+                hs = self.sid("hidden_states")
+                named = idx[nm[idx] == hs]
+                pick = named if len(named) else idx
+                vals, counts = np.unique(dt[pick], return_counts=True)
+                return str(self.strings[vals[np.argmax(counts)]])
+        d = self.meta.get("dtype")
+        return str(d).removeprefix("torch.") if d else None
+
+    @cached_property
+    def merge_size(self) -> int:
+        cfg = self.config or {}
+        vc = cfg.get("vision_config") or {}
+        return int(vc.get("spatial_merge_size") or cfg.get("spatial_merge_size") or 2)
+
+
+def index_of(trace: Trace) -> TraceIndex:
+    """The (cached) :class:`TraceIndex` of an open trace."""
+    cache = getattr(trace, "_cache", None)
+    if cache is None:  # pragma: no cover - defensive
+        return TraceIndex(trace)
+    ix = cache.get("_vlmscope_index")
+    if ix is None:
+        ix = cache["_vlmscope_index"] = TraceIndex(trace)
+    return ix
+
+
+def shape_str(shape: Any) -> str:
+    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+
+
+def row_shape(row: np.void, field: str = "shape", ndim_field: str = "ndim") -> tuple[int, ...]:
+    n = int(row[ndim_field])
+    return tuple(int(d) for d in row[field][:max(0, min(n, 8))])
