@@ -335,6 +335,12 @@ class Recorder:
         except Exception:  # noqa: BLE001
             meta.setdefault("transformers", None)
         meta.setdefault("model_class", type(self.model).__name__)
+        cfg0 = getattr(self.model, "config", None)
+        if meta.get("family") is None:
+            meta["family"] = getattr(cfg0, "model_type", None)
+        if meta.get("model") is None:
+            meta["model"] = getattr(cfg0, "_name_or_path", None) or getattr(self.model, "name_or_path", None) \
+                or type(self.model).__name__
         p = next(iter(self.model.parameters()), None)
         if p is not None:
             meta.setdefault("device", str(p.device))
@@ -385,6 +391,8 @@ class Recorder:
     def _finish(self, exc: BaseException | None) -> None:
         w = self._writer
         assert w is not None
+        failed_step = self._step.index if self._step is not None else (
+            self.n_steps - 1 if self._error_stack is not None else self.n_steps)
         if self._step is not None:
             if exc is None and not self._stack:
                 # submodule calls made outside any root forward (e.g. only a vision tower was run)
@@ -405,7 +413,7 @@ class Recorder:
             self.error = {
                 "type": type(exc).__name__,
                 "message": str(exc),
-                "step": self.n_steps - 1 if self._error_stack is not None else self.n_steps,
+                "step": failed_step,
                 "module_stack": self._error_stack or [],
                 "last_reshape": self._last_reshape,
             }

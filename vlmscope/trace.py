@@ -373,6 +373,8 @@ class Trace:
             self._f.close()
             raise TraceError(f"trace is truncated or corrupt: {self.path} ({_first_line(e)})") from None
         self._cache: dict[str, Any] = {}
+        #: per-trace cache for derived structures built by readers (e.g. the analysis index)
+        self.derived: dict[str, Any] = {}
 
     def _check_header(self) -> None:
         a = self._f.attrs
@@ -455,10 +457,40 @@ class Trace:
     def _table(self, name: str) -> np.ndarray:
         if name not in self._cache:
             try:
-                self._cache[name] = self._f[name][:]
+                ds = self._f[name]
+                arr = np.empty(ds.shape, ds.dtype)
+                if ds.shape[0]:
+                    ds.read_direct(arr)  # faster than ds[:] for compound types
+                self._cache[name] = arr
             except Exception as e:  # noqa: BLE001
                 raise TraceError(f"trace is truncated or corrupt: {self.path} ({_first_line(e)})") from None
         return self._cache[name]
+
+    def table(self, name: str) -> np.ndarray:
+        """A whole table (``steps``, ``events``, ``tensors``, ``reshapes``, ``probes``,
+        ``modules``) or the raw ``probe_data`` bytes, read once and cached."""
+        if name not in (*TABLES, "probe_data"):
+            raise KeyError(f"no table {name!r} in a vlmscope trace")
+        return self._table(name)
+
+    def is_loaded(self, name: str) -> bool:
+        return name in self._cache
+
+    def dataset(self, name: str) -> h5py.Dataset:
+        """The h5py dataset behind a table, for readers that load it their own way
+        (then hand the array back with :meth:`set_loaded`)."""
+        return self._f[name]
+
+    def set_loaded(self, name: str, array: np.ndarray) -> None:
+        """Install a table that was read elsewhere (e.g. in parallel) into the cache."""
+        self._cache[name] = array
+
+    def expect(self, pattern: str, output: str | None = None, inputs: Any = None, **kw: Any) -> Any:
+        """Symbolic shape assertion, e.g. ``t.expect("model.language_model.layers.*.self_attn.q_proj",
+        output="B S 2048")``; see :func:`vlmscope.analyze.expect.expect`."""
+        from vlmscope.analyze.expect import expect
+
+        return expect(self, pattern, output=output, inputs=inputs, **kw)
 
     @property
     def strings(self) -> np.ndarray:

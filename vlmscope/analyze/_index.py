@@ -26,25 +26,8 @@ _LAYER_RE_CACHE: dict[str, re.Pattern] = {}
 
 
 def _read_table(trace: Trace, name: str) -> np.ndarray:
-    """A whole table, read once and cached on the trace.
-
-    Uses ``Dataset.read_direct`` into a preallocated array (faster than ``ds[:]`` for
-    compound types); falls back to the public reader when the trace's internals differ.
-    """
-    cache = getattr(trace, "_cache", None)
-    f = getattr(trace, "_f", None)
-    if cache is None or f is None:  # pragma: no cover - defensive
-        return getattr(trace, name)() if name != "steps" else trace.steps
-    if name not in cache:
-        try:
-            ds = f[name]
-            arr = np.empty(ds.shape, ds.dtype)
-            if ds.shape[0]:
-                ds.read_direct(arr)
-            cache[name] = arr
-        except Exception as e:  # noqa: BLE001
-            raise TraceError(f"trace is truncated or corrupt: {trace.path} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    return cache[name]
+    """A whole table (or the ``probe_data`` bytes), read once and cached on the trace."""
+    return trace.table(name)
 
 
 def _read_into(ds, arr: np.ndarray) -> None:
@@ -65,11 +48,12 @@ def parallel_load(items: list[tuple["TraceIndex", str]]) -> None:
     """
     todo = []
     for ix, name in items:
-        cache = getattr(ix.trace, "_cache", None)
-        f = getattr(ix.trace, "_f", None)
-        if cache is None or f is None or name in cache or name not in f:
+        if ix.trace.is_loaded(name):
             continue
-        ds = f[name]
+        try:
+            ds = ix.trace.dataset(name)
+        except KeyError:
+            continue
         if len(ds.shape) != 1 or not ds.shape[0]:
             continue
         todo.append((ix, name, ds))
@@ -126,7 +110,7 @@ def parallel_load(items: list[tuple["TraceIndex", str]]) -> None:
         _, status = os.waitpid(pid, 0)
     if ok and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
         for ix, name, _ds, _buf, arr, _p, _c in plan:
-            ix.trace._cache[name] = arr
+            ix.trace.set_loaded(name, arr)
 
 
 class TraceIndex:
@@ -321,8 +305,6 @@ class TraceIndex:
     # ---- probes ----------------------------------------------------------------
     @cached_property
     def probe_data(self) -> np.ndarray:
-        if getattr(self.trace, "_f", None) is None:  # pragma: no cover - defensive
-            return np.zeros(0, np.uint8)
         return _read_table(self.trace, "probe_data")
 
     @cached_property
@@ -466,12 +448,9 @@ class TraceIndex:
 
 def index_of(trace: Trace) -> TraceIndex:
     """The (cached) :class:`TraceIndex` of an open trace."""
-    cache = getattr(trace, "_cache", None)
-    if cache is None:  # pragma: no cover - defensive
-        return TraceIndex(trace)
-    ix = cache.get("_vlmscope_index")
+    ix = trace.derived.get("index")
     if ix is None:
-        ix = cache["_vlmscope_index"] = TraceIndex(trace)
+        ix = trace.derived["index"] = TraceIndex(trace)
     return ix
 
 
