@@ -163,6 +163,12 @@ def test_mrope_positions_match_the_models_rope_index(which, request):
     span = t.probe_info(probes(t, 0, "input_ids", "")[0])["spans"][0]
     img = got[:, 0, span[1]:span[2]]
     assert img[1].max() - img[1].min() == 15 and img[2].max() - img[2].min() == 15
+    # per-span ranges in the probe: text, image, text; text after the image continues at max + 1
+    segs = info["spans"]
+    assert [s[0] for s in segs] == ["text", "image", "text"]
+    assert segs[1][1:3] == [span[1], span[2]]
+    assert segs[1][3] == [[int(r.min()), int(r.max())] for r in img]
+    assert segs[2][3][0][0] == max(m for _, m in segs[1][3]) + 1
     # decode positions continue from the prefill max + 1, one per step, all rows equal
     last = int(ref.max())
     for k in range(1, t.n_steps):

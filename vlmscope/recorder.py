@@ -1064,6 +1064,7 @@ class Recorder:
         pos_min = [0, 0, 0]
         pos_max = [0, 0, 0]
         pos_candidate = None
+        segments = self._segments(st, blob)
         for i, p in enumerate(st.probes):
             seq, e, mod_id, kind, name, shape, dt, enc, off, n, info, late = p
             data = None
@@ -1088,6 +1089,11 @@ class Recorder:
                 if data.ndim <= 2:
                     rows = data.reshape(1, -1)
                 info["rows"] = [[int(r.min()), int(r.max())] if r.size else [0, -1] for r in rows]
+                if segments and data.shape[-1] == segments[0]:
+                    # per text/image span of batch row 0: [kind, start, end, [[min, max] per row]]
+                    v = data.reshape(-1, *data.shape[-2:]) if data.ndim >= 2 else data.reshape(1, 1, -1)
+                    info["spans"] = [[kind_, a, b, [[int(r[0, a:b].min()), int(r[0, a:b].max())] for r in v]]
+                                     for kind_, a, b in segments[1]]
                 path = self._paths[mod_id]
                 in_vision = bool(self.vision_model) and (path == self.vision_model or
                                                          path.startswith(self.vision_model + "."))
@@ -1153,6 +1159,18 @@ class Recorder:
         self.n_events += ne
         if self.on_step is not None:
             self.on_step(step, self)
+
+    def _segments(self, st: _Step, blob: np.ndarray) -> tuple[int, list] | None:
+        """(L, [[kind, start, end], ...]): the text/image spans of row 0 of the root's input_ids."""
+        for p in st.probes:
+            if p[11] == "input_ids" and p[1] == st.root_ev and p[8] >= 0 and self.image_token_id is not None:
+                ids = blob[p[8]:p[8] + p[9]].view(np.int64).reshape(p[5])
+                row = ids.reshape(-1, ids.shape[-1])[0] if ids.ndim else ids.reshape(1)
+                img = row == self.image_token_id
+                cuts = np.flatnonzero(np.diff(img.astype(np.int8))) + 1
+                bounds = [0, *cuts.tolist(), len(row)]
+                return len(row), [["image" if img[a] else "text", a, b] for a, b in zip(bounds, bounds[1:]) if b > a]
+        return None
 
     @staticmethod
     def _stats_from_blob(blob: np.ndarray, slots: Iterable[tuple[int, int]]) -> np.ndarray:
