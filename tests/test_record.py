@@ -533,3 +533,29 @@ def test_submodule_calls_outside_the_root_are_kept(tmp_path):
         paths = set(t.module_paths[t.events(0)["module"]])
         assert "model.visual.merger" in paths and "" not in paths
         assert t.steps[0]["cache_before"] == -1
+
+
+def test_a_recorder_bug_never_breaks_the_model(tmp_path, monkeypatch):
+    """An exception inside vlmscope's own hook code stops the recording, not the model."""
+    model, proc, inputs = _tiny()
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    rec = vlmscope.Recorder(model, out=tmp_path / "bug.h5")
+    real = rec._end_step
+    calls = []
+
+    def flaky(output):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("simulated recorder bug")
+        return real(output)
+
+    monkeypatch.setattr(rec, "_end_step", flaky)
+    with rec:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(out, ref)
+    assert rec.broken and "simulated recorder bug" in rec.broken
+    with vlmscope.open_trace(rec.path) as t:
+        assert t.status == "incomplete" and t.n_steps == 1
+        assert any("internal error" in w for w in t.meta["warnings"])

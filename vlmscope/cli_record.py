@@ -184,7 +184,7 @@ def _record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_
     if isinstance(failure, KeyboardInterrupt):
         console.print(f"[yellow]interrupted:[/] kept {rec.n_steps} finished step(s) in {rec.path} (incomplete)")
         return 130
-    if failure is not None:
+    if failure is not None or rec.broken:
         return 1
     return 0
 

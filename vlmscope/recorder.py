@@ -250,6 +250,7 @@ class Recorder:
         self.error: dict | None = None
         self.image_token_id = image_token_id
         self._paused = False
+        self.broken: str | None = None  # set when a recorder bug stopped the recording
         self._step: _Step | None = None
         self._stack: list[int] = []      # event indices (step-local) of running modules
         self._stack_mod: list[int] = []  # module ids of running modules
@@ -407,7 +408,7 @@ class Recorder:
         self._stack.clear()
         self._stack_mod.clear()
         if exc is None:
-            status = T.STATUS_COMPLETE
+            status = T.STATUS_COMPLETE if self.broken is None else T.STATUS_INCOMPLETE
         elif isinstance(exc, Exception):
             status = T.STATUS_FAILED
             self.error = {
@@ -455,8 +456,10 @@ class Recorder:
             try:
                 with _NO_TORCH_FUNCTION():
                     self._pre(mod_id, module, args, kwargs)
+            except Exception as e:  # noqa: BLE001 - a recorder bug must never break the model
+                self._internal_error(e)
             finally:
-                self._paused = False
+                self._paused = self.broken is not None
             return None
         return pre
 
@@ -468,10 +471,23 @@ class Recorder:
             try:
                 with _NO_TORCH_FUNCTION():
                     self._post(mod_id, module, args, kwargs, output)
+            except Exception as e:  # noqa: BLE001 - a recorder bug must never break the model
+                self._internal_error(e)
             finally:
-                self._paused = False
+                self._paused = self.broken is not None
             return None
         return post
+
+    def _internal_error(self, e: Exception) -> None:
+        """Stop recording (the model runs on untouched); the trace keeps its finished steps."""
+        step = self._step.index if self._step is not None else self.n_steps
+        self.broken = (f"vlmscope stopped recording at step {step} after an internal error "
+                       f"({type(e).__name__}: {e}); please report it. The model ran on unaffected.")
+        self.warnings.append(self.broken)
+        self.warnings.append("".join(_tb.format_exception(type(e), e, e.__traceback__))[-4000:])
+        self._step = None
+        self._stack.clear()
+        self._stack_mod.clear()
 
     def _pre(self, mod_id: int, module, args, kwargs) -> None:
         if self._step is None:
@@ -1163,7 +1179,7 @@ class Recorder:
     def _segments(self, st: _Step, blob: np.ndarray) -> tuple[int, list] | None:
         """(L, [[kind, start, end], ...]): the text/image spans of row 0 of the root's input_ids."""
         for p in st.probes:
-            if p[11] == "input_ids" and p[1] == st.root_ev and p[8] >= 0 and self.image_token_id is not None:
+            if isinstance(p[11], str) and p[11] == "input_ids" and p[1] == st.root_ev and p[8] >= 0 and self.image_token_id is not None:
                 ids = blob[p[8]:p[8] + p[9]].view(np.int64).reshape(p[5])
                 row = ids.reshape(-1, ids.shape[-1])[0] if ids.ndim else ids.reshape(1)
                 img = row == self.image_token_id
