@@ -1,0 +1,77 @@
+"""SVG snapshots of ``vlmscope view`` (pytest-textual-snapshot) at 80x24 and 160x48.
+
+The traces are the viewer's demo traces (:mod:`vlmscope.tui.demo`): every number in them is
+fixed, their call sites point at files that do not exist (no source lines that change with
+the installed transformers), and the file names are fixed, so the pictures are the same on
+every machine. Checks and the diff alignment use the viewer's built-in rules (not the analyze
+package's, which evolve on their own). Update with ``pytest tests/test_tui_snapshots.py --snapshot-update``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from textual.worker import WorkerState
+
+from vlmscope.tui.app import ViewerApp
+from vlmscope.tui.demo import write_demo_trace
+
+SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((160, 48), id="160x48")]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    d = tmp_path_factory.mktemp("snap")
+    a = write_demo_trace(d / "a.h5", nan_in="model.language_model.layers.1.mlp.down_proj")
+    clean = d / "clean"
+    clean.mkdir()
+    a_clean = write_demo_trace(clean / "a.h5")
+    b = write_demo_trace(clean / "b.h5", variant="b")
+    return {"a": a, "a_clean": a_clean, "b": b}
+
+
+async def settle(pilot) -> None:
+    app = pilot.app
+    for _ in range(2):
+        await pilot.pause()
+        while any(w.state in (WorkerState.PENDING, WorkerState.RUNNING) for w in app.workers):
+            await asyncio.sleep(0.01)
+        await pilot.pause()
+
+
+def keys_then_settle(*keys: str):
+    async def run_before(pilot) -> None:
+        await settle(pilot)
+        for k in keys:
+            await pilot.press(k)
+            await settle(pilot)
+    return run_before
+
+
+#: the prefill's "model" call, expanded, cursor on its first child
+MAIN_KEYS = ("j", "j", "j", "enter", "j", "j")
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_main_screen(snap_compare, demo, size):
+    app = ViewerApp([demo["a"]], checks="builtin")
+    assert snap_compare(app, terminal_size=size, run_before=keys_then_settle(*MAIN_KEYS))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_context_panel(snap_compare, demo, size):
+    app = ViewerApp([demo["a"]], checks="builtin")
+    assert snap_compare(app, terminal_size=size, run_before=keys_then_settle(*MAIN_KEYS, "c"))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_diff_mode(snap_compare, demo, size):
+    app = ViewerApp([demo["a_clean"], demo["b"]], checks="off", align="builtin")
+    assert snap_compare(app, terminal_size=size, run_before=keys_then_settle("g"))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_help(snap_compare, demo, size):
+    app = ViewerApp([demo["a"]], checks="off")
+    assert snap_compare(app, terminal_size=size, run_before=keys_then_settle("question_mark"))

@@ -1,0 +1,517 @@
+"""Screens: the main screen, help (``?``), the payload viewer and the message screen for bad files."""
+
+from __future__ import annotations
+
+import gc
+from rich.table import Table
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Footer, Static
+from textual.worker import get_current_worker
+
+from vlmscope.trace import TraceError
+from vlmscope.tui.data import FILTER_LABELS, Item, TraceModel
+from vlmscope.tui.session import Session
+from vlmscope.tui.widgets.context import ContextPanel
+from vlmscope.tui.widgets.detail import DetailPanel
+from vlmscope.tui.widgets.header import TraceHeader
+from vlmscope.tui.widgets.navigator import Navigator
+from vlmscope.tui.widgets.payload import PayloadView
+from vlmscope.tui.widgets.search import SearchBar
+from vlmscope.tui.widgets.strips import render_strips
+from vlmscope.tui.widgets.summary import DiffSummary
+from vlmscope.tui.ui import to_ui
+
+#: every key, as the help screen lists it
+KEYS: list[tuple[str, str]] = [
+    ("j k / ↑ ↓", "move"),
+    ("enter / click", "expand or collapse"),
+    ("n N", "next / previous module at the same depth (next layer)"),
+    ("] [", "next / previous step, same module selected"),
+    ("/", "search a module path: glob or substring; enter: next"),
+    ("f", "filter: all, modules, reshapes, probes, failing checks"),
+    ("c", "toggle the step context (tokens, mask, positions, cache)"),
+    ("g", "go to the first divergence (diff mode)"),
+    ("e", "next check violation"),
+    ("p", "values of the selected module's saved tensor"),
+    ("tab", "next panel (arrows scroll it)"),
+    ("?", "this help (esc closes)"),
+    ("q", "quit"),
+]
+
+
+class MessageScreen(Screen):
+    """A clear message instead of a traceback (a trace that cannot be read)."""
+
+    BINDINGS = [Binding("q", "app.quit", "quit"), Binding("escape", "app.quit", "quit", show=False)]
+
+    def __init__(self, title: str, message: str) -> None:
+        super().__init__()
+        self.title_text, self.message = title, message
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="message-box"):
+            yield Static(Text(self.title_text, "bold red"), id="message-title")
+            yield Static(Text(self.message), id="message-text")
+            yield Static(Text("press q to quit", "dim"))
+
+
+class HelpScreen(ModalScreen):
+    BINDINGS = [Binding("escape", "dismiss", "close"), Binding("question_mark", "dismiss", "close", show=False),
+                Binding("q", "dismiss", "close", show=False)]
+
+    def compose(self) -> ComposeResult:
+        tab = Table(box=None, show_header=False, pad_edge=False, padding=(0, 2))
+        tab.add_column(style="bold cyan", no_wrap=True)
+        tab.add_column()
+        for key, what in KEYS:
+            tab.add_row(key, what)
+        legend = Text.assemble(
+            ("tree  ", "bold"), ("✗", "bold red"), " failing check  ", ("↳", "dim"), " reshape  ",
+            ("◆", "magenta"), " probe\n", ("diff  ", "bold"), ("≠", "bold red"), " shape/dtype  ",
+            ("~", "yellow"), " values drift  ", ("-", "magenta"), " only A  ", ("+", "green"), " only B")
+        with VerticalScroll(id="help-box"):
+            yield Static(Text("vlmscope view: keys", "bold"), id="help-title")
+            yield Static(tab)
+            yield Static(legend)
+
+
+class PayloadScreen(ModalScreen):
+    BINDINGS = [Binding("escape", "dismiss", "close"), Binding("q", "dismiss", "close", show=False),
+                Binding("up", "move(-1, 0)", show=False), Binding("down", "move(1, 0)", show=False),
+                Binding("k", "move(-1, 0)", show=False), Binding("j", "move(1, 0)", show=False),
+                Binding("left", "move(0, -1)", show=False), Binding("right", "move(0, 1)", show=False),
+                Binding("pageup", "move(-16, 0)", show=False), Binding("pagedown", "move(16, 0)", show=False),
+                Binding("right_square_bracket", "lead(1)", "next slice"),
+                Binding("left_square_bracket", "lead(-1)", "prev slice"),
+                Binding("n", "next_tensor", "next saved tensor")]
+
+    def __init__(self, tm: TraceModel, payloads: list[tuple[int, str, tuple]]) -> None:
+        super().__init__()
+        self.tm, self.payloads, self.k = tm, payloads, 0
+
+    def compose(self) -> ComposeResult:
+        pid, name, shape = self.payloads[0]
+        with Vertical(id="payload-box"):
+            yield PayloadView(self.tm, pid, name, shape, id="payload-view")
+            yield Static(Text("arrows / j k move · [ ] leading index · n next saved tensor · esc close", "dim"))
+
+    def action_move(self, dr: int, dc: int) -> None:
+        self.query_one(PayloadView).move(dr, dc)
+
+    def action_lead(self, d: int) -> None:
+        self.query_one(PayloadView).move(dlead=d)
+
+    def action_next_tensor(self) -> None:
+        self.k = (self.k + 1) % len(self.payloads)
+        pid, name, shape = self.payloads[self.k]
+        old = self.query_one(PayloadView)
+        box = self.query_one("#payload-box")
+        old.remove()
+        box.mount(PayloadView(self.tm, pid, name, shape, id="payload-view"), before=0)
+
+
+class MainScreen(Screen):
+    BINDINGS = [
+        Binding("n", "layer(1)", "next layer", show=False),
+        Binding("N", "layer(-1)", "prev layer", show=False),
+        Binding("right_square_bracket", "step(1)", "step", key_display="]"),
+        Binding("left_square_bracket", "step(-1)", "step", show=False, key_display="["),
+        Binding("slash", "search", "search", key_display="/"),
+        Binding("f", "filter", "filter"),
+        Binding("c", "context", "context"),
+        Binding("g", "first_divergence", "1st diff", show=False),
+        Binding("e", "next_violation", "next ✗"),
+        Binding("p", "payload", "payload", show=False),
+    ]
+
+    def __init__(self, session: Session) -> None:
+        super().__init__()
+        self.session = session
+        self.step = 0
+        self.query_text = ""
+        self.opened = False
+
+    # layout --------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield TraceHeader(id="header")
+        if self.session.diff_mode:
+            yield DiffSummary(id="summary")
+        with Horizontal(id="body"):
+            yield Navigator(self.session, id="navigator")
+            yield DetailPanel(self.session, id="detail")
+        yield ContextPanel(self.session, id="context")
+        yield SearchBar(id="search")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.nav = self.query_one(Navigator)
+        self.detail = self.query_one(DetailPanel)
+        self.context = self.query_one(ContextPanel)
+        self.query_one(TraceHeader).show_loading([p.name for p in self.session.paths])
+        self.context.display = False
+        self.query_one(SearchBar).display = False
+        if self.session.diff_mode:
+            self.query_one(DiffSummary).show_pending()
+        self.nav.focus()
+        self._open()
+
+    # opening (worker) -------------------------------------------------------------------
+    @work(thread=True, exit_on_error=False, group="open")
+    def _open(self) -> None:
+        try:
+            self.session.open()
+        except TraceError as e:
+            to_ui(self.app, self._failed, str(e))
+            return
+        except (OSError, ValueError) as e:
+            to_ui(self.app, self._failed, f"{type(e).__name__}: {e}")
+            return
+        to_ui(self.app, self._opened)
+
+    def _failed(self, message: str) -> None:
+        self.app.switch_screen(MessageScreen("cannot open the trace", message))
+
+    def _opened(self) -> None:
+        self.opened = True
+        a = self.session.a
+        assert a is not None
+        self.nav.reset()
+        self._header()
+        if a.n_steps:
+            node = self.nav.nodes[(0, "s", -1)]
+            self.nav.populate(node)
+            node.expand()
+            self.nav.move_to(node)
+            self._cursor((0, "s", -1))
+        else:
+            self.detail.set_strips(render_strips(
+                Text("this trace has no complete step" + (f" ({a.status})" if a.status != "complete" else ""),
+                     "bold yellow"), 60))
+        self._checks()
+        if self.session.diff_mode:
+            self._first_divergence()
+        self._prefetch(1)
+        if getattr(self.app, "freeze_gc", False):
+            self.call_after_refresh(gc.freeze)
+
+    @work(thread=True, exit_on_error=False, group="checks")
+    def _checks(self) -> None:
+        worker = get_current_worker()
+        try:
+            self.session.run_checks(lambda: worker.is_cancelled)
+        except Exception:  # noqa: BLE001 - checks are an extra; the viewer works without them
+            return
+        if not worker.is_cancelled:
+            to_ui(self.app, self._checks_done)
+
+    def _checks_done(self) -> None:
+        self.nav.relabel()
+        self.detail.redraw()
+
+    @work(thread=True, exit_on_error=False, group="diff")
+    def _first_divergence(self) -> None:
+        worker = get_current_worker()
+        try:
+            first = self.session.align_traces(lambda: worker.is_cancelled) if self.session.diff else None
+        except Exception as e:  # noqa: BLE001
+            to_ui(self.app, self.notify, f"alignment failed: {e}", severity="error")
+            return
+        if not worker.is_cancelled:
+            to_ui(self.app, self._first_done, first)
+
+    def _first_done(self, first: tuple[Item, str] | None) -> None:
+        self.detail.redraw()
+        summary = self.query_one(DiffSummary)
+        if first is None:
+            summary.show_first(None, None)
+        else:
+            item, status = first
+            tm, idx = self.session.model_for(item)
+            where = tm.step_name(item[0])
+            if idx is not None:
+                ev = idx.event_of(self.session.b_item(item) if item[1] in ("b", "q") else item)
+                if ev >= 0:
+                    where += " " + tm.module_name(int(idx.module[ev]))
+                if item[1] in ("r", "q"):
+                    r = idx.reshapes[item[2]]
+                    where += f" {tm.s(int(r['op']))}"
+            summary.show_first(where, status)
+        self.nav.relabel()
+
+    @work(thread=True, exit_on_error=False, group="prefetch", exclusive=True)
+    def _prefetch(self, step: int) -> None:
+        """Index the steps around ``step`` (next first) so that ] and [ find them ready."""
+        a = self.session.a
+        worker = get_current_worker()
+        for s in (step, step + 1, step - 2):
+            if worker.is_cancelled:
+                return
+            if a is not None and 0 <= s < a.n_steps and not self.session.ready(s):
+                try:
+                    self.session.ensure_step(s)
+                except Exception:  # noqa: BLE001
+                    return
+                to_ui(self.app, self._prefetched, s)
+
+    def _prefetched(self, step: int) -> None:
+        self.nav.step_ready(step)
+        if self.detail.shown is not None and self.detail.shown == self.detail.wanted:
+            self._warm_neighbours(self.detail.shown)
+
+    @work(thread=True, exit_on_error=False, group="load")
+    def _load_step(self, step: int, then: Item | None) -> None:
+        try:
+            self.session.ensure_step(step)
+        except TraceError as e:
+            to_ui(self.app, self.notify, str(e), severity="error")
+            return
+        to_ui(self.app, self._step_loaded, step, then)
+
+    def _step_loaded(self, step: int, then: Item | None) -> None:
+        self.nav.step_ready(step)
+        if then is not None:
+            self._reveal(then)
+
+    @on(Navigator.NeedStep)
+    def _need_step(self, message: Navigator.NeedStep) -> None:
+        self._load_step(message.step, message.then)
+
+    # cursor ---------------------------------------------------------------------------
+    @on(Navigator.NodeHighlighted)
+    def _highlighted(self, event: Navigator.NodeHighlighted) -> None:
+        if event.node.data is not None:
+            self._cursor(event.node.data)
+
+    def _cursor(self, item: Item) -> None:
+        if item[1] == "g":
+            self.detail.show(item)
+            return
+        if item[0] != self.step:
+            self.step = item[0]
+            self._header()
+            self.context.show_step(self.step)
+            self.call_after_refresh(self._prefetch, self.step + 1)
+        self.detail.show(item)
+
+    @on(DetailPanel.Shown)
+    def _shown(self, message: DetailPanel.Shown) -> None:
+        # after the paint: background work must not compete with it
+        self.call_after_refresh(self._warm_neighbours, message.item)
+
+    def _warm_neighbours(self, item: Item) -> None:
+        """Pre-render what ] and [ would show from ``item`` (when those steps are indexed)."""
+        a = self.session.a
+        if a is None or item[1] not in ("s", "e", "r", "p") or self.session.diff_mode:
+            return
+        src = a.cached(item[0])
+        if src is None:
+            return
+        targets = []
+        for t in (item[0] + 1, item[0] - 1):
+            dst = a.cached(t) if 0 <= t < a.n_steps else None
+            if dst is not None:
+                target = a.same_in_step(src, item, dst)
+                if self.session.visible(target):
+                    targets.append(target)
+        if targets:
+            self.detail.warm(targets)
+
+    def _header(self) -> None:
+        a = self.session.a
+        if a is not None and a.loaded:
+            self.query_one(TraceHeader).show(a, self.step, self.session.filter, self.session.b, self.query_text)
+
+    @property
+    def current(self) -> Item | None:
+        return self.nav.current
+
+    def _reveal(self, item: Item) -> bool:
+        """Show ``item`` in the tree (switching the filter to "all" when it hides the item)."""
+        if not self.session.ready(item[0]):
+            self._load_step(item[0], item)
+            return True
+        if not self.session.visible(item):
+            self.session.filter = "all"
+            self.nav.reset()
+            self.notify("filter set to all to show it")
+        ok = self.nav.reveal(item)
+        if ok:
+            self._cursor(item)
+        return ok
+
+    # actions --------------------------------------------------------------------------
+    def action_layer(self, direction: int) -> None:
+        cur = self.current
+        a = self.session.a
+        if cur is None or a is None or cur[1] in ("b", "q", "m") or not self.session.ready(cur[0]):
+            return
+        target = a.next_same_depth(a.cached(cur[0]), cur, direction > 0, self.session.filter)
+        if target is None:
+            self.notify("no " + ("next" if direction > 0 else "previous") + " module at this depth", timeout=2)
+            return
+        self._reveal(target)
+
+    def action_step(self, direction: int) -> None:
+        a = self.session.a
+        if a is None or not a.n_steps:
+            return
+        cur = self.current or (self.step, "s", -1)
+        if cur[1] == "g":
+            cur = (self.step, "s", -1)
+        t = cur[0] + direction
+        if not 0 <= t < a.n_steps:
+            self.notify("no " + ("next" if direction > 0 else "previous") + " step", timeout=2)
+            return
+        if not self.session.ready(t):
+            self._load_step_then_go(cur, t)
+            return
+        self._go_step(cur, t)
+
+    @work(thread=True, exit_on_error=False, group="load")
+    def _load_step_then_go(self, cur: Item, t: int) -> None:
+        try:
+            self.session.ensure_step(t)
+        except TraceError as e:
+            to_ui(self.app, self.notify, str(e), severity="error")
+            return
+        to_ui(self.app, self._go_step_loaded, cur, t)
+
+    def _go_step_loaded(self, cur: Item, t: int) -> None:
+        self.nav.step_ready(t)
+        self._go_step(cur, t)
+
+    def _go_step(self, cur: Item, t: int) -> None:
+        a = self.session.a
+        assert a is not None
+        src_item = cur
+        if cur[1] in ("b", "q", "m"):
+            anc = self.session.ancestors(cur)
+            src_item = next((x for x in reversed(anc) if x[1] in ("s", "e")), (cur[0], "s", -1))
+        src, dst = a.cached(src_item[0]), a.cached(t)
+        if src is None or dst is None:
+            return
+        target = a.same_in_step(src, src_item, dst)
+        # keep the filter: climb to the nearest visible ancestor
+        while not self.session.visible(target):
+            anc = dst.ancestors(target)
+            target = anc[-1] if anc else (t, "s", -1)
+        old_node = self.nav.nodes.get((cur[0], "s", -1))
+        was_open = old_node is not None and old_node.is_expanded
+        self.nav.collapse_step(cur[0], keep_group=t)
+        self._reveal(target)
+        if target[1] == "s" and was_open:
+            node = self.nav.nodes.get(target)
+            if node is not None and node.allow_expand and not node.is_expanded:
+                self.nav.populate(node)
+                node.expand()
+
+    def action_search(self) -> None:
+        bar = self.query_one(SearchBar)
+        bar.display = True
+        self.call_after_refresh(bar.focus)
+
+    @on(SearchBar.Search)
+    def _search(self, message: SearchBar.Search) -> None:
+        a = self.session.a
+        query = message.query.strip()
+        if a is None or not query:
+            return
+        cur = self.current or (self.step, "s", -1)
+        if cur[1] == "g":
+            cur = (self.step, "s", -1)
+        idx = a.cached(cur[0])
+        if idx is None:
+            return
+        it = cur if cur[1] not in ("b", "q", "m") else (cur[0], "s", -1)
+        item, count = a.search(idx, query, idx.seq_of(it), self.session.filter)
+        self.query_text = f"{query} ({count} in this step)"
+        self._header()
+        if item is None:
+            self.notify(f"no module path matches {query!r} in this step", severity="warning", timeout=3)
+            return
+        self._reveal(item)
+        self.query_one(SearchBar).focus()
+
+    @on(SearchBar.Closed)
+    def _search_closed(self) -> None:
+        bar = self.query_one(SearchBar)
+        bar.display = False
+        self.nav.focus()
+
+    def action_filter(self) -> None:
+        cur = self.current
+        self.session.cycle_filter()
+        self.nav.reset()
+        self._header()
+        target = cur if cur is not None else (self.step, "s", -1)
+        if target[1] == "m":
+            target = (target[0], "s", -1)
+        if target[1] not in ("b", "q"):
+            idx = self.session.index(target[0])
+            while idx is not None and not self.session.visible(target):
+                anc = idx.ancestors(target)
+                target = anc[-1] if anc else (target[0], "s", -1)
+        else:
+            target = (target[0], "s", -1)
+        if self.session.ready(target[0]):
+            self.nav.reveal(target)
+            self._cursor(target)
+            node = self.nav.nodes.get(target)
+            if node is not None and node.allow_expand and not node.is_expanded:
+                self.nav.populate(node)
+                node.expand()
+        self.notify(f"filter: {FILTER_LABELS[self.session.filter]}", timeout=2)
+
+    def action_context(self) -> None:
+        ctx = self.context
+        ctx.display = not ctx.display
+        if ctx.display:
+            self.call_after_refresh(ctx.show_step, self.step, True)
+
+    def action_first_divergence(self) -> None:
+        diff = self.session.diff
+        if diff is None:
+            self.notify("g works in diff mode (vlmscope view A.h5 B.h5)", timeout=3)
+            return
+        if not diff.first_done:
+            self.notify("still aligning A and B …", timeout=2)
+            return
+        if diff.first is None:
+            self.notify("no divergence: A and B agree", timeout=3)
+            return
+        self._reveal(diff.first[0])
+
+    def action_next_violation(self) -> None:
+        a = self.session.a
+        if a is None:
+            return
+        if not self.session.checks_done:
+            self.notify("checks are still running …", timeout=2)
+            return
+        vs = a.violations
+        if not vs:
+            self.notify("no check fails in this trace (" + self.session.check_engine + " rules)", timeout=3)
+            return
+        cur = self.current or (self.step, "s", -1)
+        idx = a.cached(cur[0])
+        seq = idx.seq_of(cur) if idx is not None and cur[1] in ("s", "e", "r", "p") else -1
+        here = (cur[0], seq)
+        nxt = next((v for v in vs if (v.step, v.seq) > here), vs[0])
+        self._reveal((nxt.step, nxt.kind, nxt.local))
+        self.notify(f"✗ {nxt.rule}: {nxt.message}", timeout=4)
+
+    def action_payload(self) -> None:
+        cur = self.current
+        if cur is None:
+            return
+        payloads = self.session.output_payloads(cur)
+        if not payloads:
+            self.notify("no saved tensor here (record with --save-tensors GLOB)", timeout=3)
+            return
+        tm, _ = self.session.model_for(cur)
+        self.app.push_screen(PayloadScreen(tm, payloads))
