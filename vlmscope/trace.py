@@ -585,16 +585,11 @@ class Trace:
         if enc == ENC_NONE:
             return None
         off, n = int(row["data_off"]), int(row["data_len"])
-        raw = self._f["probe_data"][off:off + n]
-        shape = shape_of(row)
-        if enc == ENC_INT64:
-            return raw.view(np.int64).reshape(shape)
-        if enc == ENC_FLOAT64:
-            return raw.view(np.float64).reshape(shape)
-        if enc == ENC_BITS:
-            count = int(np.prod(shape)) if shape else 1
-            return np.unpackbits(raw, count=count).astype(bool).reshape(shape)
-        raise TraceError(f"unknown probe encoding {enc} in {self.path}")
+        buf = self._cache["probe_data"] if "probe_data" in self._cache else self._f["probe_data"]
+        value = decode_probe(buf[off:off + n], enc, shape_of(row))
+        if value is None:
+            raise TraceError(f"unknown probe encoding {enc} in {self.path}")
+        return value
 
     def probe_info(self, row: np.void) -> dict:
         s = self.s(int(row["info"]))
@@ -624,6 +619,18 @@ class Trace:
 
     def __repr__(self) -> str:
         return f"<Trace {self.path} v{self.format_version} {self.status} steps={self.n_steps}>"
+
+
+def decode_probe(raw: np.ndarray, enc: int, shape: tuple[int, ...]) -> np.ndarray | None:
+    """Probe values from their stored bytes (``ENC_INT64``, ``ENC_FLOAT64``, ``ENC_BITS``)."""
+    if enc == ENC_INT64:
+        return raw.view(np.int64).reshape(shape)
+    if enc == ENC_FLOAT64:
+        return raw.view(np.float64).reshape(shape)
+    if enc == ENC_BITS:
+        count = int(np.prod(shape)) if shape else 1
+        return np.unpackbits(raw, count=count).astype(bool).reshape(shape)
+    return None
 
 
 def _first_line(e: BaseException) -> str:

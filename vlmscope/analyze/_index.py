@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmscope.trace import ENC_BITS, ENC_FLOAT64, ENC_INT64, ENC_NONE, ROLE_OUTPUT, Trace, TraceError
+from vlmscope.trace import ENC_NONE, ROLE_OUTPUT, Trace, TraceError, decode_probe
 
 FLOAT_DTYPES = ("float64", "float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2")
 _LAYER_RE_CACHE: dict[str, re.Pattern] = {}
@@ -345,16 +345,9 @@ class TraceIndex:
         nd = int(p["ndim"][row])
         shape = tuple(p["shape"][row][:nd].tolist())
         try:
-            if enc == ENC_INT64:
-                return raw.view(np.int64).reshape(shape)
-            if enc == ENC_FLOAT64:
-                return raw.view(np.float64).reshape(shape)
-            if enc == ENC_BITS:
-                count = int(np.prod(shape)) if shape else 1
-                return np.unpackbits(raw, count=count).astype(bool).reshape(shape)
+            return decode_probe(raw, enc, shape)
         except ValueError:
             return None
-        return None
 
     def layer_tensor_rows(self) -> np.ndarray:
         """Rows of the tensors of decoder-layer calls (gathered from their contiguous ranges)."""
