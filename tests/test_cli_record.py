@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import vlmscope
 from vlmscope.cli import main
 
-from conftest import IMAGE, ROOT
+from conftest import IMAGE
 
 
 def run(*args: str, cwd: Path | None = None):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import subprocess
 import sys
 import textwrap
@@ -14,23 +12,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 
-# Works whether or not the project has been `pip install -e .`-ed: fall back to loading
-# model/ as the package `vlmscope_models`.
-_IMPORT_SNIPPET = textwrap.dedent(
-    f"""
-    import importlib.util, sys
-    try:
-        import vlmscope_models
-    except ImportError:
-        _spec = importlib.util.spec_from_file_location(
-            "vlmscope_models", {str(REPO / "model" / "__init__.py")!r},
-            submodule_search_locations=[{str(REPO / "model")!r}])
-        vlmscope_models = importlib.util.module_from_spec(_spec)
-        sys.modules["vlmscope_models"] = vlmscope_models
-        _spec.loader.exec_module(vlmscope_models)
-    """
-)
-exec(_IMPORT_SNIPPET)  # defines `vlmscope_models`
+import vlmscope_models  # the model/ directory, installed by `pip install -e .`
+
+_IMPORT_SNIPPET = "import sys, vlmscope_models\n"
 
 QWEN2_VL_IDS = {
     "<|endoftext|>": 151643,

@@ -8,7 +8,6 @@ inside the commands. Exit codes: 0 clean / same, 1 violations / differences, 2 u
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 

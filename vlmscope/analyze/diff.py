@@ -30,7 +30,7 @@ from vlmscope.trace import ROLE_NAMES, ROLE_OUTPUT, Trace, open_trace
 
 from ._index import TraceIndex, shape_str
 from .align import (
-    DRIFT, MISSING_A, MISSING_B, SAME, SHAPE, STATUS_NAMES, Aligned, Alignment, MapRules, align,
+    DRIFT, MISSING_A, MISSING_B, SAME, SHAPE, STATUS_NAMES, Alignment, MapRules, align,
 )
 
 _STEP_FIELDS = ("kind", "status", "input_len", "q_len", "cache_before", "cache_after", "pos_rows", "pos_min",
