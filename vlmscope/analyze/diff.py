@@ -147,21 +147,16 @@ def _candidates(al: Alignment) -> dict[str, np.ndarray]:
         idx = np.nonzero(tbl.status != SAME)[0]
         if len(idx):
             drop = np.zeros(len(idx), bool)
-            a, b = tbl.a[idx], tbl.b[idx]
-            ha = a >= 0
-            if ha.any():
-                e = A.col(name, "event")[a[ha]].astype(np.int64)
-                m = np.zeros(len(e), bool)
-                ok = e >= 0
-                m[ok] = al.event_status_a[e[ok]] == MISSING_B
-                drop[np.nonzero(ha)[0]] |= m
-            hb = b >= 0
-            if hb.any():
-                e = B.col(name, "event")[b[hb]].astype(np.int64)
-                m = np.zeros(len(e), bool)
-                ok = e >= 0
-                m[ok] = al.event_status_b[e[ok]] == MISSING_A
-                drop[np.nonzero(hb)[0]] |= m
+            # drop rows whose module call exists on one side only (already reported as the call)
+            for rows, ix, ev_status, missing in ((tbl.a[idx], A, al.event_status_a, MISSING_B),
+                                                 (tbl.b[idx], B, al.event_status_b, MISSING_A)):
+                has = rows >= 0
+                if has.any():
+                    e = ix.col(name, "event")[rows[has]].astype(np.int64)
+                    m = np.zeros(len(e), bool)
+                    ok = e >= 0
+                    m[ok] = ev_status[e[ok]] == missing
+                    drop[np.nonzero(has)[0]] |= m
             idx = idx[~drop]
         out[name] = idx
     return out
