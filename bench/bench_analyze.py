@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:
 from bench.synth_trace import make_trace  # noqa: E402
 from vlmscope.analyze.check import check  # noqa: E402
 from vlmscope.analyze.diff import diff  # noqa: E402
-from vlmscope.trace import open_trace  # noqa: E402
+from vlmscope.trace import FORMAT_VERSION, open_trace  # noqa: E402
 
 N_LAYERS = 28
 
@@ -35,6 +35,15 @@ def traces(n_events: int, folder: Path) -> tuple[Path, Path, int]:
     b = folder / f"bench_b_{n_events}.h5"
     per_step = 13 * N_LAYERS + 7            # decode module calls per step (see synth_trace)
     mid = max(1, n_events // per_step // 2)
+    for p in (a, b):   # a cached trace of an older format is written again
+        if p.exists():
+            try:
+                with open_trace(p) as t:
+                    stale = t.format_version != FORMAT_VERSION
+            except Exception:  # noqa: BLE001
+                stale = True
+            if stale:
+                p.unlink()
     if not a.exists():
         t = time.perf_counter()
         make_trace(a, n_events, n_layers=N_LAYERS)
@@ -92,7 +101,7 @@ def phases(a: Path, b: Path, runs: int) -> None:
     import gc
     import importlib
 
-    from vlmscope.analyze._index import index_of, parallel_load
+    from vlmscope.analyze._index import index_of
     from vlmscope.analyze.diff import _report
 
     align = importlib.import_module("vlmscope.analyze.align").align
@@ -101,7 +110,9 @@ def phases(a: Path, b: Path, runs: int) -> None:
         t0 = time.perf_counter()
         ta, tb = open_trace(a), open_trace(b)
         A, B = index_of(ta), index_of(tb)
-        parallel_load([(ix, n) for ix in (A, B) for n in ("events", "tensors", "reshapes", "probes", "probe_data")])
+        for ix in (A, B):
+            for n in ("events", "tensors", "reshapes", "probes", "probe_data"):
+                ix.trace.table(n)
         A.strings, B.strings
         t1 = time.perf_counter()
         al = align(ta, tb)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import vlmscope
-from vlmscope.trace import KIND_DECODE, KIND_PREFILL, ROLE_OUTPUT, shape_of
+from vlmscope.trace import FORMAT_VERSION, KIND_DECODE, KIND_PREFILL, ROLE_OUTPUT, shape_of
 
 from conftest import IMAGE, PROMPT
 
@@ -44,7 +44,7 @@ def probes(t, step: int, kind: str, path: str | None = None):
 def test_steps_are_prefill_then_decode(qwen25_trace):
     t = qwen25_trace
     assert t.status == "complete" and t.complete
-    assert t.format_version == 1
+    assert t.format_version == FORMAT_VERSION == 2
     assert list(t.steps["kind"]) == [KIND_PREFILL, KIND_DECODE, KIND_DECODE, KIND_DECODE]
     assert list(t.steps["input_len"]) == [PROMPT_LEN, 1, 1, 1]
     assert list(t.steps["q_len"]) == [PROMPT_LEN, 1, 1, 1]

@@ -8,11 +8,7 @@ strings, probe blobs), which stay small however long the trace is.
 from __future__ import annotations
 
 import json
-import mmap
-import os
 import re
-import sys
-import threading
 import weakref
 from functools import cached_property
 from typing import Any
@@ -28,89 +24,6 @@ _LAYER_RE_CACHE: dict[str, re.Pattern] = {}
 def _read_table(trace: Trace, name: str) -> np.ndarray:
     """A whole table (or the ``probe_data`` bytes), read once and cached on the trace."""
     return trace.table(name)
-
-
-def _read_into(ds, arr: np.ndarray) -> None:
-    if ds.shape[0]:
-        ds.read_direct(arr)
-
-
-def parallel_load(items: list[tuple["TraceIndex", str]]) -> None:
-    """Read several whole datasets (``(index, table)`` pairs; ``"probe_data"`` counts as a
-    table) into the traces' caches, sharing the work with one forked child process.
-
-    HDF5 decompression holds the GIL and h5py's lock, so threads cannot overlap it; a child
-    process reading into shared anonymous memory can. The rows are split in two halves (by
-    bytes, at chunk boundaries); the parent reads one, the child the other, into the same
-    buffers. Used only where it is safe: a POSIX ``fork``, a single-threaded parent (no lock
-    can be held across the fork) and enough data to pay for the fork; anything unusual falls
-    back to plain reads. ``VLMSCOPE_NO_FORK=1`` disables it.
-    """
-    todo = []
-    for ix, name in items:
-        if ix.trace.is_loaded(name):
-            continue
-        try:
-            ds = ix.trace.dataset(name)
-        except KeyError:
-            continue
-        if len(ds.shape) != 1 or not ds.shape[0]:
-            continue
-        todo.append((ix, name, ds))
-    total = sum(ds.shape[0] * ds.dtype.itemsize for _, _, ds in todo)
-    if (not todo or total < (64 << 20) or not hasattr(os, "fork") or sys.platform == "win32"
-            or threading.active_count() != 1 or os.environ.get("VLMSCOPE_NO_FORK")):
-        return
-    # one shared buffer per dataset; cut the concatenated rows at half the bytes
-    plan = []   # (ix, name, ds, buf, arr, parent_range, child_range)
-    half, acc = total / 2, 0
-    for ix, name, ds in todo:
-        n, item = ds.shape[0], ds.dtype.itemsize
-        buf = mmap.mmap(-1, n * item)
-        arr = np.frombuffer(buf, dtype=ds.dtype, count=n)
-        lo_b, hi_b = acc, acc + n * item
-        acc = hi_b
-        if hi_b <= half:
-            cut = n                                   # all rows to the parent
-        elif lo_b >= half:
-            cut = 0                                   # all rows to the child
-        else:
-            cut = int((half - lo_b) // item)
-            chunk = (ds.chunks or (1,))[0]
-            cut = min(n, max(0, (cut // chunk) * chunk))
-        plan.append((ix, name, ds, buf, arr, (0, cut), (cut, n)))
-    try:
-        pid = os.fork()
-    except OSError:
-        return
-    if pid == 0:   # child: fresh file handles, its share of the rows, leave without cleanup
-        code = 1
-        try:
-            import h5py
-
-            files: dict = {}
-            for ix, name, _ds, _buf, arr, _p, (a, b) in plan:
-                if b > a:
-                    f = files.get(str(ix.trace.path))
-                    if f is None:
-                        f = files[str(ix.trace.path)] = h5py.File(ix.trace.path, "r")
-                    f[name].read_direct(arr, np.s_[a:b], np.s_[a:b])
-            code = 0
-        except BaseException:  # noqa: BLE001
-            code = 1
-        finally:
-            os._exit(code)
-    ok = False
-    try:
-        for ix, name, ds, _buf, arr, (a, b), _c in plan:
-            if b > a:
-                ds.read_direct(arr, np.s_[a:b], np.s_[a:b])
-        ok = True
-    finally:
-        _, status = os.waitpid(pid, 0)
-    if ok and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-        for ix, name, _ds, _buf, arr, _p, _c in plan:
-            ix.trace.set_loaded(name, arr)
 
 
 class TraceIndex:

@@ -37,7 +37,7 @@ import numpy as np
 
 from vlmscope.trace import ENC_NONE, ROLE_OUTPUT, Trace, open_trace
 
-from ._index import TraceIndex, index_of, parallel_load
+from ._index import TraceIndex, index_of
 
 SAME, SHAPE, DRIFT, MISSING_A, MISSING_B = 0, 1, 2, 3, 4
 STATUS_NAMES = {SAME: "same", SHAPE: "shape", DRIFT: "drift", MISSING_A: "missing_in_a", MISSING_B: "missing_in_b"}
@@ -454,7 +454,6 @@ def align(trace_a: Trace | str | os.PathLike, trace_b: Trace | str | os.PathLike
     tb = trace_b if isinstance(trace_b, Trace) else open_trace(trace_b)
     rules = parse_maps(maps)
     A, B = index_of(ta), index_of(tb)
-    parallel_load([(ix, t) for ix in (A, B) for t in ("events", "tensors", "reshapes", "probes", "probe_data")])
     tr = _translate_strings(A, B)
 
     # ---- module keys (paths of A rewritten by the rules) ------------------------------------

@@ -25,7 +25,7 @@ import numpy as np
 
 from vlmscope.trace import ROLE_OUTPUT, Trace, open_trace
 
-from ._index import TraceIndex, index_of, parallel_load, shape_str
+from ._index import TraceIndex, index_of, shape_str
 
 ERROR, WARNING, INFO = "error", "warning", "info"
 
@@ -137,7 +137,6 @@ def check(trace: Trace | str | os.PathLike, rules: Iterable[str] | str | None = 
     try:
         ids = select_rules(rules)
         ix = index_of(t)
-        parallel_load([(ix, name) for name in ("tensors", "events", "probes", "probe_data")])
         out: list[Violation] = []
         for rid in ids:
             out += RULES[rid].fn(ix)
