@@ -670,6 +670,43 @@ _T_REGIONS = {"ndim": _T_STRUCT, "shape": _T_STRUCT, "dtype": _T_STRUCT, "name":
               "device": _T_OTHER, "payload": _T_OTHER}
 
 
+_BLOCK_ROWS = 1 << 15   # rows per block of the prefix pass: two blocks of rows stay in cache
+
+
+def _tolerance_luts(ix: TraceIndex, rtol: float | None, atol: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(rtol, atol) per string id of ``ix`` naming a floating dtype (0 for any other id: exact)."""
+    n = max(len(ix.strings), 1)
+    r_lut, a_lut = np.zeros(n), np.zeros(n)
+    for u in np.nonzero(ix.is_float_dtype_id)[0] if len(ix.strings) else []:
+        name = ix.s(int(u)).removeprefix("torch.")
+        if name in DEFAULT_TOLERANCES:
+            r, a = DEFAULT_TOLERANCES[name]
+            r_lut[u] = r if rtol is None else rtol
+            a_lut[u] = a if atol is None else atol
+    return r_lut, a_lut
+
+
+def _stats_drift(xa: np.ndarray, xb: np.ndarray, r: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Per row pair of tensor rows: do the stats differ beyond ``at + r * magnitude``?
+
+    NaN/Inf counts must match exactly; non-finite stats are equal only when identical (two
+    NaNs, the same infinity). Works on strided views: no rows are copied."""
+    sa, sb = _block(xa, "min", _STATS), _block(xb, "min", _STATS)   # (k, 5): min max mean std absmax
+    drift = (_block(xa, "nan", ("nan", "inf")) != _block(xb, "nan", ("nan", "inf"))).any(axis=1)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        mag = np.fmax(np.abs(sa[:, 4]), np.abs(sb[:, 4]))
+        mag[~np.isfinite(mag)] = 0.0
+        tol = at + r * mag
+        d = np.abs(sa - sb)
+        drift |= (d > tol[:, None]).any(axis=1)        # NaN differences compare False here
+        nf = np.nonzero(~(np.isfinite(sa).all(axis=1) & np.isfinite(sb).all(axis=1)))[0]
+        if len(nf):
+            x, y = sa[nf], sb[nf]
+            same_v = (x == y) | (np.isnan(x) & np.isnan(y))
+            drift[nf] |= (~same_v & ~(d[nf] <= tol[nf, None])).any(axis=1)
+    return drift
+
+
 def _tensor_status(A: TraceIndex, B: TraceIndex, tr: np.ndarray, ra: np.ndarray, rb: np.ndarray, p: int,
                    rtol: float | None, atol: float | None, payloads: bool):
     n = len(ra)
@@ -678,50 +715,42 @@ def _tensor_status(A: TraceIndex, B: TraceIndex, tr: np.ndarray, ra: np.ndarray,
     if not n:
         return status, metrics
     ta, tb = A.tensors, B.tensors
-    # fast path: in the row-for-row prefix, compare raw rows; bit-identical rows (with the same
-    # string ids) are the same, and rows differing only in their stats skip the shape checks
-    todo = np.ones(n, bool)
-    stats_only = np.zeros(n, bool)
-    if p:
+    r_lut, a_lut = _tolerance_luts(A, rtol, atol)
+    # fast path over the row-for-row prefix, block by block (so that the temporaries stay in
+    # cache): bit-identical rows (with the same string ids) are the same; rows differing only
+    # in their stats get the drift test right here; the rest go to the full comparison below
+    todo = np.zeros(n, bool)
+    todo[p:] = True
+    if p and ta.dtype != tb.dtype:    # traces of two format versions: no raw comparison
+        todo[:p] = True
+    elif p:
         ok_id = _same_string_ids(tr)
-        reg = _diff_regions(ta[:p], tb[:p], _T_REGIONS)
-        if not ok_id.all():
-            cand = np.nonzero((reg & (_T_STRUCT | _T_OTHER)) == 0)[0]
-            bad_id = ~(ok_id[ta["name"][cand]] & ok_id[ta["dtype"][cand]])
-            reg[cand[bad_id]] |= _T_OTHER
-        has_payload = ta["payload"][:p] >= 0
-        todo[:p] = (reg != 0) | has_payload
-        stats_only[:p] = (reg == _T_STATS) & ~has_payload
+        all_ok = bool(ok_id.all())
+        for s in range(0, p, _BLOCK_ROWS):
+            e = min(p, s + _BLOCK_ROWS)
+            xa, xb = ta[s:e], tb[s:e]
+            reg = _diff_regions(xa, xb, _T_REGIONS)
+            if not all_ok:
+                cand = np.nonzero((reg & (_T_STRUCT | _T_OTHER)) == 0)[0]
+                bad_id = ~(ok_id[xa["name"][cand]] & ok_id[xa["dtype"][cand]])
+                reg[cand[bad_id]] |= _T_OTHER
+            has_payload = xa["payload"] >= 0
+            todo[s:e] = ((reg & ~_T_STATS) != 0) | has_payload
+            stats_only = (reg == _T_STATS) & ~has_payload
+            if stats_only.any():   # the test runs on the whole block: cheaper than gathering rows
+                dt = xa["dtype"]
+                drift = _stats_drift(xa, xb, r_lut[dt], a_lut[dt])
+                status[s:e][stats_only & drift] = DRIFT
     idx = np.nonzero(todo)[0]
     if not len(idx):
         return status, metrics
-    ja, jb = ra[idx], rb[idx]
-    dt_a = ta["dtype"][ja]
-    shape_diff = np.zeros(len(idx), bool)
-    full = np.nonzero(~stats_only[idx])[0]
-    if len(full):
-        fa, fb = ja[full], jb[full]
-        shape_diff[full] = (ta["ndim"][fa] != tb["ndim"][fb]) | (ta["shape"][fa] != tb["shape"][fb]).any(axis=1) | \
-            (tr[dt_a[full]] != tb["dtype"][fb])
-    r, at = _tolerances(A, dt_a, rtol, atol)
-    sa = _block(ta, "min", _STATS)[ja]                 # (k, 5): min max mean std absmax
-    sb = _block(tb, "min", _STATS)[jb]
-    drift = (_block(ta, "nan", ("nan", "inf"))[ja] != _block(tb, "nan", ("nan", "inf"))[jb]).any(axis=1)
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        mag = np.fmax(np.abs(sa[:, 4]), np.abs(sb[:, 4]))
-        mag[~np.isfinite(mag)] = 0.0
-        tol = at + r * mag
-        d = np.abs(sa - sb)
-        drift |= (d > tol[:, None]).any(axis=1)        # NaN differences compare False here
-        # non-finite values: equal (two NaNs, equal infinities) is no difference, anything else drifts
-        nf = np.nonzero(~(np.isfinite(sa).all(axis=1) & np.isfinite(sb).all(axis=1)))[0]
-        if len(nf):
-            x, y = sa[nf], sb[nf]
-            same_v = (x == y) | (np.isnan(x) & np.isnan(y))
-            drift[nf] |= (~same_v & ~(d[nf] <= tol[nf, None])).any(axis=1)
-    st = np.where(shape_diff, SHAPE, np.where(drift, DRIFT, SAME)).astype(np.int8)
+    xa, xb = ta[ra[idx]], tb[rb[idx]]
+    dt_a = xa["dtype"]
+    shape_diff = (xa["ndim"] != xb["ndim"]) | (xa["shape"] != xb["shape"]).any(axis=1) | (tr[dt_a] != xb["dtype"])
+    r, at = r_lut[dt_a], a_lut[dt_a]
+    st = np.where(shape_diff, SHAPE, np.where(_stats_drift(xa, xb, r, at), DRIFT, SAME)).astype(np.int8)
     if payloads:
-        pa_, pb_ = ta["payload"][ja], tb["payload"][jb]
+        pa_, pb_ = xa["payload"], xb["payload"]
         for j in np.nonzero((pa_ >= 0) & (pb_ >= 0) & ~shape_diff)[0]:
             res = _payload_metrics(A, B, int(pa_[j]), int(pb_[j]), float(r[j]), float(at[j]))
             if res is None:
