@@ -482,6 +482,45 @@ class Trace:
             raise KeyError(f"no table {name!r} in a vlmscope trace")
         return self._table(name)
 
+    def read_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``[start, stop)`` of a table, read from the file (into ``out`` when given, which
+        must hold them), without loading or caching the whole table. For readers that stream
+        a large table block by block."""
+        try:
+            ds, dt, _ = self._layout(name)
+            n = stop - start
+            if out is None:
+                out = np.empty(n, dt)
+            if n > 0:
+                ds.read_direct(out, np.s_[start:stop], np.s_[0:n])
+            return out[:n]
+        except Exception as e:  # noqa: BLE001
+            raise TraceError(f"trace is truncated or corrupt: {self.path} ({_first_line(e)})") from None
+
+    def _layout(self, name: str) -> tuple[h5py.Dataset, np.dtype, int]:
+        """(dataset, row dtype, rows per chunk) of a table, looked up once (h5py's look-ups
+        cost a fraction of a millisecond each)."""
+        key = ("layout", name)
+        lay = self._cache.get(key)
+        if lay is None:
+            ds = self._f[name]
+            dt = ds.dtype
+            lay = self._cache[key] = (ds, dt, (ds.chunks or (max(1, (1 << 20) // dt.itemsize),))[0])
+        return lay
+
+    def stream_rows(self, name: str, nbytes: int) -> int:
+        """Rows per block for streaming a table in blocks of about ``nbytes``: whole chunks."""
+        _, dt, chunk = self._layout(name)
+        return chunk * max(1, nbytes // (chunk * dt.itemsize))
+
+    def dataset_dtype(self, name: str) -> np.dtype:
+        """The row dtype of a table as stored (format 1 and 2 share the field names)."""
+        return self._layout(name)[1]
+
+    def is_loaded(self, name: str) -> bool:
+        """Whether a table is already read whole (and cached)."""
+        return name in self._cache
+
     def expect(self, pattern: str, output: str | None = None, inputs: Any = None, **kw: Any) -> Any:
         """Symbolic shape assertion, e.g. ``t.expect("model.language_model.layers.*.self_attn.q_proj",
         output="B S 2048")``; see :func:`vlmscope.analyze.expect.expect`."""
@@ -534,7 +573,7 @@ class Trace:
         return self._cache["module_paths"]
 
     def n_rows(self, table: str) -> int:
-        return int(self._f[table].shape[0])
+        return int(self._layout(table)[0].shape[0])
 
     def _slice(self, table: str, step: int | None) -> np.ndarray:
         if step is None:

@@ -26,6 +26,43 @@ def _read_table(trace: Trace, name: str) -> np.ndarray:
     return trace.table(name)
 
 
+#: Columns of the two big tables that analyses use across all rows. A pass that streams a
+#: table keeps just these (about a tenth of a row), so ``diff`` never holds the tables whole.
+COMPACT_FIELDS = {"tensors": ("step", "event", "role", "name"),
+                  "reshapes": ("step", "seq", "event", "module", "op", "nth")}
+#: Bytes per block (per trace) when streaming a table: whole chunks (so HDF5 decompresses
+#: straight into the buffer), few enough that both traces' blocks stay in the CPU cache for
+#: the passes over them.
+STREAM_BYTES = 2 << 20
+STREAM_ROWS = 1 << 16   # rows of a gap between wanted rows worth reading through (``rows``)
+
+
+def compact_dtype(ix: "TraceIndex", table: str) -> np.dtype:
+    full = ix.trace.dataset_dtype(table)
+    return np.dtype([(f, full.fields[f][0]) for f in COMPACT_FIELDS[table]])
+
+
+def stream_pair(A: "TraceIndex", B: "TraceIndex", table: str, n: int, rows: int | None = None):
+    """Yield ``(start, block_a, block_b)``: rows ``[start, start + len)`` of both traces' table,
+    in lockstep, for the first ``n`` rows. A table not already loaded is read block by block
+    into a buffer that the next block overwrites: use each block before asking for the next."""
+    if rows is None:
+        rows = max(A.trace.stream_rows(table, STREAM_BYTES), B.trace.stream_rows(table, STREAM_BYTES))
+    bufs = {}
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        blocks = []
+        for side, ix in (("a", A), ("b", B)):
+            if ix.trace.is_loaded(table):
+                blocks.append(ix.trace.table(table)[s:e])
+            else:
+                buf = bufs.get(side)
+                if buf is None:
+                    buf = bufs[side] = np.empty(min(rows, n), ix.trace.dataset_dtype(table))
+                blocks.append(ix.trace.read_rows(table, s, e, buf))
+        yield s, blocks[0], blocks[1]
+
+
 class TraceIndex:
     """Cached derived arrays of one trace."""
 
@@ -297,8 +334,66 @@ class TraceIndex:
 
     # ---- columns ---------------------------------------------------------------
     def col(self, table: str, field: str) -> np.ndarray:
-        """One field of a table (a strided view of the structured array: no copy)."""
+        """One field of a table (a strided view of the structured array: no copy). For the
+        big tables, served from their compact columns when a streaming pass kept them and the
+        table is not loaded whole."""
+        if table not in self.__dict__:
+            c = self.__dict__.get("_compact", {}).get(table)
+            if c is not None and field in c.dtype.names:
+                return c[field]
         return getattr(self, table)[field]
+
+    def n_rows(self, table: str) -> int:
+        t = self.__dict__.get(table)
+        return len(t) if t is not None else self.trace.n_rows(table)
+
+    def set_compact(self, table: str, arr: np.ndarray) -> None:
+        self.__dict__.setdefault("_compact", {})[table] = arr
+
+    def _row_block_rows(self, table: str) -> int:
+        return self.trace.stream_rows(table, 1 << 20)
+
+    def _row_block(self, table: str, b: int) -> np.ndarray:
+        """Block ``b`` of a table (whole chunks, about 1 MiB), from a small LRU cache: the rows
+        a report looks up cluster around its first divergences."""
+        cache = self.__dict__.setdefault("_row_blocks", {})
+        key = (table, b)
+        blk = cache.pop(key, None)
+        if blk is None:
+            k = self._row_block_rows(table)
+            blk = self.trace.read_rows(table, b * k, min(self.trace.n_rows(table), (b + 1) * k))
+            while len(cache) >= 16:
+                cache.pop(next(iter(cache)))
+        cache[key] = blk          # most recently used last
+        return blk
+
+    def rows(self, table: str, idx) -> np.ndarray:
+        """Rows of a table by index (an int, a slice or an index array), read from the file
+        when the table is not loaded whole; many scattered rows load it whole instead."""
+        if table in self.__dict__ or table not in COMPACT_FIELDS or self.trace.is_loaded(table):
+            return getattr(self, table)[idx]
+        n = self.trace.n_rows(table)
+        if isinstance(idx, slice):
+            start, stop, step = idx.indices(n)
+            if step == 1 and stop - start > self._row_block_rows(table):
+                return self.trace.read_rows(table, start, max(start, stop))
+            idx = np.arange(start, max(start, stop), step)
+        arr = np.asarray(idx)
+        if arr.ndim == 0:
+            r = int(arr) + (n if int(arr) < 0 else 0)
+            k = self._row_block_rows(table)
+            return self._row_block(table, r // k)[r % k]
+        if not len(arr):
+            return np.zeros(0, self.trace.dataset_dtype(table))
+        k = self._row_block_rows(table)
+        blocks = np.unique(arr // k)
+        if len(blocks) <= 16:   # a few blocks (through the block cache), else the whole table
+            out = np.empty(len(arr), self.trace.dataset_dtype(table))
+            for b in blocks.tolist():
+                sel = np.nonzero(arr // k == b)[0]
+                out[sel] = self._row_block(table, b)[arr[sel] - b * k]
+            return out
+        return getattr(self, table)[arr]
 
     # ---- events / tensors ------------------------------------------------------
     @cached_property

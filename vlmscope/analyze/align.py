@@ -37,7 +37,7 @@ import numpy as np
 
 from vlmscope.trace import ENC_NONE, ROLE_OUTPUT, Trace, open_trace
 
-from ._index import TraceIndex, index_of
+from ._index import COMPACT_FIELDS, TraceIndex, compact_dtype, index_of, stream_pair
 
 SAME, SHAPE, DRIFT, MISSING_A, MISSING_B = 0, 1, 2, 3, 4
 STATUS_NAMES = {SAME: "same", SHAPE: "shape", DRIFT: "drift", MISSING_A: "missing_in_a", MISSING_B: "missing_in_b"}
@@ -56,6 +56,8 @@ DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
     "complex128": (1e-7, 1e-7),
 }
 _STATS = ("min", "max", "mean", "std", "absmax")
+#: Rows per block of the passes over whole tables: a block of each trace stays in cache.
+_BLOCK_ROWS = 1 << 15
 
 
 # ============================================================================ --map rules
@@ -253,10 +255,19 @@ class Alignment:
 def _translate_strings(ix_a: TraceIndex, ix_b: TraceIndex) -> np.ndarray:
     """For every string id of A, the id of the same string in B, or ``len(B) + id`` when B
     lacks it (so keys built from it never match, yet stay non-negative)."""
-    b_ids = {s: i for i, s in enumerate(ix_b.strings)}
-    nb = len(ix_b.strings)
-    return np.fromiter((b_ids.get(s, nb + i) for i, s in enumerate(ix_a.strings)), np.int64,
-                       count=len(ix_a.strings))
+    sa, sb = ix_a.strings, ix_b.strings
+    na, nb = len(sa), len(sb)
+    out = np.arange(na, dtype=np.int64)
+    # traces of one model intern their strings in much the same order: the ids agree where
+    # the two tables do, and only the other strings need a look-up
+    m = min(na, nb)
+    differ = np.nonzero(sa[:m] != sb[:m])[0] if m else np.zeros(0, np.int64)
+    rest = np.concatenate([differ, np.arange(m, na)])
+    if len(rest):
+        b_ids = {s: i for i, s in enumerate(sb)}
+        out[rest] = np.fromiter((b_ids.get(s, nb + int(i)) for i, s in zip(rest, sa[rest])), np.int64,
+                                count=len(rest))
+    return out
 
 
 def _pack(cols: list[np.ndarray]) -> np.ndarray:
@@ -389,7 +400,13 @@ def _tensor_time_key(ix: TraceIndex, rows: np.ndarray) -> np.ndarray:
 class _Projector:
     """Maps B timeline keys into A's timeline through aligned anchor points."""
 
-    def __init__(self, key_b: np.ndarray, key_a: np.ndarray):
+    def __init__(self, key_b_fn, key_a_fn):
+        # built on first use: most diffs have no node only in B, and never need it
+        self._keys = (key_b_fn, key_a_fn)
+        self.kb = self.ka = None
+
+    def _build(self) -> None:
+        key_b, key_a = self._keys[0](), self._keys[1]()
         o = np.argsort(key_b, kind="stable")
         self.kb = key_b[o]
         # keep monotone A keys (cumulative max) so projections keep B's order
@@ -398,6 +415,8 @@ class _Projector:
     def __call__(self, kb: np.ndarray) -> np.ndarray:
         if not len(kb):
             return np.zeros(0, np.int64)
+        if self.kb is None:
+            self._build()
         if not len(self.kb):
             return kb
         i = np.searchsorted(self.kb, kb, side="right") - 1
@@ -407,16 +426,19 @@ class _Projector:
 
 def _assemble(ia, ib, st_pair, n_a, n_b, step_a, step_b, time_a_fn, time_b_fn, proj) -> Aligned:
     """Aligned pairs, then A-only rows, then B-only rows (step and time computed lazily)."""
-    ma = np.ones(n_a, bool)
-    ma[ia] = False
-    mb = np.ones(n_b, bool)
-    mb[ib] = False
-    only_a = np.nonzero(ma)[0]
-    only_b = np.nonzero(mb)[0]
-    a = np.concatenate([ia, only_a, np.full(len(only_b), -1, np.int64)])
-    b = np.concatenate([ib, np.full(len(only_a), -1, np.int64), only_b])
-    status = np.concatenate([np.asarray(st_pair, np.int8), np.full(len(only_a), MISSING_B, np.int8),
-                             np.full(len(only_b), MISSING_A, np.int8)])
+    if len(ia) == n_a and len(ib) == n_b:      # every row is paired (pairs are one to one)
+        a, b, status = ia, ib, np.asarray(st_pair, np.int8)
+    else:
+        ma = np.ones(n_a, bool)
+        ma[ia] = False
+        mb = np.ones(n_b, bool)
+        mb[ib] = False
+        only_a = np.nonzero(ma)[0]
+        only_b = np.nonzero(mb)[0]
+        a = np.concatenate([ia, only_a, np.full(len(only_b), -1, np.int64)])
+        b = np.concatenate([ib, np.full(len(only_a), -1, np.int64), only_b])
+        status = np.concatenate([np.asarray(st_pair, np.int8), np.full(len(only_a), MISSING_B, np.int8),
+                                 np.full(len(only_b), MISSING_A, np.int8)])
 
     def step_fn(idx):
         idx = np.asarray(idx, np.int64)
@@ -473,7 +495,7 @@ def align(trace_a: Trace | str | os.PathLike, trace_b: Trace | str | os.PathLike
         nth_a = _occurrence(_pack([step_ea, mod_a]))   # maps merged modules: recount the calls
     else:
         nth_a = A.col("events", "nth")
-    ia, ib, _ = _match_cols([step_ea, mod_a, nth_a], [step_eb, mod_b, B.col("events", "nth")])
+    ia, ib, p_e = _match_cols([step_ea, mod_a, nth_a], [step_eb, mod_b, B.col("events", "nth")])
     pair_of_a = np.full(na, -1, np.int64)
     pair_of_b = np.full(nb, -1, np.int64)
     pair_of_a[ia] = np.arange(len(ia))
@@ -485,33 +507,36 @@ def align(trace_a: Trace | str | os.PathLike, trace_b: Trace | str | os.PathLike
     def end_sub(ix, rows):
         return 31 - np.minimum(ix.col("events", "depth")[rows].astype(np.int64), 31)
 
-    anchors_b = np.concatenate([_time_key(step_eb[ib], B.col("events", "seq")[ib]),
-                                _time_key(step_eb[ib], B.col("events", "end_seq")[ib], end_sub(B, ib))])
-    anchors_a = np.concatenate([_time_key(step_ea[ia], A.col("events", "seq")[ia]),
-                                _time_key(step_ea[ia], A.col("events", "end_seq")[ia], end_sub(A, ia))])
-    proj = _Projector(anchors_b, anchors_a)
+    def anchors(ix, rows, step):
+        return lambda: np.concatenate([_time_key(step[rows], ix.col("events", "seq")[rows]),
+                                       _time_key(step[rows], ix.col("events", "end_seq")[rows], end_sub(ix, rows))])
+
+    proj = _Projector(anchors(B, ib, step_eb), anchors(A, ia, step_ea))
 
     # ---- tensors -----------------------------------------------------------------------------
-    nta, ntb = len(A.tensors), len(B.tensors)
-    t_pair_a = pair_of_a[A.col("tensors", "event")] if nta else np.zeros(0, np.int64)
-    t_pair_b = pair_of_b[B.col("tensors", "event")] if ntb else np.zeros(0, np.int64)
-    names_a = A.col("tensors", "name")
+    nta, ntb = A.n_rows("tensors"), B.n_rows("tensors")
+    name_lut = tr
     if rules.args:
         nbs = len(B.strings)
         b_ids = {s: i for i, s in enumerate(B.strings)}
-        lut = tr.copy()
-        for u in np.unique(names_a):
-            lut[u] = b_ids.get(rules.map_arg(A.s(int(u))), nbs + int(u))
-        name_key_a = lut[names_a]
-    else:
-        name_key_a = tr[names_a] if nta else np.zeros(0, np.int64)
-    name_key_b = B.col("tensors", "name")
-    rc_a = (A.col("tensors", "role") == ROLE_OUTPUT) if nta else np.zeros(0, bool)
-    rc_b = (B.col("tensors", "role") == ROLE_OUTPUT) if ntb else np.zeros(0, bool)
+        name_lut = tr.copy()
+        for u, name in enumerate(A.strings):
+            mapped = rules.map_arg(str(name))
+            if mapped != name:
+                name_lut[u] = b_ids.get(mapped, nbs + u)
     n_pairs = len(ia)
-    ra, rb, p_t = _match_cols([t_pair_a, rc_a, name_key_a], [t_pair_b, rc_b, name_key_b],
+    r_lut, a_lut = _tolerance_luts(A, rtol, atol)
+    p0, pre_status, pre_more = _stream_table(
+        A, B, "tensors", p_e, [("role", None), ("name", name_lut)],
+        lambda xa, xb: _tensor_block_status(xa, xb, tr, r_lut, a_lut))
+    tail_a, tail_b = A.rows("tensors", slice(p0, None)), B.rows("tensors", slice(p0, None))
+    t_pair_a, t_pair_b = pair_of_a[tail_a["event"]], pair_of_b[tail_b["event"]]
+    ra, rb, p_t = _match_cols([t_pair_a, tail_a["role"] == ROLE_OUTPUT, name_lut[tail_a["name"]]],
+                              [t_pair_b, tail_b["role"] == ROLE_OUTPUT, tail_b["name"]],
                               t_pair_a >= 0, t_pair_b >= 0)
-    t_status, metrics = _tensor_status(A, B, tr, ra, rb, p_t, rtol, atol, payloads)
+    ra, rb = _with_prefix(p0, ra, rb)
+    t_status, metrics = _tensor_status(A, B, tr, ra, rb, p0, pre_status, pre_more, tail_a, tail_b, r_lut, a_lut,
+                                       payloads)
     tensors = _assemble(ra, rb, t_status, nta, ntb, A.col("tensors", "step") if nta else np.zeros(0, np.int64),
                         B.col("tensors", "step") if ntb else np.zeros(0, np.int64),
                         lambda r: _tensor_time_key(A, r), lambda r: _tensor_time_key(B, r), proj)
@@ -527,23 +552,26 @@ def align(trace_a: Trace | str | os.PathLike, trace_b: Trace | str | os.PathLike
     status_a[ia] = e_status
     status_b[ib] = e_status
 
-    reshapes = _align_reshapes(A, B, tr, pair_of_a, pair_of_b, n_pairs, proj)
-    probes = _align_probes(A, B, tr, pair_of_a, pair_of_b, n_pairs, proj)
+    reshapes = _align_reshapes(A, B, tr, pair_of_a, pair_of_b, n_pairs, proj, p_e)
+    probes = _align_probes(A, B, tr, pair_of_a, pair_of_b, n_pairs, proj, p_e)
     return Alignment(ta, tb, A, B, rules, events, tensors, reshapes, probes, status_a, status_b,
                      payload_metrics=metrics["payload"], rtol_opt=rtol, atol_opt=atol, module_key_a=mapped)
 
 
 def _event_rank(ix: TraceIndex, rows: np.ndarray, status: np.ndarray) -> np.ndarray:
     """Worst status rank of each call's tensors (tensor rows of a call are contiguous)."""
-    ne, nt = len(ix.events), len(ix.tensors)
+    ne, nt = len(ix.events), ix.n_rows("tensors")
     out = np.zeros(ne, np.int8)
     if not ne or not nt:
         return out
     rank = STATUS_RANK[status]
     rank = np.where(status >= MISSING_A, STATUS_RANK[SHAPE], rank).astype(np.int8)
-    per_row = np.zeros(nt, np.int8)
-    h = rows >= 0
-    per_row[rows[h]] = rank[h]
+    if len(rows) >= nt and (rows[:nt] == np.arange(nt)).all():
+        per_row = rank[:nt]                    # aligned row i is table row i (the usual case)
+    else:
+        per_row = np.zeros(nt, np.int8)
+        h = rows >= 0
+        per_row[rows[h]] = rank[h]
     start = ix.col("events", "tensor_start").astype(np.int64)
     cnt = ix.col("events", "tensor_count").astype(np.int64)
     has = (cnt > 0) & (start < nt)
@@ -670,83 +698,88 @@ _T_REGIONS = {"ndim": _T_STRUCT, "shape": _T_STRUCT, "dtype": _T_STRUCT, "name":
               "device": _T_OTHER, "payload": _T_OTHER}
 
 
-_BLOCK_ROWS = 1 << 15   # rows per block of the prefix pass: two blocks of rows stay in cache
-
-
 def _tolerance_luts(ix: TraceIndex, rtol: float | None, atol: float | None) -> tuple[np.ndarray, np.ndarray]:
     """(rtol, atol) per string id of ``ix`` naming a floating dtype (0 for any other id: exact)."""
-    n = max(len(ix.strings), 1)
-    r_lut, a_lut = np.zeros(n), np.zeros(n)
-    for u in np.nonzero(ix.is_float_dtype_id)[0] if len(ix.strings) else []:
-        name = ix.s(int(u)).removeprefix("torch.")
-        if name in DEFAULT_TOLERANCES:
-            r, a = DEFAULT_TOLERANCES[name]
+    strings = ix.strings
+    r_lut, a_lut = np.zeros(max(len(strings), 1)), np.zeros(max(len(strings), 1))
+    for name, (r, a) in DEFAULT_TOLERANCES.items():
+        for u in np.nonzero((strings == name) | (strings == "torch." + name))[0] if len(strings) else []:
             r_lut[u] = r if rtol is None else rtol
             a_lut[u] = a if atol is None else atol
     return r_lut, a_lut
 
 
-def _stats_drift(xa: np.ndarray, xb: np.ndarray, r: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """Per row pair of tensor rows: do the stats differ beyond ``at + r * magnitude``?
+def _any1(x: np.ndarray) -> np.ndarray:
+    """``x.any(axis=1)`` for a 2-D bool array with a few columns: numpy reduces a short axis
+    slowly, so 8 contiguous columns are read as one uint64 and others are OR-ed column by column."""
+    if x.shape[1] == 8 and x.flags.c_contiguous:
+        return x.view(np.uint64).ravel() != 0
+    out = x[:, 0].copy()
+    for j in range(1, x.shape[1]):
+        out |= x[:, j]
+    return out
 
-    NaN/Inf counts must match exactly; non-finite stats are equal only when identical (two
-    NaNs, the same infinity). Works on strided views: no rows are copied."""
-    sa, sb = _block(xa, "min", _STATS), _block(xb, "min", _STATS)   # (k, 5): min max mean std absmax
-    drift = (_block(xa, "nan", ("nan", "inf")) != _block(xb, "nan", ("nan", "inf"))).any(axis=1)
+
+def _stats_drift(xa: np.ndarray, xb: np.ndarray, r: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Per row pair of tensor rows: do the stats differ beyond ``at + r * magnitude``?"""
+    return _drift(_block(xa, "min", _STATS), _block(xb, "min", _STATS),
+                  _block(xa, "nan", ("nan", "inf")), _block(xb, "nan", ("nan", "inf")), r, at)
+
+
+def _drift(sa: np.ndarray, sb: np.ndarray, na: np.ndarray, nb: np.ndarray, r: np.ndarray,
+           at: np.ndarray) -> np.ndarray:
+    """The drift test on stats ``(k, 5)`` (min max mean std absmax) and NaN/Inf counts ``(k, 2)``.
+
+    Counts must match exactly; values may differ by ``at + r * magnitude``; non-finite stats are
+    equal only when identical (two NaNs, the same infinity)."""
+    drift = _any1(na != nb)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         mag = np.fmax(np.abs(sa[:, 4]), np.abs(sb[:, 4]))
         mag[~np.isfinite(mag)] = 0.0
         tol = at + r * mag
         d = np.abs(sa - sb)
-        drift |= (d > tol[:, None]).any(axis=1)        # NaN differences compare False here
-        nf = np.nonzero(~(np.isfinite(sa).all(axis=1) & np.isfinite(sb).all(axis=1)))[0]
+        bad = ~(d <= tol[:, None])          # also True where d is NaN (a NaN, or inf - inf)
+        out = drift | _any1(bad)
+        nf = np.nonzero(out & _any1(np.isnan(d)))[0]
         if len(nf):
             x, y = sa[nf], sb[nf]
             same_v = (x == y) | (np.isnan(x) & np.isnan(y))
-            drift[nf] |= (~same_v & ~(d[nf] <= tol[nf, None])).any(axis=1)
-    return drift
+            out[nf] = drift[nf] | _any1(bad[nf] & ~same_v)
+    return out
 
 
-def _tensor_status(A: TraceIndex, B: TraceIndex, tr: np.ndarray, ra: np.ndarray, rb: np.ndarray, p: int,
-                   rtol: float | None, atol: float | None, payloads: bool):
+def _tensor_block_status(xa: np.ndarray, xb: np.ndarray, tr: np.ndarray, r_lut: np.ndarray,
+                         a_lut: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Status of row-for-row paired tensor rows (their names and roles are equal: that is what
+    paired them), and the rows that need more (both sides saved a payload)."""
+    shape_ne = (xa["ndim"] != xb["ndim"]) | (tr[xa["dtype"]] != xb["dtype"]) | _any1(xa["shape"] != xb["shape"])
+    sa, sb = _block(xa, "min", _STATS), _block(xb, "min", _STATS)
+    na, nb = _block(xa, "nan", ("nan", "inf")), _block(xb, "nan", ("nan", "inf"))
+    stats_ne = _any1(sa.view(np.int64) != sb.view(np.int64)) | _any1(na != nb)   # bit for bit
+    st = np.where(shape_ne, SHAPE, SAME).astype(np.int8)
+    k = np.nonzero(stats_ne & ~shape_ne)[0]
+    if len(k):
+        dt = xa["dtype"][k]
+        st[k[_drift(sa[k], sb[k], na[k], nb[k], r_lut[dt], a_lut[dt])]] = DRIFT
+    return st, np.nonzero((xa["payload"] >= 0) & (xb["payload"] >= 0))[0]
+
+
+def _tensor_status(A: TraceIndex, B: TraceIndex, tr: np.ndarray, ra: np.ndarray, rb: np.ndarray, p0: int,
+                   pre_status: np.ndarray, pre_more: np.ndarray, tail_a: np.ndarray, tail_b: np.ndarray,
+                   r_lut: np.ndarray, a_lut: np.ndarray, payloads: bool):
+    """Status of every aligned tensor pair: the first ``p0`` (the row-for-row prefix) come with
+    their status from the streaming pass; the rest, and the prefix rows with payloads on both
+    sides, are compared here (rows ``[p0:]`` of each table are in ``tail_a`` / ``tail_b``)."""
     n = len(ra)
     metrics = {"payload": {}}
     status = np.zeros(n, np.int8)
-    if not n:
-        return status, metrics
-    ta, tb = A.tensors, B.tensors
-    r_lut, a_lut = _tolerance_luts(A, rtol, atol)
-    # fast path over the row-for-row prefix, block by block (so that the temporaries stay in
-    # cache): bit-identical rows (with the same string ids) are the same; rows differing only
-    # in their stats get the drift test right here; the rest go to the full comparison below
-    todo = np.zeros(n, bool)
-    todo[p:] = True
-    if p and ta.dtype != tb.dtype:    # traces of two format versions: no raw comparison
-        todo[:p] = True
-    elif p:
-        ok_id = _same_string_ids(tr)
-        all_ok = bool(ok_id.all())
-        for s in range(0, p, _BLOCK_ROWS):
-            e = min(p, s + _BLOCK_ROWS)
-            xa, xb = ta[s:e], tb[s:e]
-            reg = _diff_regions(xa, xb, _T_REGIONS)
-            if not all_ok:
-                cand = np.nonzero((reg & (_T_STRUCT | _T_OTHER)) == 0)[0]
-                bad_id = ~(ok_id[xa["name"][cand]] & ok_id[xa["dtype"][cand]])
-                reg[cand[bad_id]] |= _T_OTHER
-            has_payload = xa["payload"] >= 0
-            todo[s:e] = ((reg & ~_T_STATS) != 0) | has_payload
-            stats_only = (reg == _T_STATS) & ~has_payload
-            if stats_only.any():   # the test runs on the whole block: cheaper than gathering rows
-                dt = xa["dtype"]
-                drift = _stats_drift(xa, xb, r_lut[dt], a_lut[dt])
-                status[s:e][stats_only & drift] = DRIFT
-    idx = np.nonzero(todo)[0]
+    status[:p0] = pre_status
+    idx = np.concatenate([pre_more, np.arange(p0, n)]).astype(np.int64)
     if not len(idx):
         return status, metrics
-    xa, xb = ta[ra[idx]], tb[rb[idx]]
+    xa, xb = _gather(A, "tensors", ra[idx], tail_a, p0), _gather(B, "tensors", rb[idx], tail_b, p0)
     dt_a = xa["dtype"]
-    shape_diff = (xa["ndim"] != xb["ndim"]) | (xa["shape"] != xb["shape"]).any(axis=1) | (tr[dt_a] != xb["dtype"])
+    shape_diff = (xa["ndim"] != xb["ndim"]) | _any1(xa["shape"] != xb["shape"]) | (tr[dt_a] != xb["dtype"])
     r, at = r_lut[dt_a], a_lut[dt_a]
     st = np.where(shape_diff, SHAPE, np.where(_stats_drift(xa, xb, r, at), DRIFT, SAME)).astype(np.int8)
     if payloads:
@@ -769,7 +802,7 @@ def tensor_metrics(al: "Alignment", i: int, rtol: float | None = None, atol: flo
     out = {"stat_err": float("nan"), "rtol": float("nan"), "atol": float("nan")}
     if a < 0 or b < 0:
         return out
-    xa, xb = al.ix_a.tensors[a:a + 1], al.ix_b.tensors[b:b + 1]
+    xa, xb = al.ix_a.rows("tensors", slice(a, a + 1)), al.ix_b.rows("tensors", slice(b, b + 1))
     r, at = _tolerances(al.ix_a, xa["dtype"], al.rtol_opt if rtol is None else rtol,
                         al.atol_opt if atol is None else atol)
     sa, sb = _block(xa, "min", _STATS)[0], _block(xb, "min", _STATS)[0]
@@ -810,20 +843,111 @@ def _payload_metrics(A: TraceIndex, B: TraceIndex, pa: int, pb: int, rtol: float
     return ma, mr, cos, close
 
 
-def _pair_col(ix: TraceIndex, table: str, pair_of: np.ndarray, n_pairs: int, side: int) -> np.ndarray:
-    """Aligned-call id of each row; rows outside any module pair by step; rows of unaligned
-    calls get ids that never match."""
-    ev = ix.col(table, "event").astype(np.int64)
-    step = ix.col(table, "step").astype(np.int64)
+def _pair_col(ix: TraceIndex, table: str, pair_of: np.ndarray, n_pairs: int, side: int, p: int = 0) -> np.ndarray:
+    """Aligned-call id of each row (from row ``p`` on); rows outside any module pair by step;
+    rows of unaligned calls get -1."""
+    ev = ix.col(table, "event")[p:].astype(np.int64)
+    step = ix.col(table, "step")[p:].astype(np.int64)
     inside = ev >= 0
     p = np.where(inside, pair_of[np.maximum(ev, 0)] if len(pair_of) else -1, n_pairs + step)
     return p
 
 
+def _block_prefix(xa: np.ndarray, xb: np.ndarray, p_e: int, keys: list[tuple[str, np.ndarray | None]]) -> int:
+    """How many leading rows of two blocks (same start row) pair up row for row: the same event
+    row inside the events' row-for-row prefix (its first ``p_e`` rows, where event row i of A
+    is aligned with event row i of B), or both outside any module in the same step; and equal
+    key fields (``(field, lut)``: A's values go through ``lut``, a string-id translation)."""
+    n = min(len(xa), len(xb))
+    xa, xb = xa[:n], xb[:n]
+    ea, eb = xa["event"], xb["event"]
+    eq = (ea == eb) & (ea < p_e)
+    outside = ea < 0
+    if outside.any():
+        eq &= ~outside | (xa["step"] == xb["step"])
+    for name, lut in keys:
+        x = xa[name]
+        eq &= (lut[x] if lut is not None else x) == xb[name]
+    return n if eq.all() else int(np.argmin(eq))
+
+
+def _child_prefix(A: TraceIndex, B: TraceIndex, table: str, p_e: int,
+                  keys: list[tuple[str, np.ndarray | None]]) -> int:
+    """Length of the leading run of rows of ``table`` that pair up row for row (see
+    :func:`_block_prefix`). Two traces of one structure agree on almost every row, so only the
+    rows after this prefix need keys, sorting and matching."""
+    n = min(A.n_rows(table), B.n_rows(table))
+    for s, xa, xb in stream_pair(A, B, table, n):
+        q = _block_prefix(xa, xb, p_e, keys)
+        if q < len(xa):
+            return s + q
+    return n
+
+
+def _stream_table(A: TraceIndex, B: TraceIndex, table: str, p_e: int, keys, block_status):
+    """One pass over both traces' ``table`` (tensors or reshapes), block by block: keeps each
+    trace's compact columns (:data:`COMPACT_FIELDS`), finds the row-for-row prefix and, for
+    its rows, the status with ``block_status(xa, xb) -> (status, rows needing more)``.
+
+    Returns (prefix length, status of the prefix rows, prefix rows needing more). The tables
+    are never held whole: what stays is about a tenth of their size."""
+    na, nb = A.n_rows(table), B.n_rows(table)
+    n = min(na, nb)
+    fields = COMPACT_FIELDS[table]
+    ca, cb = np.empty(na, compact_dtype(A, table)), np.empty(nb, compact_dtype(B, table))
+    status = np.zeros(n, np.int8)
+    more = [np.zeros(0, np.int64)]
+    p0 = None
+    for s, xa, xb in stream_pair(A, B, table, n):
+        e = s + len(xa)
+        for f in fields:
+            ca[f][s:e] = xa[f]
+            cb[f][s:e] = xb[f]
+        if p0 is not None:
+            continue
+        q = _block_prefix(xa, xb, p_e, keys)
+        for b0 in range(0, q, _BLOCK_ROWS):         # in cache-sized pieces
+            b1 = min(q, b0 + _BLOCK_ROWS)
+            st, m = block_status(xa[b0:b1], xb[b0:b1])
+            status[s + b0:s + b1] = st
+            more.append(m + s + b0)
+        if q < e - s:
+            p0 = s + q
+    p0 = n if p0 is None else p0
+    for ix, c, m in ((A, ca, na), (B, cb, nb)):
+        if m > n:
+            rest = ix.rows(table, slice(n, m))
+            for f in fields:
+                c[f][n:] = rest[f]
+        ix.set_compact(table, c)
+    return p0, status[:p0], np.concatenate(more)
+
+
+def _gather(ix: TraceIndex, table: str, rows: np.ndarray, tail: np.ndarray, p0: int) -> np.ndarray:
+    """Rows of a table: those from ``p0`` on from ``tail`` (rows ``[p0:]``, already read), the
+    others read from the trace."""
+    out = np.empty(len(rows), tail.dtype)
+    t = rows >= p0
+    out[t] = tail[rows[t] - p0]
+    if (~t).any():
+        out[~t] = ix.rows(table, rows[~t])
+    return out
+
+
+def _with_prefix(p: int, ia: np.ndarray, ib: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs of a tail matched from row ``p`` on, after the ``p`` row-for-row pairs."""
+    pre = np.arange(p, dtype=np.int64)
+    if not len(ia) and not len(ib):
+        return pre, pre
+    return np.concatenate([pre, ia + p]), np.concatenate([pre, ib + p])
+
+
 def _sequence_match(A: TraceIndex, B: TraceIndex, tr: np.ndarray, pa: np.ndarray, pb: np.ndarray,
-                    irr_a: np.ndarray, irr_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                    irr_a: np.ndarray, irr_b: np.ndarray, off: int, RA: np.ndarray,
+                    RB: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Align the reshapes of calls whose op sequences differ, call by call, with difflib:
-    first on (op, call site), then the leftovers of each changed block by op, in order."""
+    first on (op, call site), then the leftovers of each changed block by op, in order.
+    ``pa``/``irr_a``/``RA`` (and B's) are the table rows from ``off`` on; rows returned are global."""
     import difflib
 
     ra_rows, rb_rows = np.nonzero(irr_a)[0], np.nonzero(irr_b)[0]
@@ -832,20 +956,21 @@ def _sequence_match(A: TraceIndex, B: TraceIndex, tr: np.ndarray, pa: np.ndarray
     if not len(ra_rows) or not len(rb_rows):
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     ga = {}
-    for r, k in zip(ra_rows.tolist(), pa[ra_rows].tolist()):
+    for r, k in zip((ra_rows + off).tolist(), pa[ra_rows].tolist()):
         ga.setdefault(k, []).append(r)
     gb = {}
-    for r, k in zip(rb_rows.tolist(), pb[rb_rows].tolist()):
+    for r, k in zip((rb_rows + off).tolist(), pb[rb_rows].tolist()):
         gb.setdefault(k, []).append(r)
-    RA, RB = A.reshapes, B.reshapes
     for k, rows_a in ga.items():
         rows_b = gb.get(k)
         if not rows_b:
             continue
-        rows_a = sorted(rows_a, key=lambda r: int(RA["seq"][r]))
-        rows_b = sorted(rows_b, key=lambda r: int(RB["seq"][r]))
-        sa = [(int(tr[RA["op"][r]]), A.s(int(RA["site_file"][r])), int(RA["site_line"][r])) for r in rows_a]
-        sb = [(int(RB["op"][r]), B.s(int(RB["site_file"][r])), int(RB["site_line"][r])) for r in rows_b]
+        rows_a = sorted(rows_a, key=lambda r: int(RA["seq"][r - off]))
+        rows_b = sorted(rows_b, key=lambda r: int(RB["seq"][r - off]))
+        sa = [(int(tr[RA["op"][r - off]]), A.s(int(RA["site_file"][r - off])), int(RA["site_line"][r - off]))
+              for r in rows_a]
+        sb = [(int(RB["op"][r - off]), B.s(int(RB["site_file"][r - off])), int(RB["site_line"][r - off]))
+              for r in rows_b]
         sm = difflib.SequenceMatcher(a=sa, b=sb, autojunk=False)
         for tag, i1, i2, j1, j2 in sm.get_opcodes():
             if tag == "equal":
@@ -863,56 +988,75 @@ def _sequence_match(A: TraceIndex, B: TraceIndex, tr: np.ndarray, pa: np.ndarray
     return np.asarray(out_a, np.int64), np.asarray(out_b, np.int64)
 
 
-def _align_reshapes(A: TraceIndex, B: TraceIndex, tr: np.ndarray, pair_of_a, pair_of_b, n_pairs, proj) -> Aligned:
-    na, nb = len(A.reshapes), len(B.reshapes)
+def _reshape_status(x: np.ndarray, y: np.ndarray, tr: np.ndarray) -> np.ndarray:
+    """Status of paired reshape rows: shape (inputs, outputs, dtypes, status), drift (only the
+    non-tensor arguments differ) or same."""
+    diff = (tr[x["in_shapes"]] != y["in_shapes"]) | (x["out_ndim"] != y["out_ndim"]) | \
+        _any1(x["out_shape"] != y["out_shape"]) | (tr[x["in_dtypes"]] != y["in_dtypes"]) | \
+        (tr[x["out_dtype"]] != y["out_dtype"]) | (x["n_in"] != y["n_in"]) | (x["n_out"] != y["n_out"]) | \
+        (x["status"] != y["status"])
+    args_diff = tr[x["args"]] != y["args"]
+    return np.where(diff, SHAPE, np.where(args_diff, DRIFT, SAME)).astype(np.int8)
+
+
+def _reshape_block_status(xa: np.ndarray, xb: np.ndarray, tr: np.ndarray, ok_id: np.ndarray,
+                          all_ok: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Status of row-for-row paired reshape rows: bit-identical rows (with the same string ids)
+    are the same, the others are compared field by field."""
+    eq = _rows_equal(xa, xb)
+    if not all_ok:
+        e = np.nonzero(eq)[0]
+        eq[e] = ok_id[xa["in_shapes"][e]] & ok_id[xa["args"][e]] & ok_id[xa["in_dtypes"][e]] & \
+            ok_id[xa["out_dtype"][e]]
+    st = np.zeros(len(xa), np.int8)
+    t = np.nonzero(~eq)[0]
+    if len(t):
+        st[t] = _reshape_status(xa[t], xb[t], tr)
+    return st, np.zeros(0, np.int64)
+
+
+def _align_reshapes(A: TraceIndex, B: TraceIndex, tr: np.ndarray, pair_of_a, pair_of_b, n_pairs, proj,
+                    p_e: int = 0) -> Aligned:
+    na, nb = A.n_rows("reshapes"), B.n_rows("reshapes")
     if not na and not nb:
         z = np.zeros(0, np.int64)
         return Aligned(z, z, np.zeros(0, np.int8))
-    pa = _pair_col(A, "reshapes", pair_of_a, n_pairs, 0) if na else np.zeros(0, np.int64)
-    pb = _pair_col(B, "reshapes", pair_of_b, n_pairs, 1) if nb else np.zeros(0, np.int64)
-    op_a = tr[A.col("reshapes", "op")] if na else np.zeros(0, np.int64)
-    op_b = B.col("reshapes", "op") if nb else np.zeros(0, np.int64)
-    keys = _pack([np.concatenate([np.maximum(pa, 0), np.maximum(pb, 0)]), np.concatenate([op_a, op_b]),
-                  np.concatenate([A.col("reshapes", "nth") if na else np.zeros(0, np.int64),
-                                  B.col("reshapes", "nth") if nb else np.zeros(0, np.int64)])])
+    ok_id = _same_string_ids(tr)
+    all_ok = bool(ok_id.all())
+    # one streamed pass: the row-for-row prefix (same call, op, occurrence and call site) and
+    # its status; then only the rows after it are read whole and matched
+    p0, pre_status, _ = _stream_table(
+        A, B, "reshapes", p_e, [("op", tr), ("nth", None), ("site_file", tr), ("site_line", None)],
+        lambda xa, xb: _reshape_block_status(xa, xb, tr, ok_id, all_ok))
+    RA, RB = A.rows("reshapes", slice(p0, None)), B.rows("reshapes", slice(p0, None))
+    pa = _pair_col(A, "reshapes", pair_of_a, n_pairs, 0, p0)
+    pb = _pair_col(B, "reshapes", pair_of_b, n_pairs, 1, p0)
+    ta_, tb_ = na - p0, nb - p0
+    keys = _pack([np.concatenate([np.maximum(pa, 0), np.maximum(pb, 0)]), np.concatenate([tr[RA["op"]], RB["op"]]),
+                  np.concatenate([RA["nth"], RB["nth"]])])
     # calls whose op sequences differ in length (an op inserted or removed) are aligned with a
-    # sequence matcher instead, so one extra op does not shift every later occurrence
+    # sequence matcher instead, so one extra op does not shift every later occurrence (the
+    # prefix holds as many rows of a call on both sides, so counting the tail is enough)
     n_p = int(max(pa.max(initial=-1), pb.max(initial=-1))) + 1
     ca = np.bincount(pa[pa >= 0], minlength=n_p)
     cb = np.bincount(pb[pb >= 0], minlength=n_p)
     irregular = np.nonzero(ca != cb)[0]
-    irr_a = np.isin(pa, irregular) if len(irregular) else np.zeros(na, bool)
-    irr_b = np.isin(pb, irregular) if len(irregular) else np.zeros(nb, bool)
-    ka = np.where((pa >= 0) & ~irr_a, keys[:na], -1 - np.arange(na))
-    kb = np.where((pb >= 0) & ~irr_b, keys[na:], -(na + 1) - np.arange(nb))
-    ia, ib, p = _match(ka, kb)
+    irr_a = np.isin(pa, irregular) if len(irregular) else np.zeros(ta_, bool)
+    irr_b = np.isin(pb, irregular) if len(irregular) else np.zeros(tb_, bool)
+    ka = np.where((pa >= 0) & ~irr_a, keys[:ta_], -1 - np.arange(ta_))
+    kb = np.where((pb >= 0) & ~irr_b, keys[ta_:], -(ta_ + 1) - np.arange(tb_))
+    ia, ib, _ = _match(ka, kb)
+    ia, ib = _with_prefix(p0, ia, ib)
     if len(irregular):
-        xa_, xb_ = _sequence_match(A, B, tr, pa, pb, irr_a, irr_b)
+        xa_, xb_ = _sequence_match(A, B, tr, pa, pb, irr_a, irr_b, p0, RA, RB)
         if len(xa_):
             ia, ib = np.concatenate([ia, xa_]), np.concatenate([ib, xb_])
             o = np.argsort(ia, kind="stable")
             ia, ib = ia[o], ib[o]
-            p = min(p, int(np.argmin(ia == np.arange(len(ia)))) if not (ia == np.arange(len(ia))).all() else p)
     st = np.zeros(len(ia), np.int8)
-    todo = np.ones(len(ia), bool)
-    if p:
-        ok_id = _same_string_ids(tr)
-        xa_ = A.reshapes
-        eq = _rows_equal(xa_[:p], B.reshapes[:p])
-        e = np.nonzero(eq)[0] if not ok_id.all() else np.zeros(0, np.int64)
-        if len(e):
-            eq[e] = ok_id[xa_["in_shapes"][e]] & ok_id[xa_["args"][e]] & ok_id[xa_["in_dtypes"][e]] & \
-                ok_id[xa_["out_dtype"][e]]
-        todo[:p] = ~eq
-    idx = np.nonzero(todo)[0]
-    if len(idx):
-        x, y = A.reshapes[ia[idx]], B.reshapes[ib[idx]]
-        diff = (tr[x["in_shapes"]] != y["in_shapes"]) | (x["out_ndim"] != y["out_ndim"]) | \
-            (x["out_shape"] != y["out_shape"]).any(axis=1) | (tr[x["in_dtypes"]] != y["in_dtypes"]) | \
-            (tr[x["out_dtype"]] != y["out_dtype"]) | (x["n_in"] != y["n_in"]) | (x["n_out"] != y["n_out"]) | \
-            (x["status"] != y["status"])
-        args_diff = tr[x["args"]] != y["args"]
-        st[idx] = np.where(diff, SHAPE, np.where(args_diff, DRIFT, SAME))
+    st[:p0] = pre_status
+    if len(ia) > p0:
+        st[p0:] = _reshape_status(_gather(A, "reshapes", ia[p0:], RA, p0), _gather(B, "reshapes", ib[p0:], RB, p0), tr)
     return _assemble(ia, ib, st, na, nb, A.col("reshapes", "step") if na else np.zeros(0, np.int64),
                      B.col("reshapes", "step") if nb else np.zeros(0, np.int64),
                      lambda r: _time_key(A.col("reshapes", "step")[r], A.col("reshapes", "seq")[r]),
@@ -979,23 +1123,28 @@ def _blobs_differ(A: TraceIndex, B: TraceIndex, ra: np.ndarray, rb: np.ndarray) 
     return out
 
 
-def _align_probes(A: TraceIndex, B: TraceIndex, tr: np.ndarray, pair_of_a, pair_of_b, n_pairs, proj) -> Aligned:
+def _align_probes(A: TraceIndex, B: TraceIndex, tr: np.ndarray, pair_of_a, pair_of_b, n_pairs, proj,
+                  p_e: int = 0) -> Aligned:
     na, nb = len(A.probes), len(B.probes)
     if not na and not nb:
         z = np.zeros(0, np.int64)
         return Aligned(z, z, np.zeros(0, np.int8))
-    pa = _pair_col(A, "probes", pair_of_a, n_pairs, 0) if na else np.zeros(0, np.int64)
-    pb = _pair_col(B, "probes", pair_of_b, n_pairs, 1) if nb else np.zeros(0, np.int64)
-    kind_a = tr[A.col("probes", "kind")] if na else np.zeros(0, np.int64)
-    name_a = tr[A.col("probes", "name")] if na else np.zeros(0, np.int64)
+    PA, PB = A.probes, B.probes
+    p0 = _child_prefix(A, B, "probes", p_e, [("kind", tr), ("name", tr)])
+    pa = _pair_col(A, "probes", pair_of_a, n_pairs, 0, p0)
+    pb = _pair_col(B, "probes", pair_of_b, n_pairs, 1, p0)
+    ta_, tb_ = na - p0, nb - p0
+    # occurrences counted from the prefix on: the prefix holds the same keys on both sides
     base = _pack([np.concatenate([np.maximum(pa, 0), np.maximum(pb, 0)]),
-                  np.concatenate([kind_a, B.col("probes", "kind") if nb else np.zeros(0, np.int64)]),
-                  np.concatenate([name_a, B.col("probes", "name") if nb else np.zeros(0, np.int64)])])
-    occ = np.concatenate([_occurrence(base[:na]), _occurrence(base[na:])])
+                  np.concatenate([tr[PA["kind"][p0:]], PB["kind"][p0:]]),
+                  np.concatenate([tr[PA["name"][p0:]], PB["name"][p0:]])])
+    occ = np.concatenate([_occurrence(base[:ta_]), _occurrence(base[ta_:])])
     keys = _pack([base, occ])
-    ka = np.where(pa >= 0, keys[:na], -1 - np.arange(na))
-    kb = np.where(pb >= 0, keys[na:], -(na + 1) - np.arange(nb))
+    ka = np.where(pa >= 0, keys[:ta_], -1 - np.arange(ta_))
+    kb = np.where(pb >= 0, keys[ta_:], -(ta_ + 1) - np.arange(tb_))
     ia, ib, p = _match(ka, kb)
+    ia, ib = _with_prefix(p0, ia, ib)
+    p += p0
 
     def ca(f):
         return _take(A.col("probes", f), ia, p)

@@ -150,6 +150,8 @@ def _candidates(al: Alignment) -> dict[str, np.ndarray]:
             # drop rows whose module call exists on one side only (already reported as the call)
             for rows, ix, ev_status, missing in ((tbl.a[idx], A, al.event_status_a, MISSING_B),
                                                  (tbl.b[idx], B, al.event_status_b, MISSING_A)):
+                if not (ev_status == missing).any():
+                    continue
                 has = rows >= 0
                 if has.any():
                     e = ix.col(name, "event")[rows[has]].astype(np.int64)
@@ -179,28 +181,36 @@ def _report(al: Alignment, limit: int, rtol, atol, maps) -> DiffReport:
     cand = _candidates(al)
     names = ("events", "tensors", "reshapes", "probes")
     tables = {"events": al.events, "tensors": al.tensors, "reshapes": al.reshapes, "probes": al.probes}
-    keys, tids, idxs = [], [], []
+    steps_, tids, idxs, b_only = [], [], [], []
     for tid, name in enumerate(names):
         idx = cand[name]
-        tbl = tables[name]
-        keys.append(tbl.time_of(idx))
+        steps_.append(tables[name].step_of(idx))
         tids.append(np.full(len(idx), tid, np.int64))
         idxs.append(idx)
-    key = np.concatenate(keys) if keys else np.zeros(0, np.int64)
-    tid = np.concatenate(tids) if tids else np.zeros(0, np.int64)
-    idx = np.concatenate(idxs) if idxs else np.zeros(0, np.int64)
-    n_div = len(key)
+        b_only.append(tables[name].a[idx] < 0)
+    step = np.concatenate(steps_)
+    b_only = np.concatenate(b_only)
+    tid = np.concatenate(tids)
+    idx = np.concatenate(idxs)
+    n_div = len(idx)
     k = min(max(limit, 1), n_div)
-    if n_div > k:
-        top = np.argpartition(key, k - 1)[:k]
-    else:
-        top = np.arange(n_div)
-    top = top[np.lexsort((idx[top], tid[top], key[top]))]
+    # the first k in execution order: time keys (step, then the order within it) are built only
+    # for the candidates in the steps up to the k-th candidate's step, and for nodes only in B
+    # (placed in A's timeline after their nearest aligned predecessor, possibly a step earlier)
+    upto = np.partition(step, k - 1)[k - 1] if n_div else 0
+    near = np.nonzero((step <= upto) | b_only)[0]
+    key = np.full(n_div, np.iinfo(np.int64).max, np.int64)
+    for t, name in enumerate(names):
+        sel = near[tid[near] == t]
+        key[sel] = tables[name].time_of(idx[sel])
+    if len(near) > k:   # everything up to the k-th key (ties included), then exactly k in order
+        near = near[key[near] <= np.partition(key[near], k - 1)[k - 1]]
+    top = near[np.lexsort((idx[near], tid[near], key[near]))][:k]
     divs = [_render(al, names[int(tid[j])], int(idx[j])) for j in top]
     steps = _step_diffs(A, B)
     counts = {"calls": al.events.counts(), "tensors": al.tensors.counts(), "reshapes": al.reshapes.counts(),
               "probes": al.probes.counts()}
-    groups = _groups(al, tid, idx, key)
+    groups = _groups(al, tid, idx, step)
     same = n_div == 0 and not steps and A.n_steps == B.n_steps
     first = divs[0] if divs else None
     if first is None and steps:
@@ -216,7 +226,7 @@ def _report(al: Alignment, limit: int, rtol, atol, maps) -> DiffReport:
                       [p.pattern + "=" + r for p, r in al.maps.modules] + [f"arg:{p.pattern}={r}" for p, r in al.maps.args])
 
 
-def _groups(al: Alignment, tid: np.ndarray, idx: np.ndarray, key: np.ndarray, max_groups: int = 200) -> list[dict]:
+def _groups(al: Alignment, tid: np.ndarray, idx: np.ndarray, step_all: np.ndarray, max_groups: int = 200) -> list[dict]:
     """Divergences summarised per (table, module, status): count, first and last step, in
     order of their first occurrence."""
     if not len(idx):
@@ -245,16 +255,18 @@ def _groups(al: Alignment, tid: np.ndarray, idx: np.ndarray, key: np.ndarray, ma
             if (~ha).any():
                 mod[~ha] = B.col(names[t], "module")[b[~ha]]
         st = tbl.status[i].astype(np.int64)
-        step = tbl.step_of(i)
+        step = step_all[sel]
         gk = (side * (1 << 24) + mod + 1) * 8 + st
         u, inv, cnt = np.unique(gk, return_inverse=True, return_counts=True)
         inv = inv.ravel()
         smin = np.full(len(u), np.iinfo(np.int64).max)
         smax = np.full(len(u), -1)
-        kmin = np.full(len(u), np.iinfo(np.int64).max)
         np.minimum.at(smin, inv, step)
         np.maximum.at(smax, inv, step)
-        np.minimum.at(kmin, inv, key[sel])
+        # first occurrence: the earliest time key among each group's nodes of its first step
+        first = np.nonzero((step == smin[inv]) | (a < 0))[0]
+        kmin = np.full(len(u), np.iinfo(np.int64).max)
+        np.minimum.at(kmin, inv[first], tbl.time_of(i[first]))
         for j in range(len(u)):
             g = int(u[j])
             sd, m = divmod(g // 8, 1 << 24)
@@ -291,13 +303,13 @@ def _step_diffs(A: TraceIndex, B: TraceIndex, limit: int = 200) -> list[dict]:
 
 
 def _tensor_desc(ix: TraceIndex, r: int) -> str:
-    t = ix.tensors[r]
+    t = ix.rows("tensors", r)
     shape = tuple(int(d) for d in t["shape"][: t["ndim"]])
     return f"{shape_str(shape)} {ix.s(int(t['dtype']))}"
 
 
 def _stats_desc(ix: TraceIndex, r: int) -> str:
-    t = ix.tensors[r]
+    t = ix.rows("tensors", r)
     s = f"mean {t['mean']:.4g} std {t['std']:.4g} absmax {t['absmax']:.4g}"
     if t["nan"] or t["inf"]:
         s += f" nan {int(t['nan'])} inf {int(t['inf'])}"
@@ -342,8 +354,8 @@ def _render(al: Alignment, table: str, i: int) -> Divergence:
 def _render_tensor(al: Alignment, i: int, a: int, b: int, st: int, step: int) -> Divergence:
     A, B = al.ix_a, al.ix_b
     status = STATUS_NAMES[st]
-    ra = A.tensors[a] if a >= 0 else None
-    rb = B.tensors[b] if b >= 0 else None
+    ra = A.rows("tensors", a) if a >= 0 else None
+    rb = B.rows("tensors", b) if b >= 0 else None
     row = ra if ra is not None else rb
     ix = A if ra is not None else B
     r = a if ra is not None else b
@@ -439,7 +451,7 @@ def _render_reshape(al: Alignment, a: int, b: int, st: int, step: int) -> Diverg
     status = STATUS_NAMES[st]
 
     def desc(ix: TraceIndex, r: int) -> str:
-        x = ix.reshapes[r]
+        x = ix.rows("reshapes", r)
         outs = tuple(int(d) for d in x["out_shape"][: x["out_ndim"]])
         args = ix.s(int(x["args"]))
         args = args if args.startswith("(") else f"({args})"
@@ -447,26 +459,26 @@ def _render_reshape(al: Alignment, a: int, b: int, st: int, step: int) -> Diverg
                f"{ix.s(int(x['out_dtype']))}"
 
     def site(ix: TraceIndex, r: int) -> str:
-        x = ix.reshapes[r]
+        x = ix.rows("reshapes", r)
         return f"{ix.s(int(x['site_file']))}:{int(x['site_line'])}"
 
     if a >= 0:
-        x = A.reshapes[a]
+        x = A.rows("reshapes", a)
         mod = A.module_path(int(x["module"])) if x["module"] >= 0 else ""
         op = A.s(int(x["op"]))
     else:
-        x = B.reshapes[b]
+        x = B.rows("reshapes", b)
         mod = B.module_path(int(x["module"])) if x["module"] >= 0 else ""
         op = B.s(int(x["op"]))
-    mod_b = B.module_path(int(B.reshapes[b]["module"])) if b >= 0 and B.reshapes[b]["module"] >= 0 else ""
-    seq_a = int(A.reshapes["seq"][a]) if a >= 0 else -1
-    seq_b = int(B.reshapes["seq"][b]) if b >= 0 else -1
+    mod_b = B.module_path(int(B.col("reshapes", "module")[b])) if b >= 0 and B.col("reshapes", "module")[b] >= 0 else ""
+    seq_a = int(A.col("reshapes", "seq")[a]) if a >= 0 else -1
+    seq_b = int(B.col("reshapes", "seq")[b]) if b >= 0 else -1
     if st in (MISSING_A, MISSING_B):
         return Divergence("structural", "reshape", status, step, mod, op, desc(A, a) if a >= 0 else "absent",
                           desc(B, b) if b >= 0 else "absent",
                           f"only in {'A' if a >= 0 else 'B'} at {site(A, a) if a >= 0 else site(B, b)}",
                           seq_a=seq_a, seq_b=seq_b, module_b=mod_b)
-    xa, xb = A.reshapes[a], B.reshapes[b]
+    xa, xb = A.rows("reshapes", a), B.rows("reshapes", b)
     sa = tuple(int(d) for d in xa["out_shape"][: xa["out_ndim"]])
     sb = tuple(int(d) for d in xb["out_shape"][: xb["out_ndim"]])
     detail, tokens = _shape_detail(A, step, sa, sb) if sa != sb else ("", None)
