@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
 from bench.synth_trace import make_trace  # noqa: E402
 from vlmscope.analyze.check import RULES, check, run_checks, select_rules  # noqa: E402
 from vlmscope.cli_analyze import check as check_cmd  # noqa: E402
-from vlmscope.trace import open_trace  # noqa: E402
+from vlmscope.trace import open_trace, read_strings  # noqa: E402
 
 L = "model.language_model.layers"
 SMALL = dict(n_steps=4, n_layers=3, n_vision=1)
@@ -127,7 +127,7 @@ def test_rope_deltas_constant_across_decode(tmp_path, synth):
     p = tmp_path / "deltas.h5"
     p.write_bytes(Path(src).read_bytes())
     with h5py.File(p, "r+") as f:
-        probes, strings = f["probes"][:], [s.decode() if isinstance(s, bytes) else s for s in f["strings"][:]]
+        probes, strings = f["probes"][:], list(read_strings(f))
         kind = np.array(strings, dtype=object)[probes["kind"]]
         rows = np.nonzero((probes["step"] == 3) & (kind == "position_ids"))[0]
         data = f["probe_data"]

@@ -23,7 +23,7 @@ from vlmscope.analyze.align import (  # noqa: E402
 )
 from vlmscope.analyze.diff import diff  # noqa: E402
 from vlmscope.cli_analyze import diff as diff_cmd  # noqa: E402
-from vlmscope.trace import open_trace  # noqa: E402
+from vlmscope.trace import open_trace, read_strings, write_strings  # noqa: E402
 
 L = "model.language_model.layers"
 SMALL = dict(n_steps=4, n_layers=3, n_vision=1)
@@ -46,9 +46,7 @@ def renamed_copy(src: Path, dst: Path, rename) -> Path:
     """A copy of a trace with its interned strings rewritten (module paths of another implementation)."""
     shutil.copy(src, dst)
     with h5py.File(dst, "r+") as f:
-        ds = f["strings"]
-        vals = [s.decode() if isinstance(s, bytes) else s for s in ds[:]]
-        ds[:] = [rename(s) for s in vals]
+        write_strings(f, [rename(s) for s in read_strings(f)])
     return dst
 
 

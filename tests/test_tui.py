@@ -33,6 +33,7 @@ from vlmscope.tui.screens import KEYS, HelpScreen, MainScreen, MessageScreen, Pa
 from vlmscope.tui.widgets.context import ContextPanel
 from vlmscope.tui.widgets.header import TraceHeader
 from vlmscope.tui.widgets.summary import DiffSummary
+from vlmscope.trace import read_strings, write_strings
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = ROOT / "examples" / "astronaut.png"
@@ -481,8 +482,7 @@ def _renamed_copy(src: Path, dst: Path, old: str, new: str) -> Path:
     """A copy of a trace whose module paths say ``new`` where they said ``old`` (another implementation)."""
     shutil.copy(src, dst)
     with h5py.File(dst, "r+") as f:
-        strings = [s.decode() if isinstance(s, bytes) else str(s) for s in f["strings"][:]]
-        f["strings"][:] = [s.replace(old, new) if s.startswith("model.") else s for s in strings]
+        write_strings(f, [s.replace(old, new) if s.startswith("model.") else s for s in read_strings(f)])
     return dst
 
 

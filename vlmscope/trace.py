@@ -215,9 +215,14 @@ class TraceWriter:
         for name, dt in TABLES.items():
             f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt,
                              chunks=(max(256, CHUNK_BYTES // dt.itemsize),), **COMPRESSION)
-        # variable-length strings: HDF5 compresses only their heap references; lzf is built in
-        f.create_dataset("strings", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"),
-                         chunks=(1024,), compression="lzf")
+        # interned strings: their UTF-8 bytes back to back, and the end offset of each (reading
+        # 100k HDF5 variable-length strings costs ~0.1 s; these two arrays, a few ms)
+        f.create_dataset("strings", shape=(0,), maxshape=(None,), dtype=np.uint8,
+                         chunks=(CHUNK_BYTES // 4,), **COMPRESSION)
+        f.create_dataset("string_ends", shape=(0,), maxshape=(None,), dtype=np.int64,
+                         chunks=(CHUNK_BYTES // 32,), **COMPRESSION)
+        self.string_bytes = 0
+        self.n_strings = 0
         f.create_dataset("probe_data", shape=(0,), maxshape=(None,), dtype=np.uint8,
                          chunks=(CHUNK_BYTES // 4,), **COMPRESSION)
         f.create_group("payloads")
@@ -243,10 +248,14 @@ class TraceWriter:
     def _flush_strings(self) -> None:
         if not self._pending_strings:
             return
-        ds = self._f["strings"]
-        n = ds.shape[0]
-        ds.resize((n + len(self._pending_strings),))
-        ds[n:] = self._pending_strings
+        enc = [x.encode("utf-8", "surrogatepass") for x in self._pending_strings]
+        ends = self.string_bytes + np.cumsum([len(b) for b in enc], dtype=np.int64)
+        blob = np.frombuffer(b"".join(enc), dtype=np.uint8)
+        if len(blob):
+            self._write_block("strings", self.string_bytes, blob)
+        self._write_block("string_ends", self.n_strings, ends)   # after the bytes they point into
+        self.string_bytes = int(ends[-1])
+        self.n_strings += len(enc)
         self._pending_strings = []
 
     # tables --------------------------------------------------------------
@@ -395,7 +404,7 @@ class Trace:
                              f"(version {FORMAT_VERSION}); upgrade vlmscope: {self.path}")
         if v < 1:
             raise TraceError(f"trace has an invalid format version {v}: {self.path}")
-        for name in (*TABLES, "strings", "probe_data", "meta"):
+        for name in (*TABLES, "strings", "probe_data", "meta", *(("string_ends",) if v >= 2 else ())):
             if name not in self._f:
                 raise TraceError(f"trace is truncated or corrupt (no /{name}): {self.path}")
         # Touch the step table: a truncated file fails here rather than later.
@@ -532,8 +541,10 @@ class Trace:
     def strings(self) -> np.ndarray:
         """All interned strings as a numpy array of ``str`` (index = string id)."""
         if "strings" not in self._cache:
-            raw = self._f["strings"][:]
-            self._cache["strings"] = np.array([_decode(s) for s in raw], dtype=object)
+            try:
+                self._cache["strings"] = read_strings(self._f)
+            except Exception as e:  # noqa: BLE001
+                raise TraceError(f"trace is truncated or corrupt: {self.path} ({_first_line(e)})") from None
         return self._cache["strings"]
 
     def s(self, i: int) -> str:
@@ -655,6 +666,40 @@ class Trace:
 
     def __repr__(self) -> str:
         return f"<Trace {self.path} v{self.format_version} {self.status} steps={self.n_steps}>"
+
+
+def read_strings(f: h5py.File) -> np.ndarray:
+    """The interned strings of an open trace file, as an object array of ``str`` (index = id).
+    Format 2 keeps UTF-8 bytes and end offsets; format 1 a variable-length string dataset."""
+    ds = f["strings"]
+    if "string_ends" not in f:                                  # format 1
+        return np.array([_decode(x) for x in ds[:]], dtype=object)
+    blob = np.empty(ds.shape, np.uint8)
+    if ds.shape[0]:
+        ds.read_direct(blob)
+    ends = f["string_ends"][:]
+    ends = ends[ends <= len(blob)]            # a crash between the two writes loses a tail only
+    raw = blob.tobytes()
+    starts = np.concatenate([[0], ends[:-1]]).tolist()
+    return np.array([raw[a:b].decode("utf-8", "surrogatepass") for a, b in zip(starts, ends.tolist())],
+                    dtype=object)
+
+
+def write_strings(f: h5py.File, strings: Iterable[str]) -> None:
+    """Replace the interned strings of a trace file opened for writing (tools and tests that
+    rewrite names; ids keep their positions)."""
+    strings = list(strings)
+    if "string_ends" not in f:                                  # format 1
+        f["strings"][:] = strings
+        return
+    enc = [x.encode("utf-8", "surrogatepass") for x in strings]
+    blob = np.frombuffer(b"".join(enc), dtype=np.uint8)
+    ends = np.cumsum([len(b) for b in enc], dtype=np.int64)
+    f["strings"].resize((len(blob),))
+    if len(blob):
+        f["strings"][:] = blob
+    f["string_ends"].resize((len(ends),))
+    f["string_ends"][:] = ends
 
 
 def decode_probe(raw: np.ndarray, enc: int, shape: tuple[int, ...]) -> np.ndarray | None:

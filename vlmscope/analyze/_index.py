@@ -8,7 +8,11 @@ strings, probe blobs), which stay small however long the trace is.
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import re
+import sys
+import threading
 import weakref
 from functools import cached_property
 from typing import Any
@@ -45,22 +49,141 @@ def compact_dtype(ix: "TraceIndex", table: str) -> np.dtype:
 def stream_pair(A: "TraceIndex", B: "TraceIndex", table: str, n: int, rows: int | None = None):
     """Yield ``(start, block_a, block_b)``: rows ``[start, start + len)`` of both traces' table,
     in lockstep, for the first ``n`` rows. A table not already loaded is read block by block
-    into a buffer that the next block overwrites: use each block before asking for the next."""
+    into a buffer that the next block overwrites: use each block before asking for the next.
+
+    When both tables are read from their files, trace B's blocks are decompressed by a forked
+    reader process (see :class:`_ForkedReader`) while this one reads A's: decompression is
+    most of a streaming pass, and h5py serialises it across threads."""
     if rows is None:
         rows = max(A.trace.stream_rows(table, STREAM_BYTES), B.trace.stream_rows(table, STREAM_BYTES))
-    bufs = {}
-    for s in range(0, n, rows):
-        e = min(n, s + rows)
-        blocks = []
-        for side, ix in (("a", A), ("b", B)):
-            if ix.trace.is_loaded(table):
-                blocks.append(ix.trace.table(table)[s:e])
+    if n <= 0:
+        return
+    loaded_a, loaded_b = A.trace.is_loaded(table), B.trace.is_loaded(table)
+    reader = None
+    if not loaded_b and not loaded_a and n >= 4 * rows:
+        reader = _ForkedReader.start(B.trace, table, n, rows)
+    try:
+        buf_a = buf_b = None
+        for k, s in enumerate(range(0, n, rows)):
+            e = min(n, s + rows)
+            if loaded_a:
+                xa = A.trace.table(table)[s:e]
             else:
-                buf = bufs.get(side)
-                if buf is None:
-                    buf = bufs[side] = np.empty(min(rows, n), ix.trace.dataset_dtype(table))
-                blocks.append(ix.trace.read_rows(table, s, e, buf))
-        yield s, blocks[0], blocks[1]
+                if buf_a is None:
+                    buf_a = np.empty(min(rows, n), A.trace.dataset_dtype(table))
+                xa = A.trace.read_rows(table, s, e, buf_a)
+            if reader is not None:
+                xb = reader.block(k, e - s)
+            elif loaded_b:
+                xb = B.trace.table(table)[s:e]
+            else:
+                if buf_b is None:
+                    buf_b = np.empty(min(rows, n), B.trace.dataset_dtype(table))
+                xb = B.trace.read_rows(table, s, e, buf_b)
+            yield s, xa, xb
+            if reader is not None:
+                reader.release(k)
+    finally:
+        if reader is not None:
+            reader.close()
+
+
+class _ForkedReader:
+    """A child process that reads one table's blocks into a ring of shared buffers, ahead of
+    the parent, which takes them in order (``block``) and hands each slot back (``release``).
+
+    Started only where it is safe and worth it: POSIX ``fork``, a single-threaded parent (no
+    lock can be held across the fork) and ``VLMSCOPE_NO_FORK`` unset. The child opens the
+    file afresh and leaves with ``os._exit``. Any failure in the child (or in starting it)
+    makes the parent read the block itself: results never depend on the child."""
+
+    SLOTS = 3
+
+    def __init__(self, trace: Trace, table: str, n: int, rows: int):
+        self.trace, self.table, self.n, self.rows = trace, table, n, rows
+        self.dtype = trace.dataset_dtype(table)
+        self.shm = mmap.mmap(-1, self.SLOTS * rows * self.dtype.itemsize)
+        self.slots = np.frombuffer(self.shm, dtype=self.dtype).reshape(self.SLOTS, rows)
+        self.ready_r, self.ready_w = os.pipe()
+        self.free_r, self.free_w = os.pipe()
+        self.pid = -1
+        self.failed = False
+        self.own = np.empty(rows, self.dtype)
+
+    @classmethod
+    def start(cls, trace: Trace, table: str, n: int, rows: int) -> "_ForkedReader | None":
+        if (not hasattr(os, "fork") or sys.platform == "win32" or threading.active_count() != 1
+                or os.environ.get("VLMSCOPE_NO_FORK")):
+            return None
+        try:
+            self = cls(trace, table, n, rows)
+            os.write(self.free_w, bytes(self.SLOTS))      # every slot starts free
+            self.pid = os.fork()
+        except OSError:
+            return None
+        if self.pid == 0:
+            self._child()
+        os.close(self.ready_w)
+        os.close(self.free_r)
+        return self
+
+    def _child(self) -> None:  # pragma: no cover - runs in the forked process
+        code = 1
+        try:
+            import h5py
+
+            os.close(self.ready_r)
+            os.close(self.free_w)
+            with h5py.File(self.trace.path, "r") as f:
+                ds = f[self.table]
+                for k, s in enumerate(range(0, self.n, self.rows)):
+                    e = min(self.n, s + self.rows)
+                    if not os.read(self.free_r, 1):
+                        break                                      # the parent went away
+                    ds.read_direct(self.slots[k % self.SLOTS], np.s_[s:e], np.s_[0:e - s])
+                    os.write(self.ready_w, b"\x01")
+            code = 0
+        except BaseException:  # noqa: BLE001
+            try:
+                os.write(self.ready_w, b"\x00")                   # tell the parent: read it yourself
+            except OSError:
+                pass
+        finally:
+            os._exit(code)
+
+    def block(self, k: int, count: int) -> np.ndarray:
+        """Block ``k`` (``count`` rows): from the child's slot, or read here if the child failed."""
+        if not self.failed:
+            tok = os.read(self.ready_r, 1)
+            if tok == b"\x01":
+                return self.slots[k % self.SLOTS][:count]
+            self.failed = True
+        s = k * self.rows
+        return self.trace.read_rows(self.table, s, s + count, self.own)
+
+    def release(self, k: int) -> None:
+        if not self.failed:
+            try:
+                os.write(self.free_w, b"\x01")
+            except OSError:
+                self.failed = True
+
+    def close(self) -> None:
+        for fd in (self.ready_r, self.free_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if self.pid > 0:
+            try:
+                os.kill(self.pid, 9)
+            except OSError:
+                pass
+            try:
+                os.waitpid(self.pid, 0)
+            except OSError:
+                pass
+            self.pid = -1
 
 
 class TraceIndex:
