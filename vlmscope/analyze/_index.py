@@ -368,8 +368,8 @@ class TraceIndex:
     @cached_property
     def is_float_dtype_id(self) -> np.ndarray:
         """Bool per string id: the string names a floating dtype."""
-        fl = set(FLOAT_DTYPES)
-        return np.array([str(s).removeprefix("torch.") in fl for s in self.strings], bool)
+        fl = set(FLOAT_DTYPES) | {"torch." + x for x in FLOAT_DTYPES}
+        return np.fromiter((s in fl for s in self.strings), bool, count=len(self.strings))
 
     @cached_property
     def is_mask_name_id(self) -> np.ndarray:

@@ -264,7 +264,10 @@ def _translate_strings(ix_a: TraceIndex, ix_b: TraceIndex) -> np.ndarray:
     differ = np.nonzero(sa[:m] != sb[:m])[0] if m else np.zeros(0, np.int64)
     rest = np.concatenate([differ, np.arange(m, na)])
     if len(rest):
-        b_ids = {s: i for i, s in enumerate(sb)}
+        # a string of A past the first difference cannot sit in B before it (it would equal
+        # A's own string there, and interned strings are unique)
+        first = int(rest[0])
+        b_ids = {s: i + first for i, s in enumerate(sb[first:])}
         out[rest] = np.fromiter((b_ids.get(s, nb + int(i)) for i, s in zip(rest, sa[rest])), np.int64,
                                 count=len(rest))
     return out
@@ -572,15 +575,12 @@ def _event_rank(ix: TraceIndex, rows: np.ndarray, status: np.ndarray) -> np.ndar
         per_row = np.zeros(nt, np.int8)
         h = rows >= 0
         per_row[rows[h]] = rank[h]
-    start = ix.col("events", "tensor_start").astype(np.int64)
-    cnt = ix.col("events", "tensor_count").astype(np.int64)
-    has = (cnt > 0) & (start < nt)
-    if has.any():
-        # a call's rows are contiguous, but a parent's come after its children's (they are
-        # flushed when it returns): reduce over the ranges in row order
-        idx = np.nonzero(has)[0]
-        o = np.argsort(start[idx], kind="stable")
-        out[idx[o]] = np.maximum.reduceat(per_row, start[idx][o])
+    # a call's rows are contiguous (a parent's come after its children's: they are flushed
+    # when it returns), so each run of one event id in row order is one call's rows
+    ev = ix.col("tensors", "event")
+    starts = np.flatnonzero(np.concatenate([[True], ev[1:] != ev[:-1]]))
+    ok = (ev[starts] >= 0) & (ev[starts] < ne)
+    out[ev[starts][ok]] = np.maximum.reduceat(per_row, starts)[ok]
     return out
 
 
@@ -702,10 +702,11 @@ def _tolerance_luts(ix: TraceIndex, rtol: float | None, atol: float | None) -> t
     """(rtol, atol) per string id of ``ix`` naming a floating dtype (0 for any other id: exact)."""
     strings = ix.strings
     r_lut, a_lut = np.zeros(max(len(strings), 1)), np.zeros(max(len(strings), 1))
-    for name, (r, a) in DEFAULT_TOLERANCES.items():
-        for u in np.nonzero((strings == name) | (strings == "torch." + name))[0] if len(strings) else []:
-            r_lut[u] = r if rtol is None else rtol
-            a_lut[u] = a if atol is None else atol
+    for u in np.nonzero(ix.is_float_dtype_id)[0]:
+        tol = DEFAULT_TOLERANCES.get(str(strings[u]).removeprefix("torch."))
+        if tol is not None:
+            r_lut[u] = tol[0] if rtol is None else rtol
+            a_lut[u] = tol[1] if atol is None else atol
     return r_lut, a_lut
 
 

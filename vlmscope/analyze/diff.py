@@ -256,9 +256,15 @@ def _groups(al: Alignment, tid: np.ndarray, idx: np.ndarray, step_all: np.ndarra
                 mod[~ha] = B.col(names[t], "module")[b[~ha]]
         st = tbl.status[i].astype(np.int64)
         step = step_all[sel]
-        gk = (side * (1 << 24) + mod + 1) * 8 + st
-        u, inv, cnt = np.unique(gk, return_inverse=True, return_counts=True)
-        inv = inv.ravel()
+        # a dense group key (side, module, status): counted with bincount, no sorting
+        n_mod = max(len(A.module_paths), len(B.module_paths)) + 1
+        gk = (side * n_mod + mod + 1) * 8 + st
+        cnt_all = np.bincount(gk)
+        u = np.nonzero(cnt_all)[0]
+        cnt = cnt_all[u]
+        dense = np.full(len(cnt_all), -1, np.int64)
+        dense[u] = np.arange(len(u))
+        inv = dense[gk]
         smin = np.full(len(u), np.iinfo(np.int64).max)
         smax = np.full(len(u), -1)
         np.minimum.at(smin, inv, step)
@@ -269,7 +275,7 @@ def _groups(al: Alignment, tid: np.ndarray, idx: np.ndarray, step_all: np.ndarra
         np.minimum.at(kmin, inv[first], tbl.time_of(i[first]))
         for j in range(len(u)):
             g = int(u[j])
-            sd, m = divmod(g // 8, 1 << 24)
+            sd, m = divmod(g // 8, n_mod)
             m -= 1
             path = (A if sd == 0 else B).module_path(m) if m >= 0 else "<outside modules>"
             rows.append({"table": names[t], "module": path, "status": STATUS_NAMES[g % 8],
