@@ -37,7 +37,7 @@ import numpy as np
 
 from vlmscope.trace import ENC_NONE, ROLE_OUTPUT, Trace, open_trace
 
-from ._index import COMPACT_FIELDS, TraceIndex, compact_dtype, index_of, stream_pair
+from ._index import COMPACT_FIELDS, TraceIndex, compact_columns, index_of, stream_pair
 
 SAME, SHAPE, DRIFT, MISSING_A, MISSING_B = 0, 1, 2, 3, 4
 STATUS_NAMES = {SAME: "same", SHAPE: "shape", DRIFT: "drift", MISSING_A: "missing_in_a", MISSING_B: "missing_in_b"}
@@ -895,7 +895,7 @@ def _stream_table(A: TraceIndex, B: TraceIndex, table: str, p_e: int, keys, bloc
     na, nb = A.n_rows(table), B.n_rows(table)
     n = min(na, nb)
     fields = COMPACT_FIELDS[table]
-    ca, cb = np.empty(na, compact_dtype(A, table)), np.empty(nb, compact_dtype(B, table))
+    ca, cb = compact_columns(A, table, na), compact_columns(B, table, nb)
     status = np.zeros(n, np.int8)
     more = [np.zeros(0, np.int64)]
     p0 = None
