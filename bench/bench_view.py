@@ -46,9 +46,18 @@ SIZE = (160, 48)
 
 
 def make(path: Path, n_events: int) -> Path:
-    if path.exists():
-        return path
     from synth_trace import make_trace
+
+    from vlmscope.trace import FORMAT_VERSION, open_trace
+
+    if path.exists():   # a cached trace of an older format is written again
+        try:
+            with open_trace(path) as t:
+                if t.format_version == FORMAT_VERSION:
+                    return path
+        except Exception:  # noqa: BLE001
+            pass
+        path.unlink()
 
     t0 = time.perf_counter()
     make_trace(path, n_events=n_events)
