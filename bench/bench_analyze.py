@@ -9,6 +9,11 @@ the traces (cold reader caches and heap, warm OS page cache) and times ``open + 
 ``open + diff`` in-process; check and diff runs alternate. It prints the median of ``--runs``
 runs, and the median wall time of the CLI (``vlmscope diff --json``: interpreter start and
 imports included). Targets: check <= 2 s, diff <= 2 s.
+
+``--v1`` also runs everything on copies of the two traces converted to trace format 1 (lzf
+tables in 64 KiB chunks, HDF5 variable-length strings: what vlmscope wrote before format 2),
+alternating with the format-2 runs, and prints the ratios side by side. Each run's peak
+resident memory is printed too.
 """
 
 from __future__ import annotations
@@ -61,8 +66,41 @@ def traces(n_events: int, folder: Path) -> tuple[Path, Path, int]:
     return a, b, mid
 
 
+def to_format1(src: Path, dst: Path) -> Path:
+    """A copy of a trace in format 1: the same rows, lzf in 64 KiB chunks, vlen strings."""
+    import h5py
+    import numpy as np
+
+    from vlmscope.trace import TABLES, read_strings
+
+    if dst.exists():
+        return dst
+    tmp = dst.with_name(dst.name + ".tmp")
+    with h5py.File(src, "r") as f, h5py.File(tmp, "w", libver="latest") as g:
+        for k, v in f.attrs.items():
+            g.attrs[k] = v
+        g.attrs["format_version"] = 1
+        for name in f:
+            if name in (*TABLES, "probe_data"):
+                ds = f[name]
+                arr = ds[:]
+                g.create_dataset(name, data=arr, maxshape=(None,), compression="lzf",
+                                 chunks=(max(256, (64 << 10) // ds.dtype.itemsize),) if len(arr) else None)
+            elif name == "strings":
+                g.create_dataset("strings", data=np.array(read_strings(f).tolist(), dtype=object),
+                                 dtype=h5py.string_dtype("utf-8"), maxshape=(None,), chunks=(1024,),
+                                 compression="lzf")
+            elif name != "string_ends":
+                f.copy(f[name], g, name)
+    tmp.rename(dst)
+    return dst
+
+
 def child(what: str, a: Path, b: Path) -> None:
-    """One timed run, in this (fresh) process: print JSON with the time and a summary."""
+    """One timed run, in this (fresh) process: print JSON with the time, the peak resident
+    memory and a summary."""
+    import resource
+
     t = time.perf_counter()
     if what == "check":
         rep = check(b)
@@ -71,6 +109,7 @@ def child(what: str, a: Path, b: Path) -> None:
         rep = diff(a, b)
         out = {"s": time.perf_counter() - t, "divergent": rep.n_divergent,
                "first": rep.first.headline()[:140] if rep.first else "-"}
+    out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out))
 
 
@@ -94,6 +133,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--dir", type=Path, default=Path("/tmp/vlmscope-bench"))
     ap.add_argument("--phases", action="store_true", help="also break diff's time into read / align / report")
+    ap.add_argument("--v1", action="store_true", help="also run on format-1 copies, side by side")
     ap.add_argument("--child", nargs=3, metavar=("WHAT", "A", "B"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -104,21 +144,40 @@ def main() -> None:
         n = {k: t.n_rows(k) for k in ("events", "tensors", "reshapes", "probes")}
         print(f"trace A: {t.n_steps} steps, " + ", ".join(f"{v:,} {k}" for k, v in n.items())
               + f", {a.stat().st_size / 1e6:.0f} MB")
-    run_child("diff", a, b)            # warm the OS page cache
-    ck, df, cli = [], [], []
+    sets = {"format 2": (a, b)}
+    if args.v1:
+        sets["format 1"] = (to_format1(a, args.dir / f"{a.stem}.v1.h5"), to_format1(b, args.dir / f"{b.stem}.v1.h5"))
+    res = {k: {"check": [], "diff": [], "cli": []} for k in sets}
+    for x, y in sets.values():
+        run_child("diff", x, y)        # warm the OS page cache
     for _ in range(args.runs):
-        ck.append(run_child("check", a, b))
-        df.append(run_child("diff", a, b))
-        cli.append(run_cli(a, b))
+        for k, (x, y) in sets.items():   # alternating: the machine's noise hits both alike
+            res[k]["check"].append(run_child("check", x, y))
+            res[k]["diff"].append(run_child("diff", x, y))
+            res[k]["cli"].append(run_cli(x, y))
+
+    def med(rows, key="s"):
+        return statistics.median(r[key] if isinstance(r, dict) else r for r in rows)
 
     def line(rows):
         t = [r["s"] for r in rows]
-        return f"median {statistics.median(t):.2f}s  runs {', '.join(f'{x:.2f}' for x in t)}"
+        return (f"median {statistics.median(t):.2f}s  runs {', '.join(f'{x:.2f}' for x in t)}  "
+                f"peak RSS {med(rows, 'rss_mb'):.0f} MB")
 
-    print(f"check B: {line(ck)}  ({ck[-1]['violations']} violations)")
-    print(f"diff A B: {line(df)}  ({df[-1]['divergent']:,} divergent nodes; first: {df[-1]['first']})")
-    print(f"vlmscope diff A B --json (CLI wall, interpreter and imports included): median "
-          f"{statistics.median(cli):.2f}s  runs {', '.join(f'{x:.2f}' for x in cli)}")
+    for k, r in res.items():
+        if len(sets) > 1:
+            print(f"-- {k}:")
+        print(f"check B: {line(r['check'])}  ({r['check'][-1]['violations']} violations)")
+        print(f"diff A B: {line(r['diff'])}  ({r['diff'][-1]['divergent']:,} divergent nodes; "
+              f"first: {r['diff'][-1]['first']})")
+        print(f"vlmscope diff A B --json (CLI wall, interpreter and imports included): median "
+              f"{med(r['cli']):.2f}s  runs {', '.join(f'{x:.2f}' for x in r['cli'])}")
+    if args.v1:
+        f1, f2 = res["format 1"], res["format 2"]
+        print(f"format 2 / format 1 (medians, same run): check {med(f2['check']) / med(f1['check']):.2f}x, "
+              f"diff {med(f2['diff']) / med(f1['diff']):.2f}x, CLI diff {med(f2['cli']) / med(f1['cli']):.2f}x, "
+              f"diff peak RSS {med(f2['diff'], 'rss_mb') / med(f1['diff'], 'rss_mb'):.2f}x; file size "
+              f"{a.stat().st_size / sets['format 1'][0].stat().st_size:.2f}x")
     if args.phases:
         phases(a, b, args.runs)
 

@@ -2,7 +2,9 @@
 
 Everything is computed once per trace with numpy over whole tables; nothing here loops
 over events in Python. Loops run over *distinct* values only (module paths, interned
-strings, probe blobs), which stay small however long the trace is.
+strings, probe blobs), which stay small however long the trace is. The two big tables can
+also be streamed (:func:`stream_pair`), keeping only compact columns (:meth:`TraceIndex.col`
+serves them) and reading single rows through a small block cache (:meth:`TraceIndex.rows`).
 """
 
 from __future__ import annotations
@@ -49,7 +51,6 @@ def compact_columns(ix: "TraceIndex", table: str, n: int) -> dict[str, np.ndarra
 #: straight into the buffer), few enough that both traces' blocks stay in the CPU cache for
 #: the passes over them.
 STREAM_BYTES = 2 << 20
-STREAM_ROWS = 1 << 16   # rows of a gap between wanted rows worth reading through (``rows``)
 
 
 def compact_dtype(ix: "TraceIndex", table: str) -> np.dtype:

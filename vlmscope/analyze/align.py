@@ -3,6 +3,12 @@
 Used by ``vlmscope diff`` and by the viewer's diff mode. Everything is vectorised: keys
 are packed into int64 and matched with sorting / ``searchsorted``.
 
+The two big tables (tensors, reshapes) are streamed, not loaded: one pass over both traces,
+block by block (trace B decompressed by a forked reader, see ``_index.stream_pair``), finds
+the leading rows that pair up row for row (two traces of one structure: nearly all of
+them), gives those their status on the spot and keeps a few compact columns; only the
+rows after that prefix are read whole and matched by key.
+
 - **Events** (module calls) are aligned by ``(step, module path, nth call)``.
 - **Tensors** by ``(aligned call, input|output, argument name)``.
 - **Reshapes** by ``(aligned call, op, occurrence of the op in the call)``.
@@ -584,20 +590,6 @@ def _event_rank(ix: TraceIndex, rows: np.ndarray, status: np.ndarray) -> np.ndar
     return out
 
 
-def _tolerances(ix: TraceIndex, dtype_ids: np.ndarray, rtol: float | None, atol: float | None):
-    """Per-row (rtol, atol) from the tensor dtype (exact for integer / bool tensors)."""
-    n = len(ix.strings)
-    r_lut = np.zeros(max(n, 1))
-    a_lut = np.zeros(max(n, 1))
-    for u in np.unique(dtype_ids) if len(dtype_ids) else []:
-        name = ix.s(int(u)).removeprefix("torch.")
-        if name in DEFAULT_TOLERANCES:
-            r, a = DEFAULT_TOLERANCES[name]
-            r_lut[u] = r if rtol is None else rtol
-            a_lut[u] = a if atol is None else atol
-    return r_lut[dtype_ids], a_lut[dtype_ids]
-
-
 def _rows_equal(xa: np.ndarray, xb: np.ndarray) -> np.ndarray:
     """Per row of two structured arrays of one dtype (and length): are the rows bit-identical?
 
@@ -642,60 +634,6 @@ def _block(table: np.ndarray, first: str, names: tuple[str, ...]) -> np.ndarray:
     return np.stack([table[nm] for nm in names], axis=1)
 
 
-def _diff_regions(xa: np.ndarray, xb: np.ndarray, regions: dict[str, int]) -> np.ndarray:
-    """Per row of two structured arrays of one dtype: a bit set of the field regions whose
-    bytes differ (``regions`` maps field name -> bit; unlisted fields count as bit 1).
-
-    One streaming comparison of the raw buffers, 8 bytes at a time; only the differing words
-    are mapped back to (row, field)."""
-    n = len(xa)
-    out = np.zeros(n, np.int8)
-    if not n:
-        return out
-    size = xa.dtype.itemsize
-    lut = np.ones(size, np.int8)
-    for name, (dt, off, *_rest) in xa.dtype.fields.items():
-        lut[off:off + dt.itemsize] = regions.get(name, 1)
-    ra = np.ascontiguousarray(xa).view(np.uint8).reshape(-1)
-    rb = np.ascontiguousarray(xb).view(np.uint8).reshape(-1)
-    nw = len(ra) // 8
-    try:
-        bad = np.flatnonzero(ra[:nw * 8].view(np.uint64) != rb[:nw * 8].view(np.uint64)) * 8
-    except ValueError:  # pragma: no cover - unaligned buffers
-        bad = (np.flatnonzero(ra[:nw * 8] != rb[:nw * 8]) // 8) * 8
-    if len(bad):
-        # a differing word covers bytes [b, b + 8): mark every field it touches (conservative),
-        # in its row and, when it straddles a row boundary, in the next one
-        cur = np.zeros(size, np.int8)
-        nxt = np.zeros(size, np.int8)
-        for o in range(size):
-            for k in range(8):
-                if o + k < size:
-                    cur[o] |= lut[o + k]
-                else:
-                    nxt[o] |= lut[o + k - size]
-        row, off = bad // size, bad % size
-        _or_reduce(out, row, cur[off])
-        spill = nxt[off] != 0
-        if spill.any():
-            _or_reduce(out, np.minimum(row[spill] + 1, n - 1), nxt[off[spill]])
-    tail = np.flatnonzero(ra[nw * 8:] != rb[nw * 8:]) + nw * 8
-    if len(tail):
-        _or_reduce(out, tail // size, lut[tail % size])
-    return out
-
-
-def _or_reduce(out: np.ndarray, rows: np.ndarray, bits: np.ndarray) -> None:
-    """out[rows] |= bits, with repeated rows (one vectorised pass per distinct bit)."""
-    for bit in np.unique(bits):
-        out[rows[bits == bit]] |= bit
-
-
-_T_STRUCT, _T_STATS, _T_OTHER = 1, 2, 4
-_T_REGIONS = {"ndim": _T_STRUCT, "shape": _T_STRUCT, "dtype": _T_STRUCT, "name": _T_STRUCT, "role": _T_STRUCT,
-              "numel": _T_STRUCT, "min": _T_STATS, "max": _T_STATS, "mean": _T_STATS, "std": _T_STATS,
-              "absmax": _T_STATS, "nan": _T_STATS, "inf": _T_STATS, "step": _T_OTHER, "event": _T_OTHER,
-              "device": _T_OTHER, "payload": _T_OTHER}
 
 
 def _tolerance_luts(ix: TraceIndex, rtol: float | None, atol: float | None) -> tuple[np.ndarray, np.ndarray]:
@@ -804,8 +742,9 @@ def tensor_metrics(al: "Alignment", i: int, rtol: float | None = None, atol: flo
     if a < 0 or b < 0:
         return out
     xa, xb = al.ix_a.rows("tensors", slice(a, a + 1)), al.ix_b.rows("tensors", slice(b, b + 1))
-    r, at = _tolerances(al.ix_a, xa["dtype"], al.rtol_opt if rtol is None else rtol,
-                        al.atol_opt if atol is None else atol)
+    r_lut, a_lut = _tolerance_luts(al.ix_a, al.rtol_opt if rtol is None else rtol,
+                                   al.atol_opt if atol is None else atol)
+    r, at = r_lut[xa["dtype"]], a_lut[xa["dtype"]]
     sa, sb = _block(xa, "min", _STATS)[0], _block(xb, "min", _STATS)[0]
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         d = np.abs(sa - sb)
