@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from vlmscope.trace import Trace, TraceError, open_trace  # noqa: E402  (h5py + numpy only)
+from vlmscope.trace import Trace, TraceError, open_trace  # noqa: E402  (h5py, hdf5plugin, numpy only)
 
 __all__ = ["__version__", "Trace", "TraceError", "open_trace", "record", "Recorder"]
 

@@ -1,8 +1,9 @@
 """The vlmscope trace format: writer and lazy reader.
 
 This module is the contract between recording and everything else (check, diff,
-snapshot, view). It depends on h5py and numpy only: importing it must never pull
-in torch or textual. The layout is documented in ``docs/trace-format.md``.
+snapshot, view). It depends on h5py, hdf5plugin (the Blosc2 filter) and numpy only:
+importing it must never pull in torch or textual. The layout is documented in
+``docs/trace-format.md``.
 """
 
 from __future__ import annotations
