@@ -2,13 +2,14 @@
 
     PYTHONPATH=. python bench/bench_analyze.py [--events 1000000] [--runs 5] [--dir /tmp/vlmscope-bench]
 
-Writes two traces with :func:`bench.synth_trace.make_trace` (cached in ``--dir``): A clean,
-B with a numeric drift injected half-way (``layers.10.mlp.down_proj`` from the middle step on)
-and a shape change in one decode step. Each timed run is a fresh Python process that opens
-the traces (cold reader caches and heap, warm OS page cache) and times ``open + check`` or
-``open + diff`` in-process; check and diff runs alternate. It prints the median of ``--runs``
-runs, and the median wall time of the CLI (``vlmscope diff --json``: interpreter start and
-imports included). Targets: check <= 2 s, diff <= 2 s.
+Writes three traces with :func:`bench.synth_trace.make_trace` (cached in ``--dir``): A clean;
+B with a numeric drift injected half-way (``layers.10.mlp.down_proj`` from the middle step
+on) and a shape change in one decode step; C, whose cache grows twice in one layer at step 1
+(every later shape shifts, so the traces stop lining up row for row: diff's slower path).
+Each timed run is a fresh Python process that opens the traces (cold reader caches and heap,
+warm OS page cache) and times ``open + check`` or ``open + diff`` in-process; check and diff
+runs alternate. It prints the median of ``--runs`` runs, and the median wall time of the CLI
+(``vlmscope diff --json``: interpreter start and imports included). Targets: check <= 2 s, diff <= 2 s.
 
 ``--v1`` also runs everything on copies of the two traces converted to trace format 1 (lzf
 tables in 64 KiB chunks, HDF5 variable-length strings: what vlmscope wrote before format 2),
@@ -40,14 +41,18 @@ from vlmscope.trace import FORMAT_VERSION, open_trace  # noqa: E402
 N_LAYERS = 28
 
 
-def traces(n_events: int, folder: Path) -> tuple[Path, Path, int]:
+def traces(n_events: int, folder: Path) -> tuple[Path, Path, Path, int]:
+    """A clean; B drifts from the middle step on and has a shape change three steps later;
+    C appends one layer's cache twice in step 1, so every later step's shapes shift (the
+    traces stop lining up row for row early: diff's slower path)."""
     folder.mkdir(parents=True, exist_ok=True)
-    a = folder / f"bench_a_{n_events}.h5"
-    b = folder / f"bench_b_{n_events}.h5"
     per_step = 13 * N_LAYERS + 7            # decode module calls per step (see synth_trace)
     mid = max(1, n_events // per_step // 2)
-    for p in (a, b):   # a cached trace of an older format is written again
-        if p.exists():
+    specs = {"a": {}, "b": {"drift": (mid, 10), "shape": (mid + 3, 5)}, "c": {"cache_twice": (1, 5)}}
+    out = []
+    for name, faults in specs.items():
+        p = folder / f"bench_{name}_{n_events}.h5"
+        if p.exists():   # a cached trace of an older format is written again
             try:
                 with open_trace(p) as t:
                     stale = t.format_version != FORMAT_VERSION
@@ -55,15 +60,12 @@ def traces(n_events: int, folder: Path) -> tuple[Path, Path, int]:
                 stale = True
             if stale:
                 p.unlink()
-    if not a.exists():
-        t = time.perf_counter()
-        make_trace(a, n_events, n_layers=N_LAYERS)
-        print(f"wrote {a} in {time.perf_counter() - t:.1f}s")
-    if not b.exists():
-        t = time.perf_counter()
-        make_trace(b, n_events, n_layers=N_LAYERS, faults={"drift": (mid, 10), "shape": (mid + 3, 5)})
-        print(f"wrote {b} in {time.perf_counter() - t:.1f}s")
-    return a, b, mid
+        if not p.exists():
+            t0 = time.perf_counter()
+            make_trace(p, n_events, n_layers=N_LAYERS, faults=faults)
+            print(f"wrote {p} in {time.perf_counter() - t0:.1f}s")
+        out.append(p)
+    return out[0], out[1], out[2], mid
 
 
 def to_format1(src: Path, dst: Path) -> Path:
@@ -139,7 +141,7 @@ def main() -> None:
     if args.child:
         child(args.child[0], Path(args.child[1]), Path(args.child[2]))
         return
-    a, b, mid = traces(args.events, args.dir)
+    a, b, c, mid = traces(args.events, args.dir)
     with open_trace(a) as t:
         n = {k: t.n_rows(k) for k in ("events", "tensors", "reshapes", "probes")}
         print(f"trace A: {t.n_steps} steps, " + ", ".join(f"{v:,} {k}" for k, v in n.items())
@@ -172,6 +174,9 @@ def main() -> None:
               f"first: {r['diff'][-1]['first']})")
         print(f"vlmscope diff A B --json (CLI wall, interpreter and imports included): median "
               f"{med(r['cli']):.2f}s  runs {', '.join(f'{x:.2f}' for x in r['cli'])}")
+    shifted = [run_child("diff", a, c) for _ in range(args.runs)]
+    print(f"diff A C (rows stop lining up at step 1): {line(shifted)}  ({shifted[-1]['divergent']:,} divergent "
+          f"nodes; first: {shifted[-1]['first']})")
     if args.v1:
         f1, f2 = res["format 1"], res["format 2"]
         print(f"format 2 / format 1 (medians, same run): check {med(f2['check']) / med(f1['check']):.2f}x, "

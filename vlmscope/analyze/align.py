@@ -538,13 +538,14 @@ def align(trace_a: Trace | str | os.PathLike, trace_b: Trace | str | os.PathLike
     p0, pre_status, pre_more = _stream_table(
         A, B, "tensors", p_e, [("role", None), ("name", name_lut)],
         lambda xa, xb: _tensor_block_status(xa, xb, tr, r_lut, a_lut))
-    tail_a, tail_b = A.rows("tensors", slice(p0, None)), B.rows("tensors", slice(p0, None))
-    t_pair_a, t_pair_b = pair_of_a[tail_a["event"]], pair_of_b[tail_b["event"]]
-    ra, rb, p_t = _match_cols([t_pair_a, tail_a["role"] == ROLE_OUTPUT, name_lut[tail_a["name"]]],
-                              [t_pair_b, tail_b["role"] == ROLE_OUTPUT, tail_b["name"]],
+    # the rows after the prefix are matched on their compact columns (never read whole)
+    t_pair_a, t_pair_b = pair_of_a[A.col("tensors", "event")[p0:]], pair_of_b[B.col("tensors", "event")[p0:]]
+    ra, rb, p_t = _match_cols([t_pair_a, A.col("tensors", "role")[p0:] == ROLE_OUTPUT,
+                               name_lut[A.col("tensors", "name")[p0:]]],
+                              [t_pair_b, B.col("tensors", "role")[p0:] == ROLE_OUTPUT, B.col("tensors", "name")[p0:]],
                               t_pair_a >= 0, t_pair_b >= 0)
     ra, rb = _with_prefix(p0, ra, rb)
-    t_status, metrics = _tensor_status(A, B, tr, ra, rb, p0, pre_status, pre_more, tail_a, tail_b, r_lut, a_lut,
+    t_status, metrics = _tensor_status(A, B, tr, ra, rb, p0, pre_status, pre_more, r_lut, a_lut,
                                        payloads)
     tensors = _assemble(ra, rb, t_status, nta, ntb, A.col("tensors", "step") if nta else np.zeros(0, np.int64),
                         B.col("tensors", "step") if ntb else np.zeros(0, np.int64),
@@ -622,7 +623,7 @@ def _same_string_ids(tr: np.ndarray) -> np.ndarray:
     return tr == np.arange(len(tr))
 
 
-def _block(table: np.ndarray, first: str, names: tuple[str, ...]) -> np.ndarray:
+def _block(table, first: str, names: tuple[str, ...]) -> np.ndarray:
     """``(n, k)`` view of ``k`` consecutive same-typed fields of a structured array (one pass
     over memory instead of k strided ones); a stacked copy when they are not consecutive."""
     f = table.dtype.fields
@@ -704,11 +705,10 @@ def _tensor_block_status(xa: np.ndarray, xb: np.ndarray, tr: np.ndarray, r_lut: 
 
 
 def _tensor_status(A: TraceIndex, B: TraceIndex, tr: np.ndarray, ra: np.ndarray, rb: np.ndarray, p0: int,
-                   pre_status: np.ndarray, pre_more: np.ndarray, tail_a: np.ndarray, tail_b: np.ndarray,
-                   r_lut: np.ndarray, a_lut: np.ndarray, payloads: bool):
+                   pre_status: np.ndarray, pre_more: np.ndarray, r_lut: np.ndarray, a_lut: np.ndarray, payloads: bool):
     """Status of every aligned tensor pair: the first ``p0`` (the row-for-row prefix) come with
     their status from the streaming pass; the rest, and the prefix rows with payloads on both
-    sides, are compared here (rows ``[p0:]`` of each table are in ``tail_a`` / ``tail_b``)."""
+    sides, are compared here, block by block (rows read as the ranges they span)."""
     n = len(ra)
     metrics = {"payload": {}}
     status = np.zeros(n, np.int8)
@@ -716,20 +716,22 @@ def _tensor_status(A: TraceIndex, B: TraceIndex, tr: np.ndarray, ra: np.ndarray,
     idx = np.concatenate([pre_more, np.arange(p0, n)]).astype(np.int64)
     if not len(idx):
         return status, metrics
-    xa, xb = _gather(A, "tensors", ra[idx], tail_a, p0), _gather(B, "tensors", rb[idx], tail_b, p0)
-    dt_a = xa["dtype"]
-    shape_diff = (xa["ndim"] != xb["ndim"]) | _any1(xa["shape"] != xb["shape"]) | (tr[dt_a] != xb["dtype"])
-    r, at = r_lut[dt_a], a_lut[dt_a]
-    st = np.where(shape_diff, SHAPE, np.where(_stats_drift(xa, xb, r, at), DRIFT, SAME)).astype(np.int8)
-    if payloads:
-        pa_, pb_ = xa["payload"], xb["payload"]
-        for j in np.nonzero((pa_ >= 0) & (pb_ >= 0) & ~shape_diff)[0]:
-            res = _payload_metrics(A, B, int(pa_[j]), int(pb_[j]), float(r[j]), float(at[j]))
-            if res is None:
-                continue
-            metrics["payload"][int(idx[j])] = res[:3]
-            st[j] = SAME if res[3] else DRIFT
-    status[idx] = st
+    for j0 in range(0, len(idx), _BLOCK_ROWS):     # in blocks: the gathered rows stay in cache
+        sel = idx[j0:j0 + _BLOCK_ROWS]
+        xa, xb = A.fetch("tensors", ra[sel]), B.fetch("tensors", rb[sel])
+        dt_a = xa["dtype"]
+        shape_diff = (xa["ndim"] != xb["ndim"]) | _any1(xa["shape"] != xb["shape"]) | (tr[dt_a] != xb["dtype"])
+        r, at = r_lut[dt_a], a_lut[dt_a]
+        st = np.where(shape_diff, SHAPE, np.where(_stats_drift(xa, xb, r, at), DRIFT, SAME)).astype(np.int8)
+        if payloads:
+            pa_, pb_ = xa["payload"], xb["payload"]
+            for j in np.nonzero((pa_ >= 0) & (pb_ >= 0) & ~shape_diff)[0]:
+                res = _payload_metrics(A, B, int(pa_[j]), int(pb_[j]), float(r[j]), float(at[j]))
+                if res is None:
+                    continue
+                metrics["payload"][int(sel[j])] = res[:3]
+                st[j] = SAME if res[3] else DRIFT
+        status[sel] = st
     return status, metrics
 
 
@@ -863,17 +865,6 @@ def _stream_table(A: TraceIndex, B: TraceIndex, table: str, p_e: int, keys, bloc
     return p0, status[:p0], np.concatenate(more)
 
 
-def _gather(ix: TraceIndex, table: str, rows: np.ndarray, tail: np.ndarray, p0: int) -> np.ndarray:
-    """Rows of a table: those from ``p0`` on from ``tail`` (rows ``[p0:]``, already read), the
-    others read from the trace."""
-    out = np.empty(len(rows), tail.dtype)
-    t = rows >= p0
-    out[t] = tail[rows[t] - p0]
-    if (~t).any():
-        out[~t] = ix.rows(table, rows[~t])
-    return out
-
-
 def _with_prefix(p: int, ia: np.ndarray, ib: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The pairs of a tail matched from row ``p`` on, after the ``p`` row-for-row pairs."""
     pre = np.arange(p, dtype=np.int64)
@@ -883,11 +874,10 @@ def _with_prefix(p: int, ia: np.ndarray, ib: np.ndarray) -> tuple[np.ndarray, np
 
 
 def _sequence_match(A: TraceIndex, B: TraceIndex, tr: np.ndarray, pa: np.ndarray, pb: np.ndarray,
-                    irr_a: np.ndarray, irr_b: np.ndarray, off: int, RA: np.ndarray,
-                    RB: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                    irr_a: np.ndarray, irr_b: np.ndarray, off: int) -> tuple[np.ndarray, np.ndarray]:
     """Align the reshapes of calls whose op sequences differ, call by call, with difflib:
     first on (op, call site), then the leftovers of each changed block by op, in order.
-    ``pa``/``irr_a``/``RA`` (and B's) are the table rows from ``off`` on; rows returned are global."""
+    ``pa``/``irr_a`` (and B's) describe the table rows from ``off`` on; rows returned are global."""
     import difflib
 
     ra_rows, rb_rows = np.nonzero(irr_a)[0], np.nonzero(irr_b)[0]
@@ -901,16 +891,16 @@ def _sequence_match(A: TraceIndex, B: TraceIndex, tr: np.ndarray, pa: np.ndarray
     gb = {}
     for r, k in zip((rb_rows + off).tolist(), pb[rb_rows].tolist()):
         gb.setdefault(k, []).append(r)
+    seq_a, op_a, file_a, line_a = (A.col("reshapes", f) for f in ("seq", "op", "site_file", "site_line"))
+    seq_b, op_b, file_b, line_b = (B.col("reshapes", f) for f in ("seq", "op", "site_file", "site_line"))
     for k, rows_a in ga.items():
         rows_b = gb.get(k)
         if not rows_b:
             continue
-        rows_a = sorted(rows_a, key=lambda r: int(RA["seq"][r - off]))
-        rows_b = sorted(rows_b, key=lambda r: int(RB["seq"][r - off]))
-        sa = [(int(tr[RA["op"][r - off]]), A.s(int(RA["site_file"][r - off])), int(RA["site_line"][r - off]))
-              for r in rows_a]
-        sb = [(int(RB["op"][r - off]), B.s(int(RB["site_file"][r - off])), int(RB["site_line"][r - off]))
-              for r in rows_b]
+        rows_a = sorted(rows_a, key=lambda r: int(seq_a[r]))
+        rows_b = sorted(rows_b, key=lambda r: int(seq_b[r]))
+        sa = [(int(tr[op_a[r]]), A.s(int(file_a[r])), int(line_a[r])) for r in rows_a]
+        sb = [(int(op_b[r]), B.s(int(file_b[r])), int(line_b[r])) for r in rows_b]
         sm = difflib.SequenceMatcher(a=sa, b=sb, autojunk=False)
         for tag, i1, i2, j1, j2 in sm.get_opcodes():
             if tag == "equal":
@@ -968,12 +958,12 @@ def _align_reshapes(A: TraceIndex, B: TraceIndex, tr: np.ndarray, pair_of_a, pai
     p0, pre_status, _ = _stream_table(
         A, B, "reshapes", p_e, [("op", tr), ("nth", None), ("site_file", tr), ("site_line", None)],
         lambda xa, xb: _reshape_block_status(xa, xb, tr, ok_id, all_ok))
-    RA, RB = A.rows("reshapes", slice(p0, None)), B.rows("reshapes", slice(p0, None))
     pa = _pair_col(A, "reshapes", pair_of_a, n_pairs, 0, p0)
     pb = _pair_col(B, "reshapes", pair_of_b, n_pairs, 1, p0)
     ta_, tb_ = na - p0, nb - p0
-    keys = _pack([np.concatenate([np.maximum(pa, 0), np.maximum(pb, 0)]), np.concatenate([tr[RA["op"]], RB["op"]]),
-                  np.concatenate([RA["nth"], RB["nth"]])])
+    keys = _pack([np.concatenate([np.maximum(pa, 0), np.maximum(pb, 0)]),
+                  np.concatenate([tr[A.col("reshapes", "op")[p0:]], B.col("reshapes", "op")[p0:]]),
+                  np.concatenate([A.col("reshapes", "nth")[p0:], B.col("reshapes", "nth")[p0:]])])
     # calls whose op sequences differ in length (an op inserted or removed) are aligned with a
     # sequence matcher instead, so one extra op does not shift every later occurrence (the
     # prefix holds as many rows of a call on both sides, so counting the tail is enough)
@@ -988,15 +978,16 @@ def _align_reshapes(A: TraceIndex, B: TraceIndex, tr: np.ndarray, pair_of_a, pai
     ia, ib, _ = _match(ka, kb)
     ia, ib = _with_prefix(p0, ia, ib)
     if len(irregular):
-        xa_, xb_ = _sequence_match(A, B, tr, pa, pb, irr_a, irr_b, p0, RA, RB)
+        xa_, xb_ = _sequence_match(A, B, tr, pa, pb, irr_a, irr_b, p0)
         if len(xa_):
             ia, ib = np.concatenate([ia, xa_]), np.concatenate([ib, xb_])
             o = np.argsort(ia, kind="stable")
             ia, ib = ia[o], ib[o]
     st = np.zeros(len(ia), np.int8)
     st[:p0] = pre_status
-    if len(ia) > p0:
-        st[p0:] = _reshape_status(_gather(A, "reshapes", ia[p0:], RA, p0), _gather(B, "reshapes", ib[p0:], RB, p0), tr)
+    for j0 in range(p0, len(ia), _BLOCK_ROWS):      # in blocks: the gathered rows stay in cache
+        j1 = min(len(ia), j0 + _BLOCK_ROWS)
+        st[j0:j1] = _reshape_status(A.fetch("reshapes", ia[j0:j1]), B.fetch("reshapes", ib[j0:j1]), tr)
     return _assemble(ia, ib, st, na, nb, A.col("reshapes", "step") if na else np.zeros(0, np.int64),
                      B.col("reshapes", "step") if nb else np.zeros(0, np.int64),
                      lambda r: _time_key(A.col("reshapes", "step")[r], A.col("reshapes", "seq")[r]),
