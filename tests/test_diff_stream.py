@@ -4,6 +4,7 @@ the tables are never loaded whole, and that the forked reader fails safe."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -21,8 +22,10 @@ from vlmscope.analyze._index import _ForkedReader, index_of, stream_pair  # noqa
 from vlmscope.analyze.diff import diff  # noqa: E402
 from vlmscope.trace import open_trace  # noqa: E402
 
-# big enough for several stream blocks of every table (so the forked reader runs)
-BIG = dict(n_events=30_000, n_layers=4, n_vision=1)
+align_mod = importlib.import_module("vlmscope.analyze.align")   # the module (the package exports the function)
+
+# big enough for many stream blocks of every table (so the forked workers run)
+BIG = dict(n_events=60_000, n_layers=4, n_vision=1)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +51,18 @@ def _report(a, b, preload: bool = False) -> tuple[str, tuple]:
 def test_streamed_diff_equals_diff_of_loaded_tables(pair, monkeypatch):
     clean, bad = pair
     with open_trace(clean) as t:
-        assert t.n_rows("tensors") > 4 * t.stream_rows("tensors", 2 << 20)   # several blocks
+        assert t.n_rows("tensors") > 8 * t.stream_rows("tensors", 2 << 20)   # many blocks
+    started = []
+    orig = align_mod._HalfWorker.start
+
+    def spy(*a, **k):
+        w = orig(*a, **k)
+        started.append(w is not None)
+        return w
+
+    monkeypatch.setattr(align_mod._HalfWorker, "start", spy)
     streamed, loaded = _report(clean, bad)
+    assert started and all(started)            # the second half of each big table was forked off
     assert loaded == (False,) * 4              # never held whole
     rep = json.loads(streamed)
     assert not rep["same"] and rep["first_divergence"]["step"] == 20
@@ -66,7 +79,6 @@ def test_streamed_diff_equals_diff_of_loaded_tables(pair, monkeypatch):
 def test_forked_reader_is_used_and_fails_safe(pair, tmp_path):
     clean, bad = pair
     with open_trace(clean) as ta, open_trace(bad) as tb:
-        A, B = index_of(ta), index_of(tb)
         n = ta.n_rows("tensors")
         rows = ta.stream_rows("tensors", 2 << 20)
         r = _ForkedReader.start(tb, "tensors", n, rows)

@@ -33,8 +33,11 @@ B), :data:`MISSING_B` (only in A).
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -43,7 +46,7 @@ import numpy as np
 
 from vlmscope.trace import ENC_NONE, ROLE_OUTPUT, Trace, open_trace
 
-from ._index import COMPACT_FIELDS, TraceIndex, compact_columns, index_of, stream_pair
+from ._index import COMPACT_FIELDS, STREAM_BYTES, TraceIndex, compact_columns, index_of, stream_pair
 
 SAME, SHAPE, DRIFT, MISSING_A, MISSING_B = 0, 1, 2, 3, 4
 STATUS_NAMES = {SAME: "same", SHAPE: "shape", DRIFT: "drift", MISSING_A: "missing_in_a", MISSING_B: "missing_in_b"}
@@ -832,15 +835,61 @@ def _stream_table(A: TraceIndex, B: TraceIndex, table: str, p_e: int, keys, bloc
     its rows, the status with ``block_status(xa, xb) -> (status, rows needing more)``.
 
     Returns (prefix length, status of the prefix rows, prefix rows needing more). The tables
-    are never held whole: what stays is about a tenth of their size."""
+    are never held whole: what stays is about a tenth of their size.
+
+    Big tables are cut in two: a forked worker (:class:`_HalfWorker`) does the second half of
+    the rows of both traces while this process does the first, so that the pass uses both of
+    a small machine's cores. Otherwise trace B is read by a forked reader (``stream_pair``)."""
     na, nb = A.n_rows(table), B.n_rows(table)
     n = min(na, nb)
     fields = COMPACT_FIELDS[table]
     ca, cb = compact_columns(A, table, na), compact_columns(B, table, nb)
     status = np.zeros(n, np.int8)
-    more = [np.zeros(0, np.int64)]
+    more: list[np.ndarray] = [np.zeros(0, np.int64)]
+    run = (p_e, keys, block_status, fields, ca, cb, status, more)
+    rows = max(A.trace.stream_rows(table, STREAM_BYTES), B.trace.stream_rows(table, STREAM_BYTES))
+    worker = _HalfWorker.start(A, B, table, n, rows, run) if n >= 8 * rows else None
+    if worker is None:
+        p0 = _stream_rows(stream_pair(A, B, table, n), *run)
+    else:
+        p0 = _stream_rows(_range_blocks(A.trace, B.trace, table, 0, worker.lo, rows), *run)
+        p1 = worker.join(run)
+        if p0 is None:
+            p0 = p1
+    p0 = n if p0 is None else p0
+    for ix, c, m in ((A, ca, na), (B, cb, nb)):
+        if m > n:
+            rest = ix.rows(table, slice(n, m))
+            for f in fields:
+                c[f][n:] = rest[f]
+        ix.set_compact(table, c)
+    more_rows = np.concatenate(more)
+    return p0, status[:p0], more_rows[more_rows < p0]
+
+
+def _range_blocks(ta: Trace, tb: Trace, table: str, lo: int, hi: int, rows: int, off: int = 0):
+    """Blocks ``(start, rows_a, rows_b)`` of rows ``[lo, hi)`` of both traces, read here into
+    reused buffers (``off``: a row offset subtracted from ``start``, for partial outputs)."""
+    bufs = [None, None]
+    for s in range(lo, hi, rows):
+        e = min(hi, s + rows)
+        out = []
+        for j, t in enumerate((ta, tb)):
+            if t.is_loaded(table):
+                out.append(t.table(table)[s:e])
+                continue
+            if bufs[j] is None:
+                bufs[j] = np.empty(min(rows, hi - lo), t.dataset_dtype(table))
+            out.append(t.read_rows(table, s, e, bufs[j]))
+        yield s - off, out[0], out[1]
+
+
+def _stream_rows(blocks, p_e, keys, block_status, fields, ca, cb, status, more) -> int | None:
+    """Consume ``blocks`` (``(start, rows_a, rows_b)``): copy the compact columns, and while the
+    rows pair up row for row, their status. Returns the first row that does not pair up (in
+    the blocks' numbering), or None."""
     p0 = None
-    for s, xa, xb in stream_pair(A, B, table, n):
+    for s, xa, xb in blocks:
         e = s + len(xa)
         for f in fields:
             ca[f][s:e] = xa[f]
@@ -855,14 +904,98 @@ def _stream_table(A: TraceIndex, B: TraceIndex, table: str, p_e: int, keys, bloc
             more.append(m + s + b0)
         if q < e - s:
             p0 = s + q
-    p0 = n if p0 is None else p0
-    for ix, c, m in ((A, ca, na), (B, cb, nb)):
-        if m > n:
-            rest = ix.rows(table, slice(n, m))
-            for f in fields:
-                c[f][n:] = rest[f]
-        ix.set_compact(table, c)
-    return p0, status[:p0], np.concatenate(more)
+    return p0
+
+
+class _HalfWorker:
+    """A forked process that streams rows ``[lo, n)`` of both traces' table (see
+    :func:`_stream_table`) and leaves its results (compact columns, statuses, rows needing
+    more, its first unpaired row) in shared memory. Started only where fork is safe (as
+    ``_ForkedReader``); if the worker fails, :meth:`join` does its half here."""
+
+    def __init__(self, A: TraceIndex, B: TraceIndex, table: str, lo: int, n: int, rows: int, run):
+        self.A, self.B, self.table, self.lo, self.n, self.rows = A, B, table, lo, n, rows
+        fields, ca, cb = run[3], run[4], run[5]
+        m = n - lo
+        self.shm = []
+
+        def shared(dtype, count):
+            buf = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize))
+            self.shm.append(buf)
+            return np.frombuffer(buf, dtype=dtype, count=count)
+
+        self.ca = {f: shared(ca[f].dtype, m) for f in fields}
+        self.cb = {f: shared(cb[f].dtype, m) for f in fields}
+        self.status = shared(np.int8, m)
+        self.more = shared(np.int64, m)
+        self.head = shared(np.int64, 2)          # [number of rows in ``more``, first unpaired row or -1]
+        self.pid = -1
+
+    @classmethod
+    def start(cls, A: TraceIndex, B: TraceIndex, table: str, n: int, rows: int, run) -> "_HalfWorker | None":
+        if (not hasattr(os, "fork") or sys.platform == "win32" or threading.active_count() != 1
+                or os.environ.get("VLMSCOPE_NO_FORK") or A.trace.is_loaded(table) or B.trace.is_loaded(table)):
+            return None
+        lo = (n // 2 // rows) * rows
+        try:
+            self = cls(A, B, table, lo, n, rows, run)
+            self.pid = os.fork()
+        except OSError:
+            return None
+        if self.pid == 0:
+            self._child(run)
+        return self
+
+    def _child(self, run) -> None:  # pragma: no cover - runs in the forked process
+        code = 1
+        try:
+            import h5py
+
+            p_e, keys, block_status, fields = run[:4]
+            with h5py.File(self.A.trace.path, "r") as fa, h5py.File(self.B.trace.path, "r") as fb:
+                more: list[np.ndarray] = [np.zeros(0, np.int64)]
+                q = _stream_rows(_file_blocks(fa[self.table], fb[self.table], self.lo, self.n, self.rows),
+                                 p_e, keys, block_status, fields, self.ca, self.cb, self.status, more)
+                mr = np.concatenate(more)
+                self.more[:len(mr)] = mr
+                self.head[0] = len(mr)
+                self.head[1] = -1 if q is None else q
+            code = 0
+        except BaseException:  # noqa: BLE001
+            code = 1
+        finally:
+            os._exit(code)
+
+    def join(self, run) -> int | None:
+        """Wait for the worker and take its results into ``run``'s outputs; returns the first
+        unpaired row of its half (absolute), or None."""
+        ok = False
+        try:
+            _, st = os.waitpid(self.pid, 0)
+            ok = os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
+        except OSError:
+            ok = False
+        p_e, keys, block_status, fields, ca, cb, status, more = run
+        lo, n = self.lo, self.n
+        if not ok:                                   # do the half here
+            return _stream_rows(_range_blocks(self.A.trace, self.B.trace, self.table, lo, n, self.rows), *run)
+        for f in fields:
+            ca[f][lo:n] = self.ca[f]
+            cb[f][lo:n] = self.cb[f]
+        status[lo:n] = self.status
+        more.append(self.more[:int(self.head[0])] + lo)
+        q = int(self.head[1])
+        return None if q < 0 else q + lo
+
+
+def _file_blocks(da, db, lo: int, hi: int, rows: int):
+    """Like :func:`_range_blocks` on two open h5py datasets, numbered from ``lo`` (0 = row lo)."""
+    bufs = [np.empty(min(rows, hi - lo), da.dtype), np.empty(min(rows, hi - lo), db.dtype)]
+    for s in range(lo, hi, rows):
+        e = min(hi, s + rows)
+        da.read_direct(bufs[0], np.s_[s:e], np.s_[0:e - s])
+        db.read_direct(bufs[1], np.s_[s:e], np.s_[0:e - s])
+        yield s - lo, bufs[0][:e - s], bufs[1][:e - s]
 
 
 def _with_prefix(p: int, ia: np.ndarray, ib: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
