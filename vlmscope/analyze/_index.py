@@ -101,6 +101,13 @@ def stream_pair(A: "TraceIndex", B: "TraceIndex", table: str, n: int, rows: int 
             reader.close()
 
 
+def fork_allowed() -> bool:
+    """Whether a helper process may be forked: POSIX ``fork``, a single-threaded parent (no
+    lock can be held across the fork) and ``VLMSCOPE_NO_FORK`` unset."""
+    return (hasattr(os, "fork") and sys.platform != "win32" and threading.active_count() == 1
+            and not os.environ.get("VLMSCOPE_NO_FORK"))
+
+
 class _ForkedReader:
     """A child process that reads one table's blocks into a ring of shared buffers, ahead of
     the parent, which takes them in order (``block``) and hands each slot back (``release``).
@@ -125,8 +132,7 @@ class _ForkedReader:
 
     @classmethod
     def start(cls, trace: Trace, table: str, n: int, rows: int) -> "_ForkedReader | None":
-        if (not hasattr(os, "fork") or sys.platform == "win32" or threading.active_count() != 1
-                or os.environ.get("VLMSCOPE_NO_FORK")):
+        if not fork_allowed():
             return None
         try:
             self = cls(trace, table, n, rows)

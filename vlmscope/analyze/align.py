@@ -36,8 +36,6 @@ from __future__ import annotations
 import mmap
 import os
 import re
-import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -46,7 +44,9 @@ import numpy as np
 
 from vlmscope.trace import ENC_NONE, ROLE_OUTPUT, Trace, open_trace
 
-from ._index import COMPACT_FIELDS, STREAM_BYTES, TraceIndex, compact_columns, index_of, stream_pair
+from ._index import (
+    COMPACT_FIELDS, STREAM_BYTES, TraceIndex, compact_columns, fork_allowed, index_of, stream_pair,
+)
 
 SAME, SHAPE, DRIFT, MISSING_A, MISSING_B = 0, 1, 2, 3, 4
 STATUS_NAMES = {SAME: "same", SHAPE: "shape", DRIFT: "drift", MISSING_A: "missing_in_a", MISSING_B: "missing_in_b"}
@@ -933,8 +933,7 @@ class _HalfWorker:
 
     @classmethod
     def start(cls, A: TraceIndex, B: TraceIndex, table: str, n: int, rows: int, run) -> "_HalfWorker | None":
-        if (not hasattr(os, "fork") or sys.platform == "win32" or threading.active_count() != 1
-                or os.environ.get("VLMSCOPE_NO_FORK") or A.trace.is_loaded(table) or B.trace.is_loaded(table)):
+        if not fork_allowed() or A.trace.is_loaded(table) or B.trace.is_loaded(table):
             return None
         lo = (n // 2 // rows) * rows
         try:
