@@ -33,10 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.synth_trace import make_trace  # noqa: E402
+from bench.synth_trace import cached_trace  # noqa: E402
 from vlmscope.analyze.check import check  # noqa: E402
 from vlmscope.analyze.diff import diff  # noqa: E402
-from vlmscope.trace import FORMAT_VERSION, open_trace  # noqa: E402
+from vlmscope.trace import open_trace  # noqa: E402
 
 N_LAYERS = 28
 
@@ -51,18 +51,10 @@ def traces(n_events: int, folder: Path) -> tuple[Path, Path, Path, int]:
     specs = {"a": {}, "b": {"drift": (mid, 10), "shape": (mid + 3, 5)}, "c": {"cache_twice": (1, 5)}}
     out = []
     for name, faults in specs.items():
-        p = folder / f"bench_{name}_{n_events}.h5"
-        if p.exists():   # a cached trace of an older format is written again
-            try:
-                with open_trace(p) as t:
-                    stale = t.format_version != FORMAT_VERSION
-            except Exception:  # noqa: BLE001
-                stale = True
-            if stale:
-                p.unlink()
-        if not p.exists():
-            t0 = time.perf_counter()
-            make_trace(p, n_events, n_layers=N_LAYERS, faults=faults)
+        t0 = time.perf_counter()
+        p, written = cached_trace(folder / f"bench_{name}_{n_events}.h5", n_events, n_layers=N_LAYERS,
+                                  faults=faults)
+        if written:
             print(f"wrote {p} in {time.perf_counter() - t0:.1f}s")
         out.append(p)
     return out[0], out[1], out[2], mid
@@ -75,8 +67,8 @@ def to_format1(src: Path, dst: Path) -> Path:
 
     from vlmscope.trace import TABLES, read_strings
 
-    if dst.exists():
-        return dst
+    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
+        return dst          # (a copy older than its source, rewritten since, is made again)
     tmp = dst.with_name(dst.name + ".tmp")
     with h5py.File(src, "r") as f, h5py.File(tmp, "w", libver="latest") as g:
         for k, v in f.attrs.items():

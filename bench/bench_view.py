@@ -46,22 +46,12 @@ SIZE = (160, 48)
 
 
 def make(path: Path, n_events: int) -> Path:
-    from synth_trace import make_trace
-
-    from vlmscope.trace import FORMAT_VERSION, open_trace
-
-    if path.exists():   # a cached trace of an older format is written again
-        try:
-            with open_trace(path) as t:
-                if t.format_version == FORMAT_VERSION:
-                    return path
-        except Exception:  # noqa: BLE001
-            pass
-        path.unlink()
+    from synth_trace import cached_trace
 
     t0 = time.perf_counter()
-    make_trace(path, n_events=n_events)
-    print(f"wrote {path} ({n_events} events) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    path, written = cached_trace(path, n_events=n_events)
+    if written:
+        print(f"wrote {path} ({n_events} events) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return path
 
 

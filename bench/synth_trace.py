@@ -48,16 +48,16 @@ import numpy as np
 try:  # runnable as a script from the repo root
     from vlmscope.trace import (
         ENC_BITS, ENC_INT64, ENC_NONE, EVENT_DTYPE, MODULE_DTYPE, PROBE_DTYPE, RESHAPE_DTYPE,
-        STEP_DTYPE, TENSOR_DTYPE, TraceWriter, pad_shape,
+        FORMAT_VERSION, STEP_DTYPE, TENSOR_DTYPE, TraceWriter, open_trace, pad_shape,
     )
 except ImportError:  # pragma: no cover
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from vlmscope.trace import (  # noqa: E402
         ENC_BITS, ENC_INT64, ENC_NONE, EVENT_DTYPE, MODULE_DTYPE, PROBE_DTYPE, RESHAPE_DTYPE,
-        STEP_DTYPE, TENSOR_DTYPE, TraceWriter, pad_shape,
+        FORMAT_VERSION, STEP_DTYPE, TENSOR_DTYPE, TraceWriter, open_trace, pad_shape,
     )
 
-__all__ = ["make_trace"]
+__all__ = ["make_trace", "cached_trace"]
 
 # Shape sentinels of the decode template (replaced per step).
 _K = -100   # real key length: cache_before + q_len
@@ -425,6 +425,21 @@ def _rows_info(a: np.ndarray) -> str:
     if a.ndim == 3:
         return json.dumps({"rows": [[int(r.min()), int(r.max())] for r in a]})
     return json.dumps({"rows": [[int(a.min()), int(a.max())]]})
+
+
+def cached_trace(path, *args: Any, **kwargs: Any) -> tuple[Path, bool]:
+    """``make_trace(path, ...)`` unless ``path`` already holds a trace of the current format
+    (benchmarks cache their big traces across runs). Returns (path, written)."""
+    path = Path(path)
+    if path.exists():
+        try:
+            with open_trace(path) as t:
+                if t.format_version == FORMAT_VERSION:
+                    return path, False
+        except Exception:  # noqa: BLE001 - unreadable: write it again
+            pass
+        path.unlink()
+    return make_trace(path, *args, **kwargs), True
 
 
 def make_trace(path, n_events: int = 1_000_000, *, n_steps: int | None = None, n_layers: int = 28,
