@@ -249,14 +249,12 @@ class TraceWriter:
     def _flush_strings(self) -> None:
         if not self._pending_strings:
             return
-        enc = [x.encode("utf-8", "surrogatepass") for x in self._pending_strings]
-        ends = self.string_bytes + np.cumsum([len(b) for b in enc], dtype=np.int64)
-        blob = np.frombuffer(b"".join(enc), dtype=np.uint8)
+        blob, ends = _encode_strings(self._pending_strings, self.string_bytes)
         if len(blob):
             self._write_block("strings", self.string_bytes, blob)
         self._write_block("string_ends", self.n_strings, ends)   # after the bytes they point into
         self.string_bytes = int(ends[-1])
-        self.n_strings += len(enc)
+        self.n_strings += len(ends)
         self._pending_strings = []
 
     # tables --------------------------------------------------------------
@@ -515,7 +513,7 @@ class Trace:
         if lay is None:
             ds = self._f[name]
             dt = ds.dtype
-            lay = self._cache[key] = (ds, dt, (ds.chunks or (max(1, (1 << 20) // dt.itemsize),))[0])
+            lay = self._cache[key] = (ds, dt, (ds.chunks or (max(1, CHUNK_BYTES // dt.itemsize),))[0])
         return lay
 
     def stream_rows(self, name: str, nbytes: int) -> int:
@@ -669,6 +667,14 @@ class Trace:
         return f"<Trace {self.path} v{self.format_version} {self.status} steps={self.n_steps}>"
 
 
+def _encode_strings(strings: list[str], start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Format-2 string storage: the UTF-8 bytes back to back, and each string's end offset
+    (counted from byte ``start`` of the whole array)."""
+    enc = [x.encode("utf-8", "surrogatepass") for x in strings]
+    ends = start + np.cumsum([len(b) for b in enc], dtype=np.int64)
+    return np.frombuffer(b"".join(enc), dtype=np.uint8), ends
+
+
 def read_strings(f: h5py.File) -> np.ndarray:
     """The interned strings of an open trace file, as an object array of ``str`` (index = id).
     Format 2 keeps UTF-8 bytes and end offsets; format 1 a variable-length string dataset."""
@@ -693,9 +699,7 @@ def write_strings(f: h5py.File, strings: Iterable[str]) -> None:
     if "string_ends" not in f:                                  # format 1
         f["strings"][:] = strings
         return
-    enc = [x.encode("utf-8", "surrogatepass") for x in strings]
-    blob = np.frombuffer(b"".join(enc), dtype=np.uint8)
-    ends = np.cumsum([len(b) for b in enc], dtype=np.int64)
+    blob, ends = _encode_strings(strings)
     f["strings"].resize((len(blob),))
     if len(blob):
         f["strings"][:] = blob
