@@ -54,9 +54,32 @@ def compact_columns(ix: "TraceIndex", table: str, n: int) -> dict[str, np.ndarra
 STREAM_BYTES = 2 << 20
 
 
-def compact_dtype(ix: "TraceIndex", table: str) -> np.dtype:
-    full = ix.trace.dataset_dtype(table)
-    return np.dtype([(f, full.fields[f][0]) for f in COMPACT_FIELDS[table]])
+def block_reader(trace: Trace, table: str, cap: int):
+    """``read(start, stop)``: rows of a table, as a slice of it when it is loaded whole, else
+    read into one reused buffer of ``cap`` rows (each call overwrites the previous block)."""
+    if trace.is_loaded(table):
+        whole = trace.table(table)
+        return lambda s, e: whole[s:e]
+    buf = np.empty(cap, trace.dataset_dtype(table))
+    return lambda s, e: trace.read_rows(table, s, e, buf)
+
+
+def dataset_reader(ds, cap: int):
+    """:func:`block_reader` on an open h5py dataset (a forked process opens its own files)."""
+    buf = np.empty(cap, ds.dtype)
+
+    def read(s: int, e: int) -> np.ndarray:
+        ds.read_direct(buf, np.s_[s:e], np.s_[0:e - s])
+        return buf[:e - s]
+
+    return read
+
+
+def paired_blocks(read_a, read_b, lo: int, hi: int, rows: int, base: int = 0):
+    """Yield ``(start - base, block_a, block_b)`` for rows ``[lo, hi)`` in blocks of ``rows``."""
+    for s in range(lo, hi, rows):
+        e = min(hi, s + rows)
+        yield s - base, read_a(s, e), read_b(s, e)
 
 
 def stream_pair(A: "TraceIndex", B: "TraceIndex", table: str, n: int, rows: int | None = None):
@@ -71,34 +94,20 @@ def stream_pair(A: "TraceIndex", B: "TraceIndex", table: str, n: int, rows: int 
         rows = max(A.trace.stream_rows(table, STREAM_BYTES), B.trace.stream_rows(table, STREAM_BYTES))
     if n <= 0:
         return
-    loaded_a, loaded_b = A.trace.is_loaded(table), B.trace.is_loaded(table)
+    read_a = block_reader(A.trace, table, min(rows, n))
     reader = None
-    if not loaded_b and not loaded_a and n >= 4 * rows:
+    if not A.trace.is_loaded(table) and not B.trace.is_loaded(table) and n >= 4 * rows:
         reader = _ForkedReader.start(B.trace, table, n, rows)
+    if reader is None:
+        yield from paired_blocks(read_a, block_reader(B.trace, table, min(rows, n)), 0, n, rows)
+        return
     try:
-        buf_a = buf_b = None
         for k, s in enumerate(range(0, n, rows)):
             e = min(n, s + rows)
-            if loaded_a:
-                xa = A.trace.table(table)[s:e]
-            else:
-                if buf_a is None:
-                    buf_a = np.empty(min(rows, n), A.trace.dataset_dtype(table))
-                xa = A.trace.read_rows(table, s, e, buf_a)
-            if reader is not None:
-                xb = reader.block(k, e - s)
-            elif loaded_b:
-                xb = B.trace.table(table)[s:e]
-            else:
-                if buf_b is None:
-                    buf_b = np.empty(min(rows, n), B.trace.dataset_dtype(table))
-                xb = B.trace.read_rows(table, s, e, buf_b)
-            yield s, xa, xb
-            if reader is not None:
-                reader.release(k)
+            yield s, read_a(s, e), reader.block(k, e - s)
+            reader.release(k)
     finally:
-        if reader is not None:
-            reader.close()
+        reader.close()
 
 
 def fork_allowed() -> bool:
@@ -112,9 +121,8 @@ class _ForkedReader:
     """A child process that reads one table's blocks into a ring of shared buffers, ahead of
     the parent, which takes them in order (``block``) and hands each slot back (``release``).
 
-    Started only where it is safe and worth it: POSIX ``fork``, a single-threaded parent (no
-    lock can be held across the fork) and ``VLMSCOPE_NO_FORK`` unset. The child opens the
-    file afresh and leaves with ``os._exit``. Any failure in the child (or in starting it)
+    Started only where :func:`fork_allowed` says so and the table spans several blocks. The
+    child opens the file afresh and leaves with ``os._exit``. Any failure in the child (or in starting it)
     makes the parent read the block itself: results never depend on the child."""
 
     SLOTS = 3
@@ -497,7 +505,7 @@ class TraceIndex:
         span when that is dense enough, else through :meth:`rows`. For passes over the rows
         of aligned pairs, block by block, without holding the table."""
         rows = np.asarray(rows, np.int64)
-        if not len(rows) or table not in COMPACT_FIELDS or table in self.__dict__ or self.trace.is_loaded(table):
+        if not len(rows) or self._whole(table):
             return self.rows(table, rows)
         lo, hi = int(rows.min()), int(rows.max()) + 1
         if hi - lo > 4 * len(rows) + (1 << 14):
@@ -508,6 +516,11 @@ class TraceIndex:
         out.view(np.uint8).reshape(len(rows), size)[:] = np.take(span.view(np.uint8).reshape(hi - lo, size),
                                                                  rows - lo, axis=0)
         return out
+
+    def _whole(self, table: str) -> bool:
+        """Rows of this table are served from the whole table: a small table, or one already
+        loaded (here or in the trace's cache)."""
+        return table not in COMPACT_FIELDS or table in self.__dict__ or self.trace.is_loaded(table)
 
     def _row_block_rows(self, table: str) -> int:
         return self.trace.stream_rows(table, 1 << 20)
@@ -529,7 +542,7 @@ class TraceIndex:
     def rows(self, table: str, idx) -> np.ndarray:
         """Rows of a table by index (an int, a slice or an index array), read from the file
         when the table is not loaded whole; many scattered rows load it whole instead."""
-        if table in self.__dict__ or table not in COMPACT_FIELDS or self.trace.is_loaded(table):
+        if self._whole(table):
             return getattr(self, table)[idx]
         n = self.trace.n_rows(table)
         if isinstance(idx, slice):

@@ -4,10 +4,10 @@ Used by ``vlmscope diff`` and by the viewer's diff mode. Everything is vectorise
 are packed into int64 and matched with sorting / ``searchsorted``.
 
 The two big tables (tensors, reshapes) are streamed, not loaded: one pass over both traces,
-block by block (trace B decompressed by a forked reader, see ``_index.stream_pair``), finds
-the leading rows that pair up row for row (two traces of one structure: nearly all of
-them), gives those their status on the spot and keeps a few compact columns; only the
-rows after that prefix are read whole and matched by key.
+block by block (its second half done by a forked worker, see ``_stream_table``), finds the
+leading rows that pair up row for row (two traces of one structure: nearly all of them),
+gives those their status on the spot and keeps a few compact columns. The rows after that
+prefix are matched by key on the compact columns, and their pairs compared block by block.
 
 - **Events** (module calls) are aligned by ``(step, module path, nth call)``.
 - **Tensors** by ``(aligned call, input|output, argument name)``.
@@ -45,7 +45,8 @@ import numpy as np
 from vlmscope.trace import ENC_NONE, ROLE_OUTPUT, Trace, open_trace
 
 from ._index import (
-    COMPACT_FIELDS, STREAM_BYTES, TraceIndex, compact_columns, fork_allowed, index_of, stream_pair,
+    STREAM_BYTES, TraceIndex, block_reader, compact_columns, dataset_reader, fork_allowed,
+    index_of, paired_blocks, stream_pair,
 )
 
 SAME, SHAPE, DRIFT, MISSING_A, MISSING_B = 0, 1, 2, 3, 4
@@ -626,7 +627,7 @@ def _same_string_ids(tr: np.ndarray) -> np.ndarray:
     return tr == np.arange(len(tr))
 
 
-def _block(table, first: str, names: tuple[str, ...]) -> np.ndarray:
+def _block(table: np.ndarray, first: str, names: tuple[str, ...]) -> np.ndarray:
     """``(n, k)`` view of ``k`` consecutive same-typed fields of a structured array (one pass
     over memory instead of k strided ones); a stacked copy when they are not consecutive."""
     f = table.dtype.fields
@@ -663,12 +664,6 @@ def _any1(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _stats_drift(xa: np.ndarray, xb: np.ndarray, r: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """Per row pair of tensor rows: do the stats differ beyond ``at + r * magnitude``?"""
-    return _drift(_block(xa, "min", _STATS), _block(xb, "min", _STATS),
-                  _block(xa, "nan", ("nan", "inf")), _block(xb, "nan", ("nan", "inf")), r, at)
-
-
 def _drift(sa: np.ndarray, sb: np.ndarray, na: np.ndarray, nb: np.ndarray, r: np.ndarray,
            at: np.ndarray) -> np.ndarray:
     """The drift test on stats ``(k, 5)`` (min max mean std absmax) and NaN/Inf counts ``(k, 2)``.
@@ -693,8 +688,9 @@ def _drift(sa: np.ndarray, sb: np.ndarray, na: np.ndarray, nb: np.ndarray, r: np
 
 def _tensor_block_status(xa: np.ndarray, xb: np.ndarray, tr: np.ndarray, r_lut: np.ndarray,
                          a_lut: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Status of row-for-row paired tensor rows (their names and roles are equal: that is what
-    paired them), and the rows that need more (both sides saved a payload)."""
+    """Status of paired tensor rows (paired by name and role, so only shape, dtype and stats
+    are compared; stats that are bit for bit equal skip the drift test), and the rows that
+    need more (both sides saved a payload)."""
     shape_ne = (xa["ndim"] != xb["ndim"]) | (tr[xa["dtype"]] != xb["dtype"]) | _any1(xa["shape"] != xb["shape"])
     sa, sb = _block(xa, "min", _STATS), _block(xb, "min", _STATS)
     na, nb = _block(xa, "nan", ("nan", "inf")), _block(xb, "nan", ("nan", "inf"))
@@ -722,14 +718,11 @@ def _tensor_status(A: TraceIndex, B: TraceIndex, tr: np.ndarray, ra: np.ndarray,
     for j0 in range(0, len(idx), _BLOCK_ROWS):     # in blocks: the gathered rows stay in cache
         sel = idx[j0:j0 + _BLOCK_ROWS]
         xa, xb = A.fetch("tensors", ra[sel]), B.fetch("tensors", rb[sel])
-        dt_a = xa["dtype"]
-        shape_diff = (xa["ndim"] != xb["ndim"]) | _any1(xa["shape"] != xb["shape"]) | (tr[dt_a] != xb["dtype"])
-        r, at = r_lut[dt_a], a_lut[dt_a]
-        st = np.where(shape_diff, SHAPE, np.where(_stats_drift(xa, xb, r, at), DRIFT, SAME)).astype(np.int8)
+        st, both = _tensor_block_status(xa, xb, tr, r_lut, a_lut)
         if payloads:
-            pa_, pb_ = xa["payload"], xb["payload"]
-            for j in np.nonzero((pa_ >= 0) & (pb_ >= 0) & ~shape_diff)[0]:
-                res = _payload_metrics(A, B, int(pa_[j]), int(pb_[j]), float(r[j]), float(at[j]))
+            pa_, pb_, dt_a = xa["payload"], xb["payload"], xa["dtype"]
+            for j in both[st[both] != SHAPE]:
+                res = _payload_metrics(A, B, int(pa_[j]), int(pb_[j]), float(r_lut[dt_a[j]]), float(a_lut[dt_a[j]]))
                 if res is None:
                     continue
                 metrics["payload"][int(sel[j])] = res[:3]
@@ -829,6 +822,43 @@ def _child_prefix(A: TraceIndex, B: TraceIndex, table: str, p_e: int,
     return n
 
 
+@dataclass
+class _Stream:
+    """What a streaming pass over one table matches on and where it writes (see
+    :func:`_stream_table`): compact columns of both traces, the status of the row-for-row
+    prefix, and the prefix rows that need more."""
+
+    p_e: int                      # events' row-for-row prefix
+    keys: list                    # (field, string-id lut or None) that must agree row for row
+    block_status: object          # (rows_a, rows_b) -> (status, rows needing more)
+    ca: dict                      # compact columns of A (field -> array)
+    cb: dict
+    status: np.ndarray
+    more: list = field(default_factory=list)
+
+    def run(self, blocks) -> int | None:
+        """Consume ``blocks`` (``(start, rows_a, rows_b)``): copy the compact columns, and while
+        the rows pair up row for row, their status. Returns the first row that does not pair up
+        (in the blocks' numbering), or None."""
+        p0 = None
+        for s, xa, xb in blocks:
+            e = s + len(xa)
+            for f in self.ca:
+                self.ca[f][s:e] = xa[f]
+                self.cb[f][s:e] = xb[f]
+            if p0 is not None:
+                continue
+            q = _block_prefix(xa, xb, self.p_e, self.keys)
+            for b0 in range(0, q, _BLOCK_ROWS):         # in cache-sized pieces
+                b1 = min(q, b0 + _BLOCK_ROWS)
+                st, m = self.block_status(xa[b0:b1], xb[b0:b1])
+                self.status[s + b0:s + b1] = st
+                self.more.append(m + s + b0)
+            if q < e - s:
+                p0 = s + q
+        return p0
+
+
 def _stream_table(A: TraceIndex, B: TraceIndex, table: str, p_e: int, keys, block_status):
     """One pass over both traces' ``table`` (tensors or reshapes), block by block: keeps each
     trace's compact columns (:data:`COMPACT_FIELDS`), finds the row-for-row prefix and, for
@@ -842,80 +872,42 @@ def _stream_table(A: TraceIndex, B: TraceIndex, table: str, p_e: int, keys, bloc
     a small machine's cores. Otherwise trace B is read by a forked reader (``stream_pair``)."""
     na, nb = A.n_rows(table), B.n_rows(table)
     n = min(na, nb)
-    fields = COMPACT_FIELDS[table]
-    ca, cb = compact_columns(A, table, na), compact_columns(B, table, nb)
-    status = np.zeros(n, np.int8)
-    more: list[np.ndarray] = [np.zeros(0, np.int64)]
-    run = (p_e, keys, block_status, fields, ca, cb, status, more)
+    out = _Stream(p_e, keys, block_status, compact_columns(A, table, na), compact_columns(B, table, nb),
+                  np.zeros(n, np.int8), [np.zeros(0, np.int64)])
     rows = max(A.trace.stream_rows(table, STREAM_BYTES), B.trace.stream_rows(table, STREAM_BYTES))
-    worker = _HalfWorker.start(A, B, table, n, rows, run) if n >= 8 * rows else None
+    worker = _HalfWorker.start(A, B, table, n, rows, out) if n >= 8 * rows else None
     if worker is None:
-        p0 = _stream_rows(stream_pair(A, B, table, n), *run)
+        p0 = out.run(stream_pair(A, B, table, n))
     else:
-        p0 = _stream_rows(_range_blocks(A.trace, B.trace, table, 0, worker.lo, rows), *run)
-        p1 = worker.join(run)
+        p0 = out.run(_trace_blocks(A, B, table, 0, worker.lo, rows))
+        p1 = worker.join(out)
         if p0 is None:
             p0 = p1
     p0 = n if p0 is None else p0
-    for ix, c, m in ((A, ca, na), (B, cb, nb)):
+    for ix, c, m in ((A, out.ca, na), (B, out.cb, nb)):
         if m > n:
             rest = ix.rows(table, slice(n, m))
-            for f in fields:
+            for f in c:
                 c[f][n:] = rest[f]
         ix.set_compact(table, c)
-    more_rows = np.concatenate(more)
-    return p0, status[:p0], more_rows[more_rows < p0]
+    more_rows = np.concatenate(out.more)
+    return p0, out.status[:p0], more_rows[more_rows < p0]
 
 
-def _range_blocks(ta: Trace, tb: Trace, table: str, lo: int, hi: int, rows: int, off: int = 0):
-    """Blocks ``(start, rows_a, rows_b)`` of rows ``[lo, hi)`` of both traces, read here into
-    reused buffers (``off``: a row offset subtracted from ``start``, for partial outputs)."""
-    bufs = [None, None]
-    for s in range(lo, hi, rows):
-        e = min(hi, s + rows)
-        out = []
-        for j, t in enumerate((ta, tb)):
-            if t.is_loaded(table):
-                out.append(t.table(table)[s:e])
-                continue
-            if bufs[j] is None:
-                bufs[j] = np.empty(min(rows, hi - lo), t.dataset_dtype(table))
-            out.append(t.read_rows(table, s, e, bufs[j]))
-        yield s - off, out[0], out[1]
-
-
-def _stream_rows(blocks, p_e, keys, block_status, fields, ca, cb, status, more) -> int | None:
-    """Consume ``blocks`` (``(start, rows_a, rows_b)``): copy the compact columns, and while the
-    rows pair up row for row, their status. Returns the first row that does not pair up (in
-    the blocks' numbering), or None."""
-    p0 = None
-    for s, xa, xb in blocks:
-        e = s + len(xa)
-        for f in fields:
-            ca[f][s:e] = xa[f]
-            cb[f][s:e] = xb[f]
-        if p0 is not None:
-            continue
-        q = _block_prefix(xa, xb, p_e, keys)
-        for b0 in range(0, q, _BLOCK_ROWS):         # in cache-sized pieces
-            b1 = min(q, b0 + _BLOCK_ROWS)
-            st, m = block_status(xa[b0:b1], xb[b0:b1])
-            status[s + b0:s + b1] = st
-            more.append(m + s + b0)
-        if q < e - s:
-            p0 = s + q
-    return p0
+def _trace_blocks(A: TraceIndex, B: TraceIndex, table: str, lo: int, hi: int, rows: int):
+    """Blocks of rows ``[lo, hi)`` of both traces, read in this process."""
+    cap = min(rows, hi - lo)
+    return paired_blocks(block_reader(A.trace, table, cap), block_reader(B.trace, table, cap), lo, hi, rows)
 
 
 class _HalfWorker:
     """A forked process that streams rows ``[lo, n)`` of both traces' table (see
     :func:`_stream_table`) and leaves its results (compact columns, statuses, rows needing
-    more, its first unpaired row) in shared memory. Started only where fork is safe (as
-    ``_ForkedReader``); if the worker fails, :meth:`join` does its half here."""
+    more, its first unpaired row) in shared memory. Started only where :func:`fork_allowed`
+    says so; if the worker fails, :meth:`join` does its half here."""
 
-    def __init__(self, A: TraceIndex, B: TraceIndex, table: str, lo: int, n: int, rows: int, run):
+    def __init__(self, A: TraceIndex, B: TraceIndex, table: str, lo: int, n: int, rows: int, out: _Stream):
         self.A, self.B, self.table, self.lo, self.n, self.rows = A, B, table, lo, n, rows
-        fields, ca, cb = run[3], run[4], run[5]
         m = n - lo
         self.shm = []
 
@@ -924,38 +916,38 @@ class _HalfWorker:
             self.shm.append(buf)
             return np.frombuffer(buf, dtype=dtype, count=count)
 
-        self.ca = {f: shared(ca[f].dtype, m) for f in fields}
-        self.cb = {f: shared(cb[f].dtype, m) for f in fields}
-        self.status = shared(np.int8, m)
+        # the worker's _Stream: the same matching, its outputs in shared memory (rows from lo)
+        self.out = _Stream(out.p_e, out.keys, out.block_status, {f: shared(c.dtype, m) for f, c in out.ca.items()},
+                           {f: shared(c.dtype, m) for f, c in out.cb.items()}, shared(np.int8, m),
+                           [np.zeros(0, np.int64)])
         self.more = shared(np.int64, m)
         self.head = shared(np.int64, 2)          # [number of rows in ``more``, first unpaired row or -1]
         self.pid = -1
 
     @classmethod
-    def start(cls, A: TraceIndex, B: TraceIndex, table: str, n: int, rows: int, run) -> "_HalfWorker | None":
+    def start(cls, A: TraceIndex, B: TraceIndex, table: str, n: int, rows: int, out: _Stream) -> "_HalfWorker | None":
         if not fork_allowed() or A.trace.is_loaded(table) or B.trace.is_loaded(table):
             return None
         lo = (n // 2 // rows) * rows
         try:
-            self = cls(A, B, table, lo, n, rows, run)
+            self = cls(A, B, table, lo, n, rows, out)
             self.pid = os.fork()
         except OSError:
             return None
         if self.pid == 0:
-            self._child(run)
+            self._child()
         return self
 
-    def _child(self, run) -> None:  # pragma: no cover - runs in the forked process
+    def _child(self) -> None:  # pragma: no cover - runs in the forked process
         code = 1
         try:
             import h5py
 
-            p_e, keys, block_status, fields = run[:4]
+            cap = min(self.rows, self.n - self.lo)
             with h5py.File(self.A.trace.path, "r") as fa, h5py.File(self.B.trace.path, "r") as fb:
-                more: list[np.ndarray] = [np.zeros(0, np.int64)]
-                q = _stream_rows(_file_blocks(fa[self.table], fb[self.table], self.lo, self.n, self.rows),
-                                 p_e, keys, block_status, fields, self.ca, self.cb, self.status, more)
-                mr = np.concatenate(more)
+                q = self.out.run(paired_blocks(dataset_reader(fa[self.table], cap), dataset_reader(fb[self.table], cap),
+                                               self.lo, self.n, self.rows, base=self.lo))
+                mr = np.concatenate(self.out.more)
                 self.more[:len(mr)] = mr
                 self.head[0] = len(mr)
                 self.head[1] = -1 if q is None else q
@@ -965,36 +957,25 @@ class _HalfWorker:
         finally:
             os._exit(code)
 
-    def join(self, run) -> int | None:
-        """Wait for the worker and take its results into ``run``'s outputs; returns the first
-        unpaired row of its half (absolute), or None."""
+    def join(self, out: _Stream) -> int | None:
+        """Wait for the worker and take its results into ``out``; returns the first unpaired
+        row of its half (absolute), or None."""
         ok = False
         try:
             _, st = os.waitpid(self.pid, 0)
             ok = os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
         except OSError:
             ok = False
-        p_e, keys, block_status, fields, ca, cb, status, more = run
         lo, n = self.lo, self.n
         if not ok:                                   # do the half here
-            return _stream_rows(_range_blocks(self.A.trace, self.B.trace, self.table, lo, n, self.rows), *run)
-        for f in fields:
-            ca[f][lo:n] = self.ca[f]
-            cb[f][lo:n] = self.cb[f]
-        status[lo:n] = self.status
-        more.append(self.more[:int(self.head[0])] + lo)
+            return out.run(_trace_blocks(self.A, self.B, self.table, lo, n, self.rows))
+        for f in out.ca:
+            out.ca[f][lo:n] = self.out.ca[f]
+            out.cb[f][lo:n] = self.out.cb[f]
+        out.status[lo:n] = self.out.status
+        out.more.append(self.more[:int(self.head[0])] + lo)
         q = int(self.head[1])
         return None if q < 0 else q + lo
-
-
-def _file_blocks(da, db, lo: int, hi: int, rows: int):
-    """Like :func:`_range_blocks` on two open h5py datasets, numbered from ``lo`` (0 = row lo)."""
-    bufs = [np.empty(min(rows, hi - lo), da.dtype), np.empty(min(rows, hi - lo), db.dtype)]
-    for s in range(lo, hi, rows):
-        e = min(hi, s + rows)
-        da.read_direct(bufs[0], np.s_[s:e], np.s_[0:e - s])
-        db.read_direct(bufs[1], np.s_[s:e], np.s_[0:e - s])
-        yield s - lo, bufs[0][:e - s], bufs[1][:e - s]
 
 
 def _with_prefix(p: int, ia: np.ndarray, ib: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

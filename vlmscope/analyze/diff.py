@@ -233,6 +233,7 @@ def _groups(al: Alignment, tid: np.ndarray, idx: np.ndarray, step_all: np.ndarra
         return []
     A, B = al.ix_a, al.ix_b
     names = ("events", "tensors", "reshapes", "probes")
+    n_mod = max(len(A.module_paths), len(B.module_paths)) + 1
     rows = []
     for t in range(4):
         sel = np.nonzero(tid == t)[0]
@@ -257,7 +258,6 @@ def _groups(al: Alignment, tid: np.ndarray, idx: np.ndarray, step_all: np.ndarra
         st = tbl.status[i].astype(np.int64)
         step = step_all[sel]
         # a dense group key (side, module, status): counted with bincount, no sorting
-        n_mod = max(len(A.module_paths), len(B.module_paths)) + 1
         gk = (side * n_mod + mod + 1) * 8 + st
         cnt_all = np.bincount(gk)
         u = np.nonzero(cnt_all)[0]
