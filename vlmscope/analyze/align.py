@@ -453,29 +453,22 @@ def _assemble(ia, ib, st_pair, n_a, n_b, step_a, step_b, time_a_fn, time_b_fn, p
         status = np.concatenate([np.asarray(st_pair, np.int8), np.full(len(only_a), MISSING_B, np.int8),
                                  np.full(len(only_b), MISSING_A, np.int8)])
 
-    def step_fn(idx):
-        idx = np.asarray(idx, np.int64)
-        ra, rb = a[idx], b[idx]
-        out = np.zeros(len(idx), np.int64)
-        h = ra >= 0
-        if h.any():
-            out[h] = step_a[ra[h]]
-        if (~h).any():
-            out[~h] = step_b[rb[~h]]
-        return out
+    def by_side(fa, fb):
+        """A per-node value: ``fa`` of the A row where there is one, else ``fb`` of the B row."""
+        def fn(idx):
+            idx = np.asarray(idx, np.int64)
+            ra, rb = a[idx], b[idx]
+            out = np.zeros(len(idx), np.int64)
+            h = ra >= 0
+            if h.any():
+                out[h] = fa(ra[h])
+            if (~h).any():
+                out[~h] = fb(rb[~h])
+            return out
+        return fn
 
-    def time_fn(idx):
-        idx = np.asarray(idx, np.int64)
-        ra, rb = a[idx], b[idx]
-        out = np.zeros(len(idx), np.int64)
-        h = ra >= 0
-        if h.any():
-            out[h] = time_a_fn(ra[h])
-        if (~h).any():
-            out[~h] = proj(time_b_fn(rb[~h]))
-        return out
-
-    return Aligned(a, b, status, step_fn, time_fn)
+    return Aligned(a, b, status, by_side(lambda r: step_a[r], lambda r: step_b[r]),
+                   by_side(time_a_fn, lambda r: proj(time_b_fn(r))))
 
 
 # ============================================================================ align
