@@ -8,20 +8,25 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from vlmscope._version import __version__
 
 from vlmscope.trace import Trace, TraceError, open_trace  # noqa: E402  (h5py, hdf5plugin, numpy only)
 
-__all__ = ["__version__", "Trace", "TraceError", "open_trace", "record", "Recorder"]
+__all__ = ["__version__", "Trace", "TraceError", "open_trace", "record", "Recorder", "expect"]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from vlmscope.analyze.expect import expect
     from vlmscope.recorder import Recorder, record
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: the recorder imports torch.
+    # Lazy: the recorder imports torch; the analysis engine is loaded only when used.
     if name in ("record", "Recorder"):
         from vlmscope import recorder
 
         return getattr(recorder, name)
+    if name == "expect":
+        from vlmscope.analyze.expect import expect
+
+        return expect
     raise AttributeError(f"module 'vlmscope' has no attribute {name!r}")

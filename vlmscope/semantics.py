@@ -1,0 +1,145 @@
+"""Model semantics shared by recording, analysis and the viewer.
+
+What a Qwen-VL module tree means: where the decoder layers are, which subtree is the vision
+tower and which module merges its patches, which tokens of ``input_ids`` are image
+placeholders, and how a shape is written. The recorder decides these once from the live
+model and stores them in the trace's ``/meta`` (``decoder_layers``, ``text_model``,
+``vision_model``, ``merger``, ``image_token_id``); readers use the same functions when a
+trace lacks them. numpy only: this module sits beside :mod:`vlmscope.trace` at the bottom
+of the layers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+#: words that mark a module path as part of the vision side
+VISION_WORDS = ("visual", "vision", "vit", "image_encoder", "clip")
+#: last path components of the module that turns vision features into LM embeddings
+MERGER_NAMES = ("merger", "projector", "mm_projector", "multi_modal_projector", "visual_projection",
+                "vision_proj", "img_projection")
+_NUMBERED = re.compile(r"^(.*)\.(\d+)$")
+
+
+@dataclass(frozen=True)
+class Structure:
+    """The recognised parts of a VLM's module tree (dotted paths, or None when absent)."""
+
+    decoder_layers: str | None = None   # the ModuleList of decoder blocks
+    text_model: str | None = None       # its parent: the language model
+    vision_model: str | None = None     # the vision tower
+    merger: str | None = None           # the patch merger / projector
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def is_vision_path(path: str) -> bool:
+    """Whether any part of a dotted module path names the vision side."""
+    return any(k in path for k in VISION_WORDS)
+
+
+def find_decoder_layers(paths: Sequence[str], list_sizes: Mapping[str, int] | None = None) -> str | None:
+    """The decoder-layer container: the largest module list outside the vision tower.
+
+    ``list_sizes`` maps the paths of the model's ``ModuleList``s to their lengths (the recorder
+    knows them); without it the containers are inferred from numbered children
+    (``x.0``, ``x.1``, ...). The first of equally large candidates wins.
+    """
+    if list_sizes is None:
+        counts: dict[str, int] = {}
+        for p in paths:
+            m = _NUMBERED.match(p)
+            if m:
+                counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+        list_sizes = counts
+    best, best_n = None, 0
+    for p, n in list_sizes.items():
+        if n > best_n and not is_vision_path(p):
+            best, best_n = p, n
+    return best
+
+
+def find_vision_model(paths: Iterable[str]) -> str | None:
+    """The shallowest module whose own name is vision-like (or that ends in ``visual``)."""
+    vision = [p for p in paths if p and is_vision_path(p.rsplit(".", 1)[-1]) or p.endswith("visual")]
+    return min(vision, key=lambda p: p.count(".")) if vision else None
+
+
+def find_merger(paths: Iterable[str]) -> str | None:
+    """The shallowest module named like a patch merger or multimodal projector."""
+    merger = [p for p in paths if p.rsplit(".", 1)[-1] in MERGER_NAMES]
+    return min(merger, key=lambda p: p.count(".")) if merger else None
+
+
+def find_structure(paths: Sequence[str], list_sizes: Mapping[str, int] | None = None) -> Structure:
+    """Decoder layers, text model, vision tower and merger of a module tree."""
+    layers = find_decoder_layers(paths, list_sizes)
+    return Structure(
+        decoder_layers=layers,
+        text_model=layers.rpartition(".")[0] if layers else None,
+        vision_model=find_vision_model(paths),
+        merger=find_merger(paths),
+    )
+
+
+def text_model_of(decoder_layers: str | None) -> str | None:
+    """The language model holding a decoder-layer container (its parent), or None."""
+    return decoder_layers.rsplit(".", 1)[0] if decoder_layers and "." in decoder_layers else None
+
+
+def is_under(path: str, prefix: str | None) -> bool:
+    """``path`` is ``prefix`` or lies below it (``""`` is the root: everything is under it)."""
+    if prefix is None:
+        return False
+    return prefix == "" or path == prefix or path.startswith(prefix + ".")
+
+
+def layer_index(path: str, decoder_layers: str | None, *, inside: bool = False) -> int:
+    """Decoder-layer number of ``path`` (``model.layers.3`` -> 3), else -1. With ``inside``,
+    modules below a layer (``model.layers.3.mlp``) count as that layer too."""
+    if not decoder_layers or not path.startswith(decoder_layers + "."):
+        return -1
+    head, _, rest = path[len(decoder_layers) + 1:].partition(".")
+    if not head.isdecimal() or (rest and not inside):
+        return -1
+    return int(head)
+
+
+# ---------------------------------------------------------------------------- image spans
+
+
+def image_spans(ids: np.ndarray, image_token_id: int) -> list[list[int]]:
+    """Runs of image placeholder tokens, ``[[batch_row, start, end), ...]``, row by row.
+    ``ids`` is ``input_ids`` of any rank (the last axis is the sequence)."""
+    rows = ids.reshape(-1, ids.shape[-1]) if ids.ndim else ids.reshape(1, 1)
+    spans: list[list[int]] = []
+    for b, row in enumerate(rows):
+        d = np.diff(np.concatenate([[0], (row == image_token_id).astype(np.int8), [0]]))
+        spans += [[b, int(s), int(e)] for s, e in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1))]
+    return spans
+
+
+def image_token_count(ids: np.ndarray, image_token_id: int) -> int:
+    """Image placeholder tokens in ``input_ids`` (all rows)."""
+    return int((ids == image_token_id).sum())
+
+
+def segments(row: np.ndarray, image_token_id: int) -> list[list]:
+    """One sequence split into alternating spans: ``[["text"|"image", start, end), ...]``."""
+    img = row == image_token_id
+    cuts = np.flatnonzero(np.diff(img.astype(np.int8))) + 1
+    bounds = [0, *cuts.tolist(), len(row)]
+    return [["image" if img[a] else "text", a, b] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+# ---------------------------------------------------------------------------- shapes
+
+
+def fmt_shape(shape: Iterable[int], compact: bool = False) -> str:
+    """``(1, 3, 4)`` -> ``"[1, 3, 4]"`` (``"[1,3,4]"`` when compact): how every report writes a shape."""
+    return "[" + ("," if compact else ", ").join(str(int(d)) for d in shape) + "]"
