@@ -122,9 +122,9 @@ def _load_checkpoint(path: Path, opts: dict) -> tuple[Any, Any]:
         kw["attn_implementation"] = opts["attn_implementation"]
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - the user's checkpoint: transformers rejects its config
         raise ModelLoadError(f"not a supported model ({cfg.get('model_type', '?')}): {path}: "
-                             f"{str(e).splitlines()[0]}") from None
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     multimodal = getattr(config, "vision_config", None) is not None
     try:
         if multimodal:
@@ -134,7 +134,7 @@ def _load_checkpoint(path: Path, opts: dict) -> tuple[Any, Any]:
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(path, **kw)
             proc = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - the user's checkpoint: its weights or processor files fail to load
         raise ModelLoadError(f"cannot load model from {path}: {type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
     model.to(opts.get("device") or "cpu")

@@ -1,0 +1,311 @@
+"""Step assembly: a finished step buffer becomes one block per table, appended to the trace.
+
+This runs once per step, after the step's one device->host copy: it turns the typed rows
+into the numpy structured arrays of :mod:`vlmscope.trace` (step-local row references
+become global ones), derives the stats and the probes' info from the copied bytes, and
+writes the step's ``/steps`` row.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vlmscope import trace as T
+from vlmscope.recorder.buffer import ProbeRow, StepBuffer, columns
+from vlmscope.recorder.stats import copy_to_host, float_at, stats_from_blob
+from vlmscope.recorder.structure import ModelInfo
+from vlmscope.semantics import image_spans, image_token_count, is_under, segments
+
+
+@dataclass(frozen=True)
+class Bases:
+    """Global row index of the step's first row in each table."""
+
+    events: int
+    tensors: int
+    reshapes: int
+    probes: int
+
+
+def write_step(w: T.TraceWriter, st: StepBuffer, model: ModelInfo) -> int:
+    """Write the step ``st``; returns its number of events."""
+    for row in st.events:  # calls still open (the step raised): keep what they saw
+        if row.pending:
+            st.flush_tensors(row)
+    blob = copy_to_host(st)  # the one device->host copy of this step
+    base = Bases(w.counts["events"], w.counts["tensors"], w.counts["reshapes"], w.counts["probes"])
+    payload_ids = write_payloads(w, st, blob)
+    events = events_table(st, base)
+    tensors = tensors_table(st, blob, base, payload_ids)
+    reshapes = reshapes_table(st, base)
+    probes, pos_rows = ProbeAssembly(w, st, blob, model).table(base)
+    w.append("events", events)
+    w.append("tensors", tensors)
+    w.append("reshapes", reshapes)
+    w.append("probes", probes)
+    w.append("steps", step_row(st, base, pos_rows))
+    w.end_step()
+    return len(events)
+
+
+def write_payloads(w: T.TraceWriter, st: StepBuffer, blob: np.ndarray) -> list[int]:
+    """Store the step's requested payloads; returns their /payloads numbers by request index."""
+    ids: list[int] = []
+    for req in st.payloads:
+        arr = blob[req.off:req.off + req.nbytes].view(np.dtype(req.dtype) if req.dtype != "bool" else np.uint8)
+        ids.append(w.add_payload(arr.reshape(req.shape).copy(), module=req.module, step=st.index, name=req.name,
+                                 dtype=req.orig_dtype))
+    return ids
+
+
+def events_table(st: StepBuffer, base: Bases) -> np.ndarray:
+    ev = np.zeros(len(st.events), T.EVENT_DTYPE)
+    if not st.events:
+        return ev
+    seq, end_seq, module, nth, depth, parent, tstart, tcount, status, dur = columns(
+        st.events, "seq", "end_seq", "module", "nth", "depth", "parent", "tensor_start", "tensor_count",
+        "status", "dur_us")
+    ev["step"] = st.index
+    ev["seq"] = seq
+    end = np.asarray(end_seq)
+    ev["end_seq"] = np.where(end < 0, st.seq, end)  # calls still open end with the step
+    ev["module"] = module
+    ev["nth"] = nth
+    ev["depth"] = depth
+    par = np.asarray(parent, dtype=np.int64)
+    ev["parent"] = np.where(par >= 0, par + base.events, -1)
+    ev["tensor_start"] = np.asarray(tstart, dtype=np.int64) + base.tensors
+    ev["tensor_count"] = tcount
+    ev["status"] = status
+    ev["dur_us"] = dur
+    return ev
+
+
+def tensors_table(st: StepBuffer, blob: np.ndarray, base: Bases, payload_ids: list[int]) -> np.ndarray:
+    tt = np.zeros(len(st.tensors), T.TENSOR_DTYPE)
+    if not st.tensors:
+        return tt
+    event, role, name, ndim, shape, dtype, device, numel, slots, payload = columns(
+        st.tensors, "event", "role", "name", "ndim", "shape", "dtype", "device", "numel", "stats", "payload")
+    tt["step"] = st.index
+    tt["event"] = np.asarray(event, dtype=np.int64) + base.events
+    tt["role"] = role
+    tt["name"] = name
+    tt["ndim"] = ndim
+    tt["shape"] = [T.pad_shape(s) for s in shape]
+    tt["dtype"] = dtype
+    tt["device"] = device
+    tt["numel"] = numel
+    stats = stats_from_blob(blob, slots)
+    mn, mx, total, norm, nan, inf = stats.T
+    n = np.maximum(np.asarray(numel, dtype=np.float64), 1)
+    mean = total / n
+    with np.errstate(invalid="ignore", over="ignore"):
+        var = np.maximum(norm ** 2 / n - mean ** 2, 0.0)
+    tt["min"], tt["max"], tt["mean"], tt["std"] = mn, mx, mean, np.sqrt(var)
+    tt["absmax"] = np.maximum(np.abs(mn), np.abs(mx))
+    tt["nan"] = np.nan_to_num(nan, nan=0).astype(np.int64)
+    tt["inf"] = np.nan_to_num(inf, nan=0).astype(np.int64)
+    tt["payload"] = [payload_ids[p] if p >= 0 else -1 for p in payload]
+    return tt
+
+
+def reshapes_table(st: StepBuffer, base: Bases) -> np.ndarray:
+    rr = np.zeros(len(st.reshapes), T.RESHAPE_DTYPE)
+    if not st.reshapes:
+        return rr
+    (seq, event, module, op, nth, n_in, in_shape, in_shapes, in_dtypes, args, n_out, out_shape, out_dtype,
+     site, status) = columns(st.reshapes, "seq", "event", "module", "op", "nth", "n_in", "in_shape", "in_shapes",
+                             "in_dtypes", "args", "n_out", "out_shape", "out_dtype", "site", "status")
+    rr["step"] = st.index
+    rr["seq"] = seq
+    e = np.asarray(event, dtype=np.int64)
+    rr["event"] = np.where(e >= 0, e + base.events, -1)
+    rr["module"] = module
+    rr["op"] = op
+    rr["nth"] = nth
+    rr["n_in"] = n_in
+    rr["in_ndim"] = [len(s) for s in in_shape]
+    rr["in_shape"] = [T.pad_shape(s) for s in in_shape]
+    rr["in_shapes"] = in_shapes
+    rr["in_dtypes"] = in_dtypes
+    rr["args"] = args
+    rr["n_out"] = n_out
+    rr["out_ndim"] = [len(s) for s in out_shape]
+    rr["out_shape"] = [T.pad_shape(s) for s in out_shape]
+    rr["out_dtype"] = out_dtype
+    rr["site_file"] = [s.file for s in site]
+    rr["site_line"] = [s.line for s in site]
+    rr["site_func"] = [s.func for s in site]
+    rr["status"] = status
+    return rr
+
+
+def step_row(st: StepBuffer, base: Bases, pos_rows: list[list[int]] | None) -> np.ndarray:
+    """The step's ``/steps`` row (``pos_rows``: [min, max] per row of the text model's position ids)."""
+    row = np.zeros(1, T.STEP_DTYPE)
+    row["step"] = st.index
+    row["kind"] = T.KIND_PREFILL if st.index == 0 else T.KIND_DECODE
+    row["status"] = 1 if st.failed else 0
+    row["input_len"], row["q_len"] = st.input_len, st.first_layer_q
+    row["cache_before"], row["cache_after"] = st.cache_before, st.cache_after
+    if pos_rows is not None:
+        if len(pos_rows) == 4:  # [text, t, h, w]: the three M-RoPE rows
+            pos_rows = pos_rows[1:]
+        row["pos_rows"] = len(pos_rows)
+        for j, (lo, hi) in enumerate(pos_rows[:3]):
+            row["pos_min"][0, j], row["pos_max"][0, j] = lo, hi
+    mask_shape = st.mask_shape or ()
+    row["mask_ndim"] = len(mask_shape)
+    row["mask_shape"] = (tuple(mask_shape) + (-1,) * 4)[:4]
+    row["image_tokens"] = st.image_tokens
+    row["event_start"], row["event_count"] = base.events, len(st.events)
+    row["tensor_start"], row["tensor_count"] = base.tensors, len(st.tensors)
+    row["reshape_start"], row["reshape_count"] = base.reshapes, len(st.reshapes)
+    row["probe_start"], row["probe_count"] = base.probes, len(st.probes)
+    row["wall_ms"] = (time.perf_counter() - st.t0) * 1e3
+    return row
+
+
+# ---------------------------------------------------------------------------- probes
+
+
+@dataclass
+class ProbeAssembly:
+    """The probe block of one step: decodes the values, derives each probe's info, stores the
+    values compactly in /probe_data (a tensor seen by several probes is stored once), and picks
+    the position ids that describe the step."""
+
+    w: T.TraceWriter
+    st: StepBuffer
+    blob: np.ndarray
+    model: ModelInfo
+    stored: dict[tuple, tuple[int, int]] = field(default_factory=dict)  # values key -> (offset, length)
+    chunks: list[np.ndarray] = field(default_factory=list)
+    cursor: int = 0
+    segments: tuple[int, list] | None = None
+    pos: tuple[bool, list] | None = None  # (from the text model, rows) of the chosen position ids
+
+    def table(self, base: Bases) -> tuple[np.ndarray, list[list[int]] | None]:
+        """The probe rows, and the [min, max] rows of the position ids that reached the text model."""
+        st = self.st
+        self.cursor = self.w.probe_bytes
+        self.segments = self._root_segments()
+        shapes, encs, offs, lens, infos = [], [], [], [], []
+        for p in st.probes:
+            data, shape, info = self._values(p)
+            self._derive(p, data, info)
+            off, n = self._store(p, data) if data is not None else (0, 0)
+            shapes.append(shape)
+            encs.append(p.enc if data is not None else T.ENC_NONE)
+            offs.append(off)
+            lens.append(n)
+            infos.append(self.w.intern(json.dumps(info, separators=(",", ":"))) if info else 0)
+        if self.chunks:
+            self.w.append_probe_data(np.concatenate(self.chunks))
+        pr = np.zeros(len(st.probes), T.PROBE_DTYPE)
+        if st.probes:
+            seq, event, module, kind, name, dtype = columns(st.probes, "seq", "event", "module", "kind", "name",
+                                                            "dtype")
+            pr["step"] = st.index
+            pr["seq"] = seq
+            pr["event"] = np.asarray(event, dtype=np.int64) + base.events
+            pr["module"] = module
+            pr["kind"] = kind
+            pr["name"] = name
+            pr["ndim"] = [len(s) for s in shapes]
+            pr["shape"] = [T.pad_shape(s) for s in shapes]
+            pr["dtype"] = dtype
+            pr["enc"] = encs
+            pr["data_off"] = offs
+            pr["data_len"] = lens
+            pr["info"] = infos
+        return pr, self.pos[1] if self.pos is not None else None
+
+    def _root_segments(self) -> tuple[int, list] | None:
+        """(L, [[kind, start, end], ...]): the text/image spans of row 0 of the root's input_ids."""
+        tok = self.model.image_token_id
+        for p in self.st.probes:
+            if p.derive == "input_ids" and p.event == self.st.root_ev and p.off >= 0 and tok is not None:
+                ids = self.blob[p.off:p.off + p.nbytes].view(np.int64).reshape(p.shape)
+                row = ids.reshape(-1, ids.shape[-1])[0] if ids.ndim else ids.reshape(1)
+                return len(row), segments(row, tok)
+        return None
+
+    def _values(self, p: ProbeRow) -> tuple[np.ndarray | None, tuple, dict]:
+        """The probe's values on the host (or None), its shape, and a fresh copy of its info."""
+        info = p.info
+        if p.enc == T.ENC_INT64 and p.off >= 0:
+            return self.blob[p.off:p.off + p.nbytes].view(np.int64).reshape(p.shape), p.shape, dict(info or {})
+        if p.enc == T.ENC_INT64 and p.host is not None:
+            return p.host, p.shape, dict(info or {})
+        if p.derive == "rope":
+            # the last q_len rows of a table built for KV indices 0..table_len-1
+            st, table_len = self.st, info["table_len"]
+            q = st.first_layer_q if st.first_layer_q > 0 else max(st.input_len, 0)
+            data = np.arange(max(table_len - q, 0), table_len, dtype=np.int64)
+            if data.size:
+                info = {**info, "min": int(data[0]), "max": int(data[-1])}
+            return data, data.shape, dict(info)
+        if p.enc == T.ENC_BITS:
+            return self.blob[p.off:p.off + p.nbytes].astype(bool).reshape(p.shape), p.shape, dict(info or {})
+        return None, p.shape, dict(info or {})
+
+    def _derive(self, p: ProbeRow, data: np.ndarray | None, info: dict) -> None:
+        """Fill ``info`` with what the values say (ranges, image spans, the mask's fill value)."""
+        kind = p.derive
+        if kind == "position_ids" and data is not None:
+            self._position_ids(p, data, info)
+        elif kind == "input_ids" and data is not None:
+            tok = self.model.image_token_id
+            if tok is not None:
+                info.update({"image_token_id": int(tok), "spans": image_spans(data, tok),
+                             "image_tokens": image_token_count(data, tok)})
+            if p.event == self.st.root_ev and self.st.image_tokens < 0:
+                self.st.image_tokens = info.get("image_tokens", -1)
+        elif kind == "attention_mask":
+            if p.stat_off >= 0:
+                mn = float_at(self.blob, p.stat_off)
+                if info["style"] == "additive":
+                    # the blocked value; None when nothing is blocked (e.g. a decode step)
+                    info["min"] = mn
+                    info["fill"] = mn if data is not None and not data.all() else None
+        elif kind is not None and kind != "rope" and data is not None and data.size:
+            info["min"], info["max"] = int(data.min()), int(data.max())
+
+    def _position_ids(self, p: ProbeRow, data: np.ndarray, info: dict) -> None:
+        """Per-row ranges, per-span ranges, and whether these are the step's position ids."""
+        rows = data.reshape(1, -1) if data.ndim <= 2 else data.reshape(data.shape[0], -1)
+        info["rows"] = [[int(r.min()), int(r.max())] if r.size else [0, -1] for r in rows]
+        segs = self.segments
+        if segs and data.ndim and data.shape[-1] == segs[0]:
+            # per text/image span of batch row 0: [kind, start, end, [[min, max] per row]]
+            v = data.reshape(-1, *data.shape[-2:]) if data.ndim >= 2 else data.reshape(1, 1, -1)
+            info["spans"] = [[kind, a, b, [[int(r[0, a:b].min()), int(r[0, a:b].max())] for r in v]]
+                             for kind, a, b in segs[1]]
+        m = self.model
+        path = m.paths[p.module]
+        if m.structure.vision_model and is_under(path, m.structure.vision_model):
+            return  # the vision tower's own (2-D rotary) positions
+        in_text = p.module == m.text_model_id or bool(m.decoder_prefix and path.startswith(m.decoder_prefix))
+        # the first position ids of the step, unless later ones reach the text model
+        if self.pos is None or (in_text and not self.pos[0]):
+            self.pos = (in_text, info["rows"])
+
+    def _store(self, p: ProbeRow, data: np.ndarray) -> tuple[int, int]:
+        """(offset, length) of the values in /probe_data, appending them the first time."""
+        # values from the device blob are keyed by their place in it, host values by identity
+        # (each stays alive, viewed by its chunk, until the step is written)
+        key = (p.off, p.nbytes, p.enc) if p.off >= 0 else (id(data), -1, p.enc)
+        stored = self.stored.get(key)
+        if stored is None:
+            raw = np.packbits(data.ravel()) if p.enc == T.ENC_BITS else np.ascontiguousarray(
+                data, dtype=np.int64).view(np.uint8).ravel()
+            stored = self.stored[key] = (self.cursor, raw.size)
+            self.cursor += raw.size
+            self.chunks.append(raw)
+        return stored

@@ -1,0 +1,244 @@
+"""Probes: the semantic values a module receives (position ids, masks, caches, input ids),
+plus what the root call, rotary modules and the vision merger tell about a step.
+
+A probe row is written on the hot path with its values queued on the device
+(:mod:`vlmscope.recorder.stats`); the info derived from the values (ranges, spans, the
+mask's fill value) is completed by :mod:`vlmscope.recorder.assemble` once they are on the host.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vlmscope import trace as T
+from vlmscope.recorder.buffer import ProbeRow, QueuedValues, StepBuffer
+from vlmscope.recorder.stats import dtype_name, queue_bytes, queue_stats, version_of
+
+CACHE_ARG_NAMES = ("past_key_values", "past_key_value", "layer_past", "cache", "layer_pasts")
+INT_PROBE_NAMES = ("position_ids", "cache_position", "rope_deltas", "image_grid_thw", "video_grid_thw",
+                   "grid_thw", "mm_token_type_ids", "token_type_ids", "input_ids")
+# argument names that are recorded under another probe kind
+PROBE_KIND = {"video_grid_thw": "image_grid_thw", "grid_thw": "image_grid_thw"}
+MASK_NAMES = ("attention_mask", "causal_mask", "encoder_attention_mask")
+# where the root's output keeps the cache: "cache" first, since transformers 5 warns on every
+# look-up of the old name
+_OUTPUT_CACHE_NAMES = ("cache", "past_key_values")
+
+
+def is_cache_object(obj: Any) -> bool:
+    """A transformers ``Cache`` (or anything shaped like one)."""
+    return hasattr(obj, "get_seq_length") or (hasattr(obj, "layers") and hasattr(obj, "update"))
+
+
+def is_quantized_triple(x: Any) -> bool:
+    """Qwen-1's quantized cache tensor: ``(uint8 data, scale, zero)``."""
+    return (isinstance(x, (tuple, list)) and len(x) == 3 and all(isinstance(t, Tensor) for t in x)
+            and not x[0].is_floating_point())
+
+
+def _mask_style(t: Tensor) -> str:
+    if t.dtype == torch.bool:
+        return "bool"
+    return "additive" if t.is_floating_point() else "int"
+
+
+def _allowed(x: Tensor, style: str) -> Tensor:
+    """uint8: 1 where the mask lets a query attend."""
+    if style == "bool":
+        return x.to(torch.uint8, copy=True)
+    if style == "additive":
+        return (x > torch.finfo(x.dtype).min / 2).to(torch.uint8)
+    return (x != 0).to(torch.uint8)
+
+
+def _cache_keys(obj: Any) -> tuple[list[Any], str | None] | None:
+    """Each layer's key tensor (or quantized triple, or None) and the layout the type implies."""
+    if hasattr(obj, "layers") and isinstance(getattr(obj, "layers"), (list, tuple)):
+        keys = []
+        for layer in obj.layers:
+            k = getattr(layer, "keys", None)
+            keys.append(k if isinstance(k, Tensor) and k.dim() >= 3 else None)
+        return keys, "BHSD"
+    if hasattr(obj, "key_cache"):
+        return [k if isinstance(k, Tensor) else None for k in obj.key_cache], "BHSD"
+    if isinstance(obj, (tuple, list)):
+        if obj and len(obj) == 2 and (isinstance(obj[0], Tensor) or is_quantized_triple(obj[0])):
+            obj = (obj,)  # a single layer's (k, v), plain or quantized
+        return [layer[0] if isinstance(layer, (tuple, list)) and layer else None for layer in obj], None
+    return None
+
+
+class Probes:
+    """Writes probe rows into the current step (state: the cache layout seen so far)."""
+
+    def __init__(self, writer: T.TraceWriter, paths: Sequence[str], decoder_prefix: str | None,
+                 kv_heads: int | None):
+        self.w = writer
+        self.paths = paths
+        self.decoder_prefix = decoder_prefix
+        self.kv_heads = kv_heads
+        self.layout_hint: str | None = None  # the last layout the head count decided
+
+    def row(self, st: StepBuffer, ev: int, mod_id: int, kind: str, name: str, shape: tuple, dtype: str,
+            enc: int, off: int, n: int, info: dict | None, derive: str | None = None,
+            host: np.ndarray | None = None, stat_off: int = -1) -> None:
+        w = self.w
+        st.probes.append(ProbeRow(st.seq, ev, mod_id, w.intern(kind), w.intern(name), tuple(shape),
+                                  w.intern(dtype), enc, off, n, info, derive, host, stat_off))
+        st.seq += 1
+
+    # ------------------------------------------------------------------ tensors by argument name
+    def tensor(self, st: StepBuffer, ev: int, mod_id: int, name: str, t: Tensor, label: str | None = None) -> None:
+        """The probe an argument's name calls for (int values or an attention mask), if any."""
+        if name in INT_PROBE_NAMES:
+            self._int(st, ev, mod_id, name, t, label)
+        elif name in MASK_NAMES:
+            self._mask(st, ev, mod_id, name, t, label)
+
+    def _int(self, st: StepBuffer, ev: int, mod_id: int, name: str, t: Tensor, label: str | None) -> None:
+        if t.is_floating_point() or t.is_complex():
+            return
+        kind = PROBE_KIND.get(name, name)
+        key = (id(t), version_of(t), "i")
+        cached = st.probe_cache.get(key)
+        if cached is None or cached.ref() is not t:
+            off, n = queue_bytes(st, t.detach().to(torch.int64, copy=True))
+            cached = st.probe_cache[key] = QueuedValues(off, n, weakref.ref(t), -1)
+        self.row(st, ev, mod_id, kind, label or name, tuple(t.shape), dtype_name(t.dtype),
+                 T.ENC_INT64, cached.off, cached.nbytes, None, derive=kind)
+
+    def _mask(self, st: StepBuffer, ev: int, mod_id: int, name: str, t: Tensor, label: str | None) -> None:
+        key = (id(t), version_of(t), "m")
+        cached = st.probe_cache.get(key)
+        style = _mask_style(t)
+        if cached is None or cached.ref() is not t:
+            off, n = queue_bytes(st, _allowed(t.detach(), style))
+            stat_off, _ = queue_stats(st, t)
+            cached = st.probe_cache[key] = QueuedValues(off, n, weakref.ref(t), stat_off)
+        info = {"style": style, "dtype": dtype_name(t.dtype)}
+        self.row(st, ev, mod_id, "attention_mask", label or name, tuple(t.shape), dtype_name(t.dtype),
+                 T.ENC_BITS, cached.off, cached.nbytes, info, derive="attention_mask", stat_off=cached.stat_off)
+        if st.mask_shape is None and self.decoder_prefix and self.paths[mod_id].startswith(self.decoder_prefix):
+            st.mask_shape = tuple(t.shape)
+
+    # ------------------------------------------------------------------ caches
+    def cache_summary(self, obj: Any) -> dict | None:
+        """Per-layer lengths and layout of a Cache object or a legacy tuple cache (host only)."""
+        found = _cache_keys(obj)
+        if found is None:
+            return None
+        keys, layout = found
+        ctype = type(obj).__name__
+        lengths: list[int] = []
+        key_shape = None
+        dtype = None
+        for k in keys:
+            quant = isinstance(k, (tuple, list))  # quantized: (uint8 data, scale, zero)
+            if quant:
+                k = k[0]
+            if not isinstance(k, Tensor) or k.dim() < 3:
+                lengths.append(0)
+                continue
+            if layout is None or layout.startswith("quantized") or ctype in ("tuple", "list"):
+                inner = self.detect_layout(tuple(k.shape))
+                layout = ("quantized-" + inner) if quant else inner
+            shape = tuple(k.shape)
+            lengths.append(shape[1] if layout.endswith("BSHD") else shape[-2])
+            if key_shape is None:
+                key_shape = list(shape)
+                dtype = dtype_name(k.dtype)
+        return {"type": ctype, "layout": layout or "unknown", "lengths": lengths, "key_shape": key_shape,
+                "dtype": dtype, "n_layers": len(lengths)}
+
+    def detect_layout(self, shape: tuple) -> str:
+        """BHSD or BSHD of a 4-D key tensor, from where the KV head count sits (remembered
+        across calls for shapes that cannot tell, e.g. when S equals the head count)."""
+        if len(shape) != 4:
+            return "unknown"
+        h = self.kv_heads
+        if h is not None:
+            if shape[1] == h and shape[2] != h:
+                self.layout_hint = "BHSD"
+            elif shape[2] == h and shape[1] != h:
+                self.layout_hint = "BSHD"
+        return self.layout_hint or "BHSD"
+
+    def cache(self, st: StepBuffer, ev: int, mod_id: int, name: str, obj: Any) -> None:
+        info = self.cache_summary(obj)
+        if info is None:
+            return
+        lengths = np.asarray(info["lengths"], dtype=np.int64)
+        self.row(st, ev, mod_id, "cache", name, (len(lengths),), "int64", T.ENC_INT64, -1, 0, info, host=lengths)
+
+    # ------------------------------------------------------------------ module-specific probes
+    def rotary(self, st: StepBuffer, ev: int, mod_id: int, args: tuple, kwargs: dict,
+               names: Sequence[str]) -> None:
+        """A rotary module called with a length (Qwen-1 style) builds its table for KV indices
+        0..len-1 and the new tokens use the last q_len rows: those are the positions it applies.
+        (Rotary modules called with ``position_ids`` get a ``position_ids`` probe instead.)"""
+        for i, a in enumerate(args):
+            if isinstance(a, int) and not isinstance(a, bool):
+                name = names[i] if i < len(names) else f"args[{i}]"
+                break
+        else:
+            for name, a in kwargs.items():
+                if isinstance(a, int) and not isinstance(a, bool):
+                    break
+            else:
+                return
+        self.row(st, ev, mod_id, "rope_positions", name, (), "int64", T.ENC_INT64, -1, 0,
+                 {"table_len": int(a)}, derive="rope")
+
+    def merger(self, st: StepBuffer, ev: int, mod_id: int, output: Any) -> None:
+        t = output
+        if not isinstance(t, Tensor):
+            t = getattr(output, "last_hidden_state", None) if not isinstance(output, (tuple, list)) else output[0]
+        if isinstance(t, Tensor):
+            rows = int(t.shape[0]) if t.dim() == 2 else int(np.prod(t.shape[:-1]))
+            self.row(st, ev, mod_id, "merger_rows", "out", tuple(t.shape), dtype_name(t.dtype),
+                     T.ENC_NONE, 0, 0, {"rows": rows})
+
+    # ------------------------------------------------------------------ the root call
+    def root_inputs(self, st: StepBuffer, args: tuple, kwargs: dict, names: Sequence[str]) -> None:
+        """The step's input length and the cache length before it."""
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        ids = bound.get("input_ids")
+        emb = bound.get("inputs_embeds")
+        if isinstance(ids, Tensor):
+            st.input_len = int(ids.shape[-1])
+        elif isinstance(emb, Tensor):
+            st.input_len = int(emb.shape[-2])
+        cache = next((bound[n] for n in CACHE_ARG_NAMES if bound.get(n) is not None), None)
+        st.root_cache = cache
+        if cache is None:
+            st.cache_before = 0
+            return
+        info = self.cache_summary(cache)
+        if info and info["lengths"]:
+            st.cache_before = int(info["lengths"][0])
+
+    def root_outputs(self, st: StepBuffer, output: Any) -> None:
+        """The cache length after the step (from the returned cache, else the one passed in)."""
+        obj = None
+        if output is not None:
+            for n in _OUTPUT_CACHE_NAMES:
+                if isinstance(output, dict):
+                    if n in output.keys() and output[n] is not None:
+                        obj = output[n]
+                        break
+                elif getattr(output, n, None) is not None:
+                    obj = getattr(output, n)
+                    break
+        if obj is None:
+            obj = st.root_cache
+        info = self.cache_summary(obj) if obj is not None else None
+        if info and info["lengths"]:
+            st.cache_after = int(info["lengths"][0])
+        elif st.cache_before == 0 and obj is None:
+            st.cache_before = -1
