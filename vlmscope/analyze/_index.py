@@ -3,28 +3,26 @@
 Everything is computed once per trace with numpy over whole tables; nothing here loops
 over events in Python. Loops run over *distinct* values only (module paths, interned
 strings, probe blobs), which stay small however long the trace is. The two big tables can
-also be streamed (:func:`stream_pair`), keeping only compact columns (:meth:`TraceIndex.col`
+also be streamed (:mod:`.stream`), keeping only compact columns (:meth:`TraceIndex.col`
 serves them) and reading single rows through a small block cache (:meth:`TraceIndex.rows`).
+
+The index of a trace is cached here, in the analysis layer (:func:`index_of`), not on the trace.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
-import os
-import re
-import sys
-import threading
 import weakref
 from functools import cached_property
-from typing import Any
 
 import numpy as np
 
+from vlmscope.semantics import find_decoder_layers, fmt_shape, is_under, layer_index, text_model_of
 from vlmscope.trace import ENC_NONE, ROLE_OUTPUT, Trace, TraceError, decode_probe
 
+from .stream import COMPACT_FIELDS
+
 FLOAT_DTYPES = ("float64", "float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2")
-_LAYER_RE_CACHE: dict[str, re.Pattern] = {}
 
 
 def _read_table(trace: Trace, name: str) -> np.ndarray:
@@ -32,193 +30,12 @@ def _read_table(trace: Trace, name: str) -> np.ndarray:
     return trace.table(name)
 
 
-#: Columns of the two big tables that analyses use across all rows. A pass that streams a
-#: table keeps just these, as plain contiguous arrays (event ids as int32: 13 and 32 bytes a
-#: row instead of 158 and 191): the keys that match rows, their times and modules. So
-#: ``diff`` never holds the tables whole.
-COMPACT_FIELDS = {"tensors": ("step", "event", "role", "name"),
-                  "reshapes": ("step", "seq", "event", "module", "op", "nth", "site_file", "site_line")}
-
-
-def compact_columns(ix: "TraceIndex", table: str, n: int) -> dict[str, np.ndarray]:
-    """Empty compact columns for ``n`` rows of ``table``."""
-    full = ix.trace.dataset_dtype(table)
-    small_events = ix.trace.n_rows("events") < 2**31
-    return {f: np.empty(n, np.int32 if f == "event" and small_events else full.fields[f][0])
-            for f in COMPACT_FIELDS[table]}
-
-
-#: Bytes per block (per trace) when streaming a table: whole chunks (so HDF5 decompresses
-#: straight into the buffer), few enough that both traces' blocks stay in the CPU cache for
-#: the passes over them.
-STREAM_BYTES = 2 << 20
-
-
-def block_reader(trace: Trace, table: str, cap: int):
-    """``read(start, stop)``: rows of a table, as a slice of it when it is loaded whole, else
-    read into one reused buffer of ``cap`` rows (each call overwrites the previous block)."""
-    if trace.is_loaded(table):
-        whole = trace.table(table)
-        return lambda s, e: whole[s:e]
-    buf = np.empty(cap, trace.dataset_dtype(table))
-    return lambda s, e: trace.read_rows(table, s, e, buf)
-
-
-def dataset_reader(ds, cap: int):
-    """:func:`block_reader` on an open h5py dataset (a forked process opens its own files)."""
-    buf = np.empty(cap, ds.dtype)
-
-    def read(s: int, e: int) -> np.ndarray:
-        ds.read_direct(buf, np.s_[s:e], np.s_[0:e - s])
-        return buf[:e - s]
-
-    return read
-
-
-def paired_blocks(read_a, read_b, lo: int, hi: int, rows: int, base: int = 0):
-    """Yield ``(start - base, block_a, block_b)`` for rows ``[lo, hi)`` in blocks of ``rows``."""
-    for s in range(lo, hi, rows):
-        e = min(hi, s + rows)
-        yield s - base, read_a(s, e), read_b(s, e)
-
-
-def stream_pair(A: "TraceIndex", B: "TraceIndex", table: str, n: int, rows: int | None = None):
-    """Yield ``(start, block_a, block_b)``: rows ``[start, start + len)`` of both traces' table,
-    in lockstep, for the first ``n`` rows. A table not already loaded is read block by block
-    into a buffer that the next block overwrites: use each block before asking for the next.
-
-    When both tables are read from their files, trace B's blocks are decompressed by a forked
-    reader process (see :class:`_ForkedReader`) while this one reads A's: decompression is
-    most of a streaming pass, and h5py serialises it across threads."""
-    if rows is None:
-        rows = max(A.trace.stream_rows(table, STREAM_BYTES), B.trace.stream_rows(table, STREAM_BYTES))
-    if n <= 0:
-        return
-    read_a = block_reader(A.trace, table, min(rows, n))
-    reader = None
-    if not A.trace.is_loaded(table) and not B.trace.is_loaded(table) and n >= 4 * rows:
-        reader = _ForkedReader.start(B.trace, table, n, rows)
-    if reader is None:
-        yield from paired_blocks(read_a, block_reader(B.trace, table, min(rows, n)), 0, n, rows)
-        return
-    try:
-        for k, s in enumerate(range(0, n, rows)):
-            e = min(n, s + rows)
-            yield s, read_a(s, e), reader.block(k, e - s)
-            reader.release(k)
-    finally:
-        reader.close()
-
-
-def fork_allowed() -> bool:
-    """Whether a helper process may be forked: POSIX ``fork``, a single-threaded parent (no
-    lock can be held across the fork) and ``VLMSCOPE_NO_FORK`` unset."""
-    return (hasattr(os, "fork") and sys.platform != "win32" and threading.active_count() == 1
-            and not os.environ.get("VLMSCOPE_NO_FORK"))
-
-
-class _ForkedReader:
-    """A child process that reads one table's blocks into a ring of shared buffers, ahead of
-    the parent, which takes them in order (``block``) and hands each slot back (``release``).
-
-    Started only where :func:`fork_allowed` says so and the table spans several blocks. The
-    child opens the file afresh and leaves with ``os._exit``. Any failure in the child (or in starting it)
-    makes the parent read the block itself: results never depend on the child."""
-
-    SLOTS = 3
-
-    def __init__(self, trace: Trace, table: str, n: int, rows: int):
-        self.trace, self.table, self.n, self.rows = trace, table, n, rows
-        self.dtype = trace.dataset_dtype(table)
-        self.shm = mmap.mmap(-1, self.SLOTS * rows * self.dtype.itemsize)
-        self.slots = np.frombuffer(self.shm, dtype=self.dtype).reshape(self.SLOTS, rows)
-        self.ready_r, self.ready_w = os.pipe()
-        self.free_r, self.free_w = os.pipe()
-        self.pid = -1
-        self.failed = False
-        self.own = np.empty(rows, self.dtype)
-
-    @classmethod
-    def start(cls, trace: Trace, table: str, n: int, rows: int) -> "_ForkedReader | None":
-        if not fork_allowed():
-            return None
-        try:
-            self = cls(trace, table, n, rows)
-            os.write(self.free_w, bytes(self.SLOTS))      # every slot starts free
-            self.pid = os.fork()
-        except OSError:
-            return None
-        if self.pid == 0:
-            self._child()
-        os.close(self.ready_w)
-        os.close(self.free_r)
-        return self
-
-    def _child(self) -> None:  # pragma: no cover - runs in the forked process
-        code = 1
-        try:
-            import h5py
-
-            os.close(self.ready_r)
-            os.close(self.free_w)
-            with h5py.File(self.trace.path, "r") as f:
-                ds = f[self.table]
-                for k, s in enumerate(range(0, self.n, self.rows)):
-                    e = min(self.n, s + self.rows)
-                    if not os.read(self.free_r, 1):
-                        break                                      # the parent went away
-                    ds.read_direct(self.slots[k % self.SLOTS], np.s_[s:e], np.s_[0:e - s])
-                    os.write(self.ready_w, b"\x01")
-            code = 0
-        except BaseException:  # noqa: BLE001
-            try:
-                os.write(self.ready_w, b"\x00")                   # tell the parent: read it yourself
-            except OSError:
-                pass
-        finally:
-            os._exit(code)
-
-    def block(self, k: int, count: int) -> np.ndarray:
-        """Block ``k`` (``count`` rows): from the child's slot, or read here if the child failed."""
-        if not self.failed:
-            tok = os.read(self.ready_r, 1)
-            if tok == b"\x01":
-                return self.slots[k % self.SLOTS][:count]
-            self.failed = True
-        s = k * self.rows
-        return self.trace.read_rows(self.table, s, s + count, self.own)
-
-    def release(self, k: int) -> None:
-        if not self.failed:
-            try:
-                os.write(self.free_w, b"\x01")
-            except OSError:
-                self.failed = True
-
-    def close(self) -> None:
-        for fd in (self.ready_r, self.free_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        if self.pid > 0:
-            try:
-                os.kill(self.pid, 9)
-            except OSError:
-                pass
-            try:
-                os.waitpid(self.pid, 0)
-            except OSError:
-                pass
-            self.pid = -1
-
-
 class TraceIndex:
     """Cached derived arrays of one trace."""
 
     def __init__(self, trace: Trace):
-        # a weak reference: the index is cached on the trace itself, and a cycle would keep
-        # the trace's (large) tables alive until the cyclic garbage collector runs
+        # a weak reference: the index is cached while its trace lives (index_of), and a strong
+        # one would keep the trace and its (large) tables alive as long as the cache
         self._trace_ref = weakref.ref(trace)
 
     @property
@@ -299,57 +116,32 @@ class TraceIndex:
     def modules_under(self, prefix: str | None) -> np.ndarray:
         """Bool per module: the module is ``prefix`` or lies below it."""
         paths = self.module_paths
-        if prefix is None:
-            return np.zeros(len(paths), bool)
-        if prefix == "":
-            return np.ones(len(paths), bool)
-        return np.array([p == prefix or p.startswith(prefix + ".") for p in paths], bool)
+        return np.fromiter((is_under(str(p), prefix) for p in paths), bool, count=len(paths))
 
     @cached_property
     def decoder_layers_path(self) -> str | None:
         p = self.meta.get("decoder_layers")
         if p:
             return str(p)
-        # Fallback: the ModuleList whose numbered children look like decoder blocks.
-        paths, classes = self.module_paths, self.module_classes
-        best, best_n = None, 0
-        counts: dict[str, int] = {}
-        for path, cls in zip(paths, classes):
-            m = re.match(r"^(.*)\.(\d+)$", path)
-            if m and re.search(r"(Decoder|Block|Layer)", cls) and "vis" not in path.lower():
-                counts[m.group(1)] = counts.get(m.group(1), 0) + 1
-        for k, n in counts.items():
-            if n > best_n:
-                best, best_n = k, n
-        return best
+        # a trace without the recorded structure: the largest numbered module list outside vision
+        return find_decoder_layers(self.module_paths.tolist())
 
     @cached_property
     def layer_of_module(self) -> np.ndarray:
         """Decoder-layer index of each module that *is* a decoder layer, else -1."""
-        out = np.full(len(self.module_paths), -1, np.int64)
-        dl = self.decoder_layers_path
-        if not dl:
-            return out
-        pat = re.compile(r"^" + re.escape(dl) + r"\.(\d+)$")
-        for i, p in enumerate(self.module_paths):
-            m = pat.match(p)
-            if m:
-                out[i] = int(m.group(1))
-        return out
+        return self._layer_numbers(inside=False)
 
     @cached_property
     def layer_under_module(self) -> np.ndarray:
         """Decoder-layer index of each module inside (or equal to) a decoder layer, else -1."""
-        out = np.full(len(self.module_paths), -1, np.int64)
+        return self._layer_numbers(inside=True)
+
+    def _layer_numbers(self, inside: bool) -> np.ndarray:
         dl = self.decoder_layers_path
         if not dl:
-            return out
-        pat = re.compile(r"^" + re.escape(dl) + r"\.(\d+)(\.|$)")
-        for i, p in enumerate(self.module_paths):
-            m = pat.match(p)
-            if m:
-                out[i] = int(m.group(1))
-        return out
+            return np.full(len(self.module_paths), -1, np.int64)
+        return np.fromiter((layer_index(str(p), dl, inside=inside) for p in self.module_paths), np.int64,
+                           count=len(self.module_paths))
 
     @cached_property
     def layer_paths(self) -> dict[int, str]:
@@ -361,8 +153,7 @@ class TraceIndex:
         p = self.meta.get("text_model")
         if p is not None:
             return str(p)
-        dl = self.decoder_layers_path
-        return dl.rsplit(".", 1)[0] if dl and "." in dl else None
+        return text_model_of(self.decoder_layers_path)
 
     @cached_property
     def vision_path(self) -> str | None:
@@ -557,6 +348,8 @@ class TraceIndex:
             return self._row_block(table, r // k)[r % k]
         if not len(arr):
             return np.zeros(0, self.trace.dataset_dtype(table))
+        if (arr < 0).any():                       # negative indices count from the end, as numpy's
+            arr = np.where(arr < 0, arr + n, arr)
         k = self._row_block_rows(table)
         blocks = np.unique(arr // k)
         if len(blocks) <= 16:   # a few blocks (through the block cache), else the whole table
@@ -619,16 +412,20 @@ class TraceIndex:
         return int(vc.get("spatial_merge_size") or cfg.get("spatial_merge_size") or 2)
 
 
+#: The index of each open trace, kept while the trace lives (the index holds its trace weakly).
+_INDEXES: "weakref.WeakKeyDictionary[Trace, TraceIndex]" = weakref.WeakKeyDictionary()
+
+
 def index_of(trace: Trace) -> TraceIndex:
     """The (cached) :class:`TraceIndex` of an open trace."""
-    ix = trace.derived.get("index")
+    ix = _INDEXES.get(trace)
     if ix is None:
-        ix = trace.derived["index"] = TraceIndex(trace)
+        ix = _INDEXES[trace] = TraceIndex(trace)
     return ix
 
 
-def shape_str(shape: Any) -> str:
-    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+#: ``(1, 3, 4)`` -> ``"[1, 3, 4]"``
+shape_str = fmt_shape
 
 
 def row_shape(row: np.void, field: str = "shape", ndim_field: str = "ndim") -> tuple[int, ...]:

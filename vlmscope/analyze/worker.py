@@ -1,0 +1,101 @@
+"""The one forked helper process of the streaming passes (:mod:`.stream`).
+
+Decompressing the two big tables is most of a ``diff``, and h5py serialises it across threads,
+so the streamed pass over a big table hands the second half of its rows to a forked child
+(:class:`.stream.HalfWorker`), which leaves its results in shared memory. This module is the
+process side of that: fork, shared arrays, exit status, reaping.
+
+It is fail-safe. A child is started only where :func:`fork_allowed` says so. It opens its files
+afresh, runs its task and leaves with ``os._exit`` whatever happens. Any failure (starting it,
+in the child, the child dying) makes :meth:`ForkedWorker.join` answer False, and the parent then
+does the work itself, so results never depend on the child. :meth:`ForkedWorker.close` kills
+and reaps a child still running: no zombie is left, even when the parent's own work fails.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import sys
+import threading
+from typing import Callable
+
+import numpy as np
+
+
+def fork_allowed() -> bool:
+    """Whether a helper process may be forked: POSIX ``fork``, a single-threaded parent (no
+    lock can be held across the fork) and ``VLMSCOPE_NO_FORK`` unset."""
+    return (hasattr(os, "fork") and sys.platform != "win32" and threading.active_count() == 1
+            and not os.environ.get("VLMSCOPE_NO_FORK"))
+
+
+class ForkedWorker:
+    """A forked child running one task. The task writes its results into arrays shared with the
+    parent (:meth:`shared`, allocated before :meth:`start`); the parent waits for it with
+    :meth:`join`, which says whether the task finished, and must :meth:`close` it in any case."""
+
+    def __init__(self) -> None:
+        self.pid = -1
+
+    @staticmethod
+    def shared(dtype, count: int) -> np.ndarray:
+        """A zeroed 1-D array in memory shared with the child (allocate it before :meth:`start`).
+        Raises OSError when the system has no memory to share."""
+        buf = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize))   # anonymous, MAP_SHARED
+        return np.frombuffer(buf, dtype=dtype, count=count)
+
+    def start(self, task: Callable[[], None]) -> bool:
+        """Fork a child that runs ``task()``. False when no child was started (not allowed here,
+        or the system refused): then do the work here."""
+        if not fork_allowed():
+            return False
+        try:
+            self.pid = os.fork()
+        except OSError:
+            self.pid = -1
+            return False
+        if self.pid == 0:
+            self._run_child(task)
+        return True
+
+    @staticmethod
+    def _run_child(task: Callable[[], None]) -> None:  # pragma: no cover - the forked process
+        code = 1
+        try:
+            task()
+            code = 0
+        # fail-safe: whatever goes wrong in the child (an unreadable file, a signal turned into
+        # KeyboardInterrupt) must end here, in os._exit with a non-zero status, and never unwind
+        # into the parent's code; the parent sees the status in join() and does the work itself
+        except BaseException:  # noqa: BLE001
+            code = 1
+        finally:
+            os._exit(code)
+
+    def join(self) -> bool:
+        """Wait for the child to end and reap it; True when its task finished (exit status 0)."""
+        if self.pid <= 0:
+            return False
+        try:
+            _, st = os.waitpid(self.pid, 0)
+            ok = os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0
+        except OSError:
+            ok = False
+        self.pid = -1
+        return ok
+
+    def close(self) -> None:
+        """Kill the child if it still runs, and reap it. Safe to call more than once, and after
+        :meth:`join`. (The shared arrays stay valid.)"""
+        if self.pid > 0:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            try:
+                os.waitpid(self.pid, 0)
+            except OSError:
+                pass
+            self.pid = -1
