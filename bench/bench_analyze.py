@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/bench_analyze.py [--events 1000000] [--runs 5] [--dir /tmp/vlmscope-bench]
 
-Writes three traces with :func:`bench.synth_trace.make_trace` (cached in ``--dir``): A clean;
+Writes three traces with :func:`vlmscope.testing.make_trace` (cached in ``--dir``): A clean;
 B with a numeric drift injected half-way (``layers.10.mlp.down_proj`` from the middle step
 on) and a shape change in one decode step; C, whose cache grows twice in one layer at step 1
 (every later shape shifts, so the traces stop lining up row for row: diff's slower path).
@@ -29,14 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from vlmscope.analyze.check import check
+from vlmscope.analyze.diff import diff
+from vlmscope.testing import cached_trace
+from vlmscope.trace import open_trace
 
-from bench.synth_trace import cached_trace  # noqa: E402
-from vlmscope.analyze.check import check  # noqa: E402
-from vlmscope.analyze.diff import diff  # noqa: E402
-from vlmscope.trace import open_trace  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 N_LAYERS = 28
 
@@ -46,7 +44,7 @@ def traces(n_events: int, folder: Path) -> tuple[Path, Path, Path, int]:
     C appends one layer's cache twice in step 1, so every later step's shapes shift (the
     traces stop lining up row for row early: diff's slower path)."""
     folder.mkdir(parents=True, exist_ok=True)
-    per_step = 13 * N_LAYERS + 7            # decode module calls per step (see synth_trace)
+    per_step = 13 * N_LAYERS + 7            # decode module calls per step (see vlmscope.testing)
     mid = max(1, n_events // per_step // 2)
     specs = {"a": {}, "b": {"drift": (mid, 10), "shape": (mid + 3, 5)}, "c": {"cache_twice": (1, 5)}}
     out = []
