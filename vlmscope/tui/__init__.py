@@ -8,7 +8,7 @@ __all__ = ["ViewerApp"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so that the data modules (and the checks child process) do not import textual.
+    # Lazy, so that the data modules (and the analysis processes) do not import textual.
     if name == "ViewerApp":
         from vlmscope.tui.app import ViewerApp
 

@@ -9,7 +9,9 @@ from typing import Sequence
 from textual.app import App
 from textual.binding import Binding
 
-from vlmscope.tui.screens import HelpScreen, MainScreen
+from vlmscope.tui.analysis import prepare
+from vlmscope.tui.modals import HelpScreen
+from vlmscope.tui.screens import MainScreen
 from vlmscope.tui.session import Session
 
 
@@ -24,17 +26,20 @@ class ViewerApp(App):
         Binding("question_mark", "help", "help", key_display="?"),
     ]
 
-    def __init__(self, paths: Sequence[str | os.PathLike], maps: Sequence[str] = (), *, checks: str = "auto",
-                 align: str = "auto", freeze_gc: bool = False, **kwargs) -> None:
-        """``checks``: ``"auto"`` (the analyze rules, else the built-in ones), ``"builtin"`` or ``"off"``.
-        ``align`` (diff mode): ``"auto"`` (as ``vlmscope diff`` aligns, when the analyze package is
-        there; the built-in matcher until its result is in) or ``"builtin"``.
+    def __init__(self, paths: Sequence[str | os.PathLike], maps: Sequence[str] = (), *, checks: bool = True,
+                 freeze_gc: bool = False, **kwargs) -> None:
+        """``checks``: run ``vlmscope check``'s rules on trace A (in a process of their own) and
+        mark what fails; in diff mode the traces are aligned as ``vlmscope diff`` aligns them
+        (``maps``: its ``--map`` rules), also in a process of its own. Those processes are
+        started with ``forkserver`` (or ``spawn``), so a script that runs the app must guard
+        its entry point with ``if __name__ == "__main__":`` (see :mod:`multiprocessing`).
         ``freeze_gc``: once the trace is open, move everything allocated so far out of the
         garbage collector's sight (``gc.freeze``), so that full collections, which otherwise
         pause the UI for 50-100 ms on big traces, only walk what the session adds. For the
         command line, where the app owns the process."""
         super().__init__(**kwargs)
-        self.session = Session(list(paths), list(maps), checks=checks, align=align)
+        prepare()   # before Textual takes sys.stderr over
+        self.session = Session(list(paths), list(maps), checks=checks)
         self.freeze_gc = freeze_gc
 
     def on_mount(self) -> None:

@@ -1,54 +1,45 @@
-"""Failing check rules, placed on tree items.
+"""Check violations on the tree: ``vlmscope.analyze.check`` results placed on tree items.
 
-Uses the rules of :mod:`vlmscope.analyze` when that package provides them (through
-:mod:`vlmscope.tui.analyze_adapter`); otherwise a built-in minimum that needs no analyze
-code: module calls and reshapes that raised, and NaN/Inf in a call's outputs.
+The violations come from :func:`vlmscope.tui.analysis.check_rows` (the rules of ``vlmscope
+check``, all of them, in a process of their own); this module only decides where each one is
+shown. A violation lands on the call of its module that spans its execution-order position
+(:func:`vlmscope.tui.navigate.locate`); one about the trace as a whole (an interrupted
+recording names the step after the last) lands on the nearest step node; one with no step at
+all (a golden-snapshot finding) stays off the tree but counts.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
-from vlmscope.trace import ROLE_OUTPUT
-from vlmscope.tui.data import StepIndex, TraceModel, Violation
-
-
-def violations(tm: TraceModel, cancelled=lambda: False) -> tuple[list[Violation], str]:
-    """All violations of trace ``tm`` and the name of the engine that found them (worker)."""
-    try:
-        from vlmscope.tui import analyze_adapter
-    except Exception:  # noqa: BLE001
-        analyze_adapter = None  # type: ignore[assignment]
-    if analyze_adapter is not None:
-        try:
-            found = analyze_adapter.violations(tm, cancelled)
-        except Exception:  # noqa: BLE001 - never let a changed analyze API stop the viewer
-            found = None
-        if found is not None:
-            return found, "vlmscope.analyze"
-    return builtin_violations(tm, cancelled), "built-in"
+from vlmscope.tui.data import TraceModel
+from vlmscope.tui.items import Item, Violation
+from vlmscope.tui.navigate import locate
+from vlmscope.tui.stepindex import StepIndex
 
 
-def builtin_violations(tm: TraceModel, cancelled=lambda: False) -> list[Violation]:
+def message(row: dict) -> str:
+    """``expected X, got Y (hint)``: what a violation says."""
+    msg = f"expected {row.get('expected')}, got {row.get('actual')}"
+    return msg + (f" ({row['hint']})" if row.get("hint") else "")
+
+
+def place(tm: TraceModel, rows: list[dict]) -> list[Violation]:
+    """The violations ``rows`` (dicts of :data:`vlmscope.tui.analysis.CHECK_FIELDS`), each on the
+    tree item that stands for it. Reads the steps it needs (worker)."""
     out: list[Violation] = []
-    for s in range(tm.n_steps):
-        if cancelled():
-            break
-        idx = tm.cached(s) or StepIndex(tm, s)   # do not churn the viewer's step cache
-        for i in np.nonzero(idx.status != 0)[0]:
-            out.append(Violation(s, "e", int(i), "raised", "this module call raised", seq=int(idx.seq[i])))
-        for k in np.nonzero(idx.reshapes["status"] != 0)[0]:
-            out.append(Violation(s, "r", int(k), "raised", "this op raised", seq=int(idx.r_seq[k])))
-        tr = idx.tensors
-        if tr is None:
-            continue
-        bad = np.nonzero((tr["role"] == ROLE_OUTPUT) & ((tr["nan"] > 0) | (tr["inf"] > 0)))[0]
-        seen: set[int] = set()
-        for r in bad:
-            ev = int(tr["event"][r]) - idx.ev_start
-            if 0 <= ev < idx.n and ev not in seen:
-                seen.add(ev)
-                out.append(Violation(s, "e", ev, "non-finite",
-                                     f"output {tm.s(int(tr['name'][r]))} has {int(tr['nan'][r])} NaN, "
-                                     f"{int(tr['inf'][r])} Inf", seq=int(idx.seq[ev])))
+    indexes: dict[int, StepIndex] = {}
+    for row in rows:
+        step, seq, module = int(row["step"]), int(row.get("seq", -1)), str(row.get("module") or "")
+        item: Item | None = None
+        order = (-1, -1)
+        if 0 <= step < tm.n_steps:
+            idx = indexes.get(step) or tm.cached(step) or StepIndex(tm, step)   # not churning the step cache
+            indexes[step] = idx
+            kind, local = locate(tm, idx, seq, module)
+            item = (step, kind, local)
+            order = (step, idx.seq_of(item))
+        elif tm.n_steps and step >= 0:
+            item = (tm.n_steps - 1, "s", -1)
+            order = (tm.n_steps - 1, -1)
+        out.append(Violation(str(row["rule"]), str(row.get("severity", "error")), step, module, seq,
+                             message(row), item, order))
     return out

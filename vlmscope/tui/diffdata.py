@@ -1,394 +1,300 @@
-"""Diff mode data: the alignment of two traces, per step, as the viewer needs it.
+"""Diff mode data: the alignment of two traces, as the tree needs it, step by step.
 
-Node statuses follow ``vlmscope diff``: same, shape/dtype differs, values drift, missing on
-one side. When :mod:`vlmscope.analyze` provides ``align(trace_a, trace_b, maps=...)`` its
-per-node statuses are used; otherwise (or for what it does not cover) a private fallback
-matches module calls by (mapped module path, call number), reshapes by (call, op,
-occurrence) and probes by (call, kind, name), and compares tensor shapes, dtypes and stats.
+The alignment is ``vlmscope.analyze.align``'s (:func:`vlmscope.tui.analysis.align_sides`, run in
+a process of its own): per-row partners and statuses of module calls, tensors, reshapes and
+probes, and the first divergence as ``vlmscope diff`` names it. Until it arrives, nodes have no
+status (``None``). This module only slices it per step and answers the tree's questions.
 """
 
 from __future__ import annotations
 
-import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from vlmscope.trace import ROLE_OUTPUT
-from vlmscope.tui.data import Item, StepIndex, TraceModel
-from vlmscope.tui.render import DRIFT, ONLY_A, ONLY_B, SAME, SHAPE
+from vlmscope.analyze.status import MISSING_A, Status
+from vlmscope.tui.analysis import AlignResult, Sides
+from vlmscope.tui.data import TraceModel
+from vlmscope.tui.items import B_KINDS, ONLY_B_KIND, Item
+from vlmscope.tui.navigate import locate
+from vlmscope.tui.stepindex import StepIndex
+from vlmscope.tui.styles import worst
 
-RTOL, ATOL = 1e-3, 1e-5
-
-class _Maps:
-    """Module-path rewrite rules for trace A (``a_regex=b_replacement``, applied in order)."""
-
-    def __init__(self, rules: list[tuple[re.Pattern, str]]):
-        self.modules = rules
-
-    def map_module(self, path: str) -> str:
-        for rx, repl in self.modules:
-            path = rx.sub(repl, path)
-        return path
+#: statuses of a diff divergence (``Divergence.status``) as codes
+_STATUS_OF_LABEL = {s.label: s for s in Status}
 
 
-def parse_maps(maps: list[str] | tuple[str, ...] | None):
-    """``--map`` rules as ``vlmscope diff`` reads them (the analyze package's parser when present).
-    Returns an object with ``map_module(path)``; raises ValueError with a one-line message."""
-    try:
-        from vlmscope.analyze.align import parse_maps as analyze_parse_maps
-    except ImportError:
-        analyze_parse_maps = None
-    if analyze_parse_maps is not None:
-        return analyze_parse_maps(list(maps or []))
-    out: list[tuple[re.Pattern, str]] = []
-    for m in maps or ():
-        if "=" not in m:
-            raise ValueError(f"bad --map rule {m!r}: expected 'a_regex=b_replacement'")
-        rx, repl = m.split("=", 1)
-        try:
-            out.append((re.compile(rx), repl))
-        except re.error as e:
-            raise ValueError(f"bad --map rule {m!r}: {e}") from None
-    return _Maps(out)
-
-
-def apply_maps(path: str, maps) -> str:
-    return maps.map_module(path)
+def _local(partner: np.ndarray, start: int, n: int, other_start: int, other_n: int) -> np.ndarray:
+    """Partners of rows ``[start, start + n)`` as local rows of the other trace's step block."""
+    p = partner[start:start + n]
+    return np.where((p >= other_start) & (p < other_start + other_n), p - other_start, -1)
 
 
 @dataclass
 class StepAlign:
-    """Alignment of step ``step`` of A and B (local rows)."""
+    """The alignment of one step of A and B, in local rows of each step's blocks."""
+
     step: int
-    a_to_b: np.ndarray
-    b_to_a: np.ndarray
-    status_a: np.ndarray          # object array of statuses per A event
-    r_a_to_b: np.ndarray
-    r_status: np.ndarray
-    p_a_to_b: np.ndarray
-    p_status: np.ndarray
-    b_only_rs: np.ndarray         # B reshape rows with no A partner
-    first: Item | None = None     # first divergence in this step (post-order)
-    first_status: str = SAME
-    counts: dict = field(default_factory=dict)
+    a_to_b: np.ndarray        # per A call: its B call (-1: none)
+    b_to_a: np.ndarray        # per B call: its A call (-1: none)
+    status_a: np.ndarray      # per A call: status code
+    r_a_to_b: np.ndarray      # per A reshape: its B reshape
+    r_status: np.ndarray      # per A reshape: status code
+    p_a_to_b: np.ndarray      # per A probe: its B probe
+    p_status: np.ndarray      # per A probe: status code
+    pr_b_to_a: np.ndarray     # per B probe: its A probe
+    b_only_pr: set            # B probes with no A partner in an aligned call: shown in A's tree
+    rs_b_to_a: np.ndarray     # per B reshape: its A reshape
+    b_only_rs: set            # B reshapes with no A partner in an aligned call: shown in A's tree
+
+    @classmethod
+    def build(cls, res: AlignResult, ia: StepIndex, ib: StepIndex) -> "StepAlign":
+        a0, b0 = ia.ev_start, ib.ev_start
+        ev = res.events
+        ra0, rb0 = _start(ia, "reshape"), _start(ib, "reshape")
+        pa0, pb0 = _start(ia, "probe"), _start(ib, "probe")
+        na_r, nb_r, na_p, nb_p = len(ia.reshapes), len(ib.reshapes), len(ia.probes), len(ib.probes)
+        b_to_a = _local(ev.partner_b, b0, ib.n, a0, ia.n)
+        rs_back = _local(res.reshapes.partner_b, rb0, nb_r, ra0, na_r)
+        pr_back = _local(res.probes.partner_b, pb0, nb_p, pa0, na_p)
+        return cls(ia.step, _local(ev.partner_a, a0, ia.n, b0, ib.n), b_to_a, ev.status_a[a0:a0 + ia.n],
+                   _local(res.reshapes.partner_a, ra0, na_r, rb0, nb_r), res.reshapes.status_a[ra0:ra0 + na_r],
+                   _local(res.probes.partner_a, pa0, na_p, pb0, nb_p), res.probes.status_a[pa0:pa0 + na_p],
+                   pr_back, _shown_in_a(pr_back, ib.p_event, b_to_a),
+                   rs_back, _shown_in_a(rs_back, ib.r_event, b_to_a))
 
 
-def _tensor_sig(idx: StepIndex, tm: TraceModel, i: int) -> list[tuple]:
-    rows = idx.event_tensors(tm, i)
-    out = []
-    for r in rows:
-        nd = int(r["ndim"])
-        out.append((int(r["role"]), tm.s(int(r["name"])), tuple(int(d) for d in r["shape"][:nd]),
-                    tm.s(int(r["dtype"])), float(r["min"]), float(r["max"]), float(r["mean"]), float(r["std"]),
-                    int(r["nan"]), int(r["inf"])))
-    return out
+def _shown_in_a(back: np.ndarray, owner: np.ndarray, b_to_a: np.ndarray) -> set:
+    """B reshapes or probes without a partner that A's tree shows: those of aligned calls (or of no
+    call). Those of a B-only call are shown under that call, in B's own subtree."""
+    in_aligned = owner < 0
+    has = ~in_aligned
+    in_aligned[has] = b_to_a[owner[has]] >= 0
+    return set(np.nonzero((back < 0) & in_aligned)[0].tolist())
 
 
-def _close(x: float, y: float) -> bool:
-    if x != x and y != y:
-        return True
-    if x in (float("inf"), float("-inf")) or y in (float("inf"), float("-inf")):
-        return x == y
-    return abs(x - y) <= ATOL + RTOL * max(abs(x), abs(y))
-
-
-def compare_calls(sig_a: list[tuple], sig_b: list[tuple]) -> str:
-    """Status of a matched pair of module calls from their tensor rows."""
-    outs_a = [s for s in sig_a if s[0] == ROLE_OUTPUT]
-    outs_b = [s for s in sig_b if s[0] == ROLE_OUTPUT]
-    if len(outs_a) != len(outs_b):
-        return SHAPE
-    for x, y in zip(outs_a, outs_b):
-        if x[2] != y[2] or x[3] != y[3]:
-            return SHAPE
-    for x, y in zip(outs_a, outs_b):
-        if x[8] != y[8] or x[9] != y[9]:
-            return DRIFT
-        if not all(_close(x[k], y[k]) for k in (4, 5, 6, 7)):
-            return DRIFT
-    return SAME
+def _start(idx: StepIndex, table: str) -> int:
+    return int(idx.step_row[f"{table}_start"])
 
 
 class DiffModel:
-    """Lazily aligned pair of traces. ``step_align`` reads tensors: call it from a worker."""
+    """Two traces and their alignment (once :meth:`set_result` has it)."""
 
     def __init__(self, a: TraceModel, b: TraceModel, maps: list[str] | tuple[str, ...] = ()):
         self.a, self.b = a, b
-        self.maps_raw = list(maps or ())
-        self.maps = parse_maps(self.maps_raw)
+        self.maps = list(maps or ())
+        self.result: AlignResult | None = None
+        self.error: str | None = None          # why the alignment failed
+        self.first: tuple[Item, Status] | None = None
         self._cache: dict[int, StepAlign] = {}
         self._lock = threading.Lock()
-        self.first: tuple[Item, str] | None = None
-        self.first_done = False
-        self.engine = "built-in"
-        self._external = None
 
-    def prepare(self) -> None:
-        """Map A's module paths with the ``--map`` rules (B's are the reference)."""
-        self.a_paths = np.array([apply_maps(str(p), self.maps) for p in self.a.mod_paths], dtype=object)
-        self.b_paths = np.asarray(self.b.mod_paths, dtype=object)
-
-    def set_external(self, ext) -> None:
-        """Switch to the analyze package's alignment (``analyze_adapter.ExternalAlignment``): the
-        steps aligned so far are redone from it, later ones use it directly."""
-        with self._lock:
-            self._external = ext
-            self.engine = "vlmscope.analyze"
-            for step, al in list(self._cache.items()):
-                ia, ib = self.a.cached(step), self.b.cached(step)
-                if ia is None or ib is None:
-                    del self._cache[step]
-                    continue
-                new = self._align(ia, ib)
-                ext.refine(new, ia, ib)
-                self._cache[step] = new
+    @property
+    def done(self) -> bool:
+        """The alignment arrived or failed."""
+        return self.result is not None or self.error is not None
 
     @property
     def n_steps(self) -> int:
         return min(self.a.n_steps, self.b.n_steps)
 
-    def cached(self, step: int) -> StepAlign | None:
-        return self._cache.get(step)
-
-    def step_align(self, step: int) -> StepAlign | None:
+    def set_result(self, res: AlignResult) -> None:
+        """Take the alignment and place the first divergence on the tree (reads steps: worker)."""
         with self._lock:
-            if step in self._cache:
-                return self._cache[step]
-        if step >= self.n_steps:
+            self._cache.clear()
+        self.result = res
+        self.first = self._place_first(res.first)
+
+    def fail(self, message: str) -> None:
+        self.error = message
+
+    # per step --------------------------------------------------------------------------
+    def cached(self, step: int) -> StepAlign | None:
+        """The step's alignment when both steps are indexed and the alignment is in (memory)."""
+        with self._lock:
+            al = self._cache.get(step)
+        if al is not None or self.result is None or step >= self.n_steps:
+            return al
+        ia, ib = self.a.cached(step), self.b.cached(step)
+        if ia is None or ib is None:
             return None
-        ia, ib = self.a.index(step), self.b.index(step)
-        al = self._align(ia, ib)
-        ext = self._external
-        if ext is not None:
-            try:
-                ext.refine(al, ia, ib)
-            except Exception:  # noqa: BLE001 - keep the built-in alignment of this step
-                pass
+        al = StepAlign.build(self.result, ia, ib)
         with self._lock:
             self._cache[step] = al
         return al
 
-    def _align(self, ia: StepIndex, ib: StepIndex) -> StepAlign:
-        a, b = self.a, self.b
-        # events: key (mapped path, nth)
-        kb: dict[tuple[str, int], int] = {}
-        for j in range(ib.n):
-            kb.setdefault((self.b_paths[ib.module[j]], int(ib.nth[j])), j)
-        a_to_b = np.full(ia.n, -1, dtype=np.int64)
-        b_to_a = np.full(ib.n, -1, dtype=np.int64)
-        for i in range(ia.n):
-            j = kb.get((self.a_paths[ia.module[i]], int(ia.nth[i])), -1)
-            if j >= 0 and b_to_a[j] < 0:
-                a_to_b[i], b_to_a[j] = j, i
-        status = np.empty(ia.n, dtype=object)
-        for i in range(ia.n):
-            j = a_to_b[i]
-            status[i] = ONLY_A if j < 0 else compare_calls(_tensor_sig(ia, a, i), _tensor_sig(ib, b, int(j)))
-        # reshapes: (matched call, op, nth)
-        rkey: dict[tuple, list[int]] = {}
-        for k in range(len(ib.reshapes)):
-            r = ib.reshapes[k]
-            rkey.setdefault((int(ib.r_event[k]), b.s(int(r["op"])), int(r["nth"])), []).append(k)
-        r_a_to_b = np.full(len(ia.reshapes), -1, dtype=np.int64)
-        r_status = np.empty(len(ia.reshapes), dtype=object)
-        used = np.zeros(len(ib.reshapes), dtype=bool)
-        for k in range(len(ia.reshapes)):
-            r = ia.reshapes[k]
-            ev = int(ia.r_event[k])
-            evb = int(a_to_b[ev]) if ev >= 0 else -1
-            queue = rkey.get((evb, a.s(int(r["op"])), int(r["nth"]))) if (ev < 0 or evb >= 0) else None
-            if not queue:
-                r_status[k] = ONLY_A
-                continue
-            kk = queue.pop(0)
-            used[kk] = True
-            r_a_to_b[k] = kk
-            rb = ib.reshapes[kk]
-            same = (a.s(int(r["in_shapes"])) == b.s(int(rb["in_shapes"])) and
-                    tuple(r["out_shape"][:int(r["out_ndim"])]) == tuple(rb["out_shape"][:int(rb["out_ndim"])]))
-            r_status[k] = SAME if same else SHAPE
-        b_only_rs = np.nonzero(~used & ((ib.r_event < 0) | (b_to_a[np.maximum(ib.r_event, 0)] >= 0)))[0]
-        # probes: (matched call, kind, name)
-        pkey: dict[tuple, list[int]] = {}
-        for k in range(len(ib.probes)):
-            p = ib.probes[k]
-            pkey.setdefault((int(ib.p_event[k]), b.s(int(p["kind"])), b.s(int(p["name"]))), []).append(k)
-        p_a_to_b = np.full(len(ia.probes), -1, dtype=np.int64)
-        p_status = np.empty(len(ia.probes), dtype=object)
-        for k in range(len(ia.probes)):
-            p = ia.probes[k]
-            ev = int(ia.p_event[k])
-            evb = int(a_to_b[ev]) if ev >= 0 else -1
-            queue = pkey.get((evb, a.s(int(p["kind"])), a.s(int(p["name"])))) if (ev < 0 or evb >= 0) else None
-            if not queue:
-                p_status[k] = ONLY_A
-                continue
-            kk = queue.pop(0)
-            p_a_to_b[k] = kk
-            pb = ib.probes[kk]
-            same = (tuple(p["shape"][:int(p["ndim"])]) == tuple(pb["shape"][:int(pb["ndim"])]) and
-                    a.s(int(p["info"])) == b.s(int(pb["info"])))
-            p_status[k] = SAME if same else SHAPE
-        al = StepAlign(ia.step, a_to_b, b_to_a, status, r_a_to_b, r_status, p_a_to_b, p_status, b_only_rs)
-        self._find_first(al, ia, ib)
-        return al
-
-    def _find_first(self, al: StepAlign, ia: StepIndex, ib: StepIndex) -> None:
-        """The first divergence of the step: the first call to return that differs (post-order),
-        so that a difference is named where it starts rather than at every caller."""
-        # key: (return position, deeper first) -- nested calls can return at the same counter value
-        best: tuple[tuple[int, int], Item, str] | None = None
-        for i in range(ia.n):
-            st = al.status_a[i]
-            if st != SAME:
-                key = (int(ia.end_seq[i]), -int(ia.depth[i]))
-                if best is None or key < best[0]:
-                    best = (key, ia.canonical((ia.step, "e", i)), st)
-        for j in np.nonzero(al.b_to_a < 0)[0]:
-            key = (int(ib.end_seq[j]), -int(ib.depth[j]))
-            if best is None or key < best[0]:
-                best = (key, (ib.step, "b", int(j)), ONLY_B)
-        for k in range(len(ia.reshapes)):
-            if al.r_status[k] != SAME:
-                key = (int(ia.r_seq[k]), -1 << 20)
-                if best is None or key < best[0]:
-                    best = (key, (ia.step, "r", k), al.r_status[k])
-        counts = {SAME: 0, SHAPE: 0, DRIFT: 0, ONLY_A: 0, ONLY_B: int((al.b_to_a < 0).sum())}
-        for st in al.status_a:
-            counts[st] += 1
-        al.counts = counts
-        if best is not None:
-            al.first, al.first_status = best[1], best[2]
-
-    def find_first(self, cancelled=lambda: False) -> tuple[Item, str] | None:
-        """The first divergence: as ``vlmscope diff`` names it when the analyze alignment is in,
-        else the first step's first call (in return order) that differs (worker)."""
-        if self._external is not None:
-            try:
-                self.first = self._external.first(self.a, self.b)
-            except Exception:  # noqa: BLE001
-                self.first = None
-            if self.first is not None:
-                if self.first[0][0] < self.n_steps:
-                    self.step_align(self.first[0][0])
-                self.first_done = True
-                return self.first
-        for s in range(self.n_steps):
-            if cancelled():
-                return None
-            al = self.step_align(s)
-            if al is not None and al.first is not None:
-                self.first = (al.first, al.first_status)
-                break
-        self.first_done = True
-        return self.first
-
-    # tree support ----------------------------------------------------------------
-    def step_status(self, step: int) -> str | None:
-        """The worst status of a step's calls (None while unknown)."""
-        al = self._cache.get(step)
-        codes: set[str] = set()
-        if al is not None:
-            codes = set(al.status_a.tolist())
-            if (al.b_to_a < 0).any():
-                codes.add(ONLY_B)
-        elif self._external is not None and step < self.n_steps:
-            st = self.a.steps[step]
-            a0, n = int(st["event_start"]), int(st["event_count"])
-            raw = self._external.x["ev_status_a"][a0:a0 + n]
-            codes = {self._external_status(int(c)) for c in np.unique(raw)}
-        else:
+    def step_status(self, step: int) -> Status | None:
+        """The worst status of a step's calls (A's, and B's only in B), or None while unknown."""
+        res = self.result
+        if res is None:
             return None
-        for st in (SHAPE, ONLY_A, ONLY_B, DRIFT):
-            if st in codes:
-                return st
-        return SAME
+        codes = set()
+        if step < self.a.n_steps:
+            st = self.a.steps[step]
+            a0 = int(st["event_start"])
+            codes |= set(np.unique(res.events.status_a[a0:a0 + int(st["event_count"])]).tolist())
+        if step < self.b.n_steps:
+            st = self.b.steps[step]
+            b0 = int(st["event_start"])
+            if (res.events.status_b[b0:b0 + int(st["event_count"])] == MISSING_A).any():
+                codes.add(int(MISSING_A))
+        return worst(codes) if codes else Status.SAME
 
-    @staticmethod
-    def _external_status(code: int) -> str:
-        return {0: SAME, 1: SHAPE, 2: DRIFT, 3: ONLY_B, 4: ONLY_A}.get(code, DRIFT)
-
-    def status(self, item: Item) -> str:
+    def status(self, item: Item) -> Status | None:
+        """The status of an item of the tree (B-only items: MISSING_A), None while unknown."""
         s, kind, i = item
-        al = self._cache.get(s)
+        if kind in B_KINDS:
+            return Status.MISSING_A
+        res = self.result
+        if res is None:
+            return None
+        al = self.cached(s)
         if al is None:
-            return SAME
+            return self._status_beyond(item)
         if kind == "s":
             ia = self.a.cached(s)
-            if ia is None or ia.main_root < 0:
-                return SAME
-            return al.status_a[ia.main_root]
-        if kind == "e":
-            return al.status_a[i]
-        if kind == "r":
-            return al.r_status[i]
-        if kind == "p":
-            return al.p_status[i]
-        return ONLY_B
+            return Status(int(al.status_a[ia.main_root])) if ia is not None and ia.main_root >= 0 else Status.SAME
+        table = {"e": al.status_a, "r": al.r_status, "p": al.p_status}.get(kind)
+        return Status(int(table[i])) if table is not None else None
+
+    def _status_beyond(self, item: Item) -> Status | None:
+        """Items of A's steps that B does not have: from the global rows."""
+        s, kind, i = item
+        ia = self.a.cached(s)
+        if ia is None or s < self.n_steps:
+            return None
+        sides: Sides | None = {"e": self.result.events, "s": self.result.events, "r": self.result.reshapes,
+                               "p": self.result.probes}.get(kind)
+        if sides is None:
+            return None
+        if kind == "s":
+            if ia.main_root < 0:
+                return None
+            kind, i = "e", ia.main_root
+        start = ia.ev_start if kind == "e" else _start(ia, "reshape" if kind == "r" else "probe")
+        return Status(int(sides.status_a[start + i]))
 
     def partner(self, item: Item) -> Item | None:
         """The B item aligned with an A item."""
         s, kind, i = item
-        al = self._cache.get(s)
+        al = self.cached(s)
         if al is None:
             return None
         if kind == "s":
-            ib = self.b.cached(s)
-            return (s, "s", -1) if ib is not None else None
-        if kind == "e":
-            j = int(al.a_to_b[i])
-            return (s, "e", j) if j >= 0 else None
-        if kind == "r":
-            j = int(al.r_a_to_b[i])
-            return (s, "r", j) if j >= 0 else None
-        if kind == "p":
-            j = int(al.p_a_to_b[i])
-            return (s, "p", j) if j >= 0 else None
-        return None
+            return (s, "s", -1) if self.b.cached(s) is not None else None
+        table = {"e": al.a_to_b, "r": al.r_a_to_b, "p": al.p_a_to_b}.get(kind)
+        if table is None:
+            return None
+        j = int(table[i])
+        return (s, kind, j) if j >= 0 else None
+
+    def tensor_pairs(self, ia: StepIndex, ib: StepIndex, a_ev: int, b_ev: int) -> tuple[list, list]:
+        """The tensors of an aligned pair of calls as the alignment pairs them: ``([(A row, B row
+        or None, status)], [B rows only in B])`` (structured rows; reads tensor rows: worker)."""
+        res = self.result
+        assert res is not None
+        rows_a, glob_a = ia.event_tensor_rows(self.a, a_ev)
+        rows_b, glob_b = ib.event_tensor_rows(self.b, b_ev)
+        where_b = {int(g): k for k, g in enumerate(glob_b)}
+        pairs, used = [], set()
+        for r, g in zip(rows_a, glob_a):
+            k = where_b.get(int(res.tensors.partner_a[g]), -1)
+            used.add(k)
+            pairs.append((r, rows_b[k] if k >= 0 else None, Status(int(res.tensors.status_a[g]))))
+        only_b = [rows_b[k] for k in range(len(rows_b)) if k not in used]
+        return pairs, only_b
 
     def b_only_children(self, item: Item, filt: str) -> list[tuple[Item, Item | None]]:
         """B-only items under an A item, each with the A sibling it follows (None: first)."""
         s, kind, i = item
-        al = self._cache.get(s)
+        al = self.cached(s)
         ia, ib = self.a.cached(s), self.b.cached(s)
-        if al is None or ia is None or ib is None:
+        if al is None or ia is None or ib is None or kind not in ("s", "e"):
             return []
         if kind == "s":
-            pb = ib.root
-        elif kind == "e":
-            pb = int(al.a_to_b[i])
-            if pb < 0:
-                return []
+            # B's top level; and when B's step has several roots but A's one, what B's call of
+            # A's root holds (generate() ran B's vision tower before the forward, say)
+            parents = [(s, "s", -1)]
+            if ib.root < 0 and ia.root >= 0 and al.a_to_b[ia.root] >= 0:
+                parents.append((s, "e", int(al.a_to_b[ia.root])))
+        elif al.a_to_b[i] >= 0:
+            parents = [(s, "e", int(al.a_to_b[i]))]
         else:
             return []
         out: list[tuple[Item, Item | None]] = []
         anchor: Item | None = None
-        b_kids = ib.children((s, "e", pb) if pb >= 0 else (s, "s", -1), "all" if filt == "failing" else filt)
-        for child in b_kids:
-            _, ck, j = child
-            if ck == "e":
-                a_i = int(al.b_to_a[j])
-                if a_i >= 0:
-                    anchor = ia.canonical((s, "e", a_i))
-                else:
-                    out.append(((s, "b", j), anchor))
-            elif ck == "r":
-                if j in set(al.b_only_rs.tolist()):
-                    out.append(((s, "q", j), anchor))
-                else:
-                    ka = np.nonzero(al.r_a_to_b == j)[0]
-                    if len(ka):
-                        anchor = (s, "r", int(ka[0]))
+        for parent in parents:
+            for _, ck, j in ib.children(parent, "all" if filt == "failing" else filt):
+                if ck == "e":
+                    a_i = int(al.b_to_a[j])
+                    if a_i >= 0:
+                        anchor = ia.canonical((s, "e", a_i))
+                    else:
+                        out.append(((s, "b", j), anchor))
+                else:   # a reshape or probe: B-only ones are shown, aligned ones anchor the next
+                    only, a_to_b = (al.b_only_rs, al.r_a_to_b) if ck == "r" else (al.b_only_pr, al.p_a_to_b)
+                    if j in only:
+                        out.append(((s, ONLY_B_KIND[ck], j), anchor))
+                    else:
+                        ka = np.nonzero(a_to_b == j)[0]
+                        if len(ka):
+                            anchor = (s, ck, int(ka[0]))
         return out
 
+    def b_children(self, item: Item, filt: str) -> list[Item]:
+        """The children of a B-only call (``"b"`` item) that are only in B too: its B-only calls
+        (``"b"``), reshapes (``"q"``) and probes (``"o"``). A child call aligned with one of A is in
+        A's tree."""
+        s, _, j = item
+        al, ib = self.cached(s), self.b.cached(s)
+        if al is None or ib is None:
+            return []
+        out: list[Item] = []
+        for _, k, c in ib.children((s, "e", j), "all" if filt == "failing" else filt):
+            if k == "e" and al.b_to_a[c] < 0:
+                out.append((s, "b", c))
+            elif (k == "r" and al.rs_b_to_a[c] < 0) or (k == "p" and al.pr_b_to_a[c] < 0):
+                out.append((s, ONLY_B_KIND[k], c))
+        return out
 
-def external_alignment(a: TraceModel, b: TraceModel, maps: list[str], cancelled=lambda: False):
-    """The analyze package's alignment (see ``analyze_adapter.alignment``), or None (worker)."""
-    try:
-        from vlmscope.tui import analyze_adapter
+    # the first divergence ----------------------------------------------------------------
+    def _place_first(self, f: dict | None) -> tuple[Item, Status] | None:
+        """``vlmscope diff``'s first divergence as a tree item of A (or a B-only item)."""
+        if not f:
+            return None
+        step = int(f.get("step", -1))
+        status = _STATUS_OF_LABEL.get(str(f.get("status")), Status.DRIFT)
+        if status == Status.MISSING_A and 0 <= step < self.b.n_steps:
+            item = self._place_in_b(step, f)
+            if item is not None:
+                return item, status
+        if not 0 <= step < self.a.n_steps:
+            return None
+        ia = self.a.cached(step) or self.a.index(step)
+        seq = int(f.get("seq_a", -1))
+        kind, local = locate(self.a, ia, seq, str(f.get("module") or ""))
+        if f.get("node") == "reshape" and kind in ("e", "s"):
+            # the reshape of that call at that position
+            hit = np.nonzero(ia.r_seq == seq)[0]
+            if len(hit):
+                kind, local = "r", int(hit[0])
+        return (step, kind, local), status
 
-        return analyze_adapter.alignment(a, b, maps, cancelled)
-    except Exception:  # noqa: BLE001 - a broken or changed analyze API never stops the viewer
-        return None
+    def _place_in_b(self, step: int, f: dict) -> Item | None:
+        """A divergence only in B: its B-only call or reshape, or the A call aligned with the B call
+        that holds it; None when it must be placed in A."""
+        ib = self.b.cached(step) or self.b.index(step)
+        kind, local = locate(self.b, ib, int(f.get("seq_b", -1)), str(f.get("module_b") or f.get("module") or ""))
+        if kind in ("r", "p"):
+            sides, table = (self.result.reshapes, "reshape") if kind == "r" else (self.result.probes, "probe")
+            if sides.partner_b[_start(ib, table) + local] < 0:
+                return (step, ONLY_B_KIND[kind], local)
+        ev = ib.event_of((step, kind, local))
+        if ev < 0:
+            return None
+        a_row = int(self.result.events.partner_b[ib.ev_start + ev])
+        if a_row < 0:
+            return (step, "b", ev) if ev != ib.root else None
+        ia = self.a.cached(step) or self.a.index(step)
+        return ia.canonical((step, "e", a_row - ia.ev_start))

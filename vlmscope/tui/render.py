@@ -1,13 +1,13 @@
-"""Rich renderables for the viewer: tree labels, detail sections, step-context charts.
+"""Rich renderables for the viewer: tree labels and the detail sections of a node.
 
 Pure functions over numpy data (no textual, no HDF5 reads except where a function takes
-a :class:`TraceModel` and says so), so they run in worker threads and in unit tests.
+a :class:`TraceModel` and says so), so they run in worker threads and in unit tests. The
+step-context charts are in :mod:`vlmscope.tui.charts`.
 """
 
 from __future__ import annotations
 
 import linecache
-import math
 import os
 from typing import Iterable, Sequence
 
@@ -17,21 +17,14 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
+from vlmscope.analyze.status import Status
+from vlmscope.semantics import fmt_shape
 from vlmscope.trace import ROLE_INPUT, ROLE_KWARG, ROLE_OUTPUT
-from vlmscope.tui.data import Item, StepIndex, TraceModel, fmt_num, fmt_shape, short_site
-
-# diff statuses
-SAME, SHAPE, DRIFT, ONLY_A, ONLY_B = "same", "shape", "drift", "only_a", "only_b"
-STATUS_GLYPH = {SAME: " ", SHAPE: "≠", DRIFT: "~", ONLY_A: "-", ONLY_B: "+"}
-STATUS_STYLE = {SAME: "", SHAPE: "bold red", DRIFT: "yellow", ONLY_A: "magenta", ONLY_B: "green"}
-STATUS_TEXT = {SAME: "same", SHAPE: "shape/dtype differs", DRIFT: "values drift", ONLY_A: "only in A",
-               ONLY_B: "only in B"}
-
-IMAGE_STYLE = "magenta"
-SHAPE_STYLE = "cyan"
-OP_STYLE = "yellow"
-PROBE_STYLE = "magenta"
-DIM = "dim"
+from vlmscope.tui.charts import row_names
+from vlmscope.tui.data import TraceModel, fmt_num, short_site
+from vlmscope.tui.items import Item
+from vlmscope.tui.stepindex import StepIndex
+from vlmscope.tui.styles import DIM, IMAGE_STYLE, OP_STYLE, PROBE_STYLE, SHAPE_STYLE, STATUS_GLYPH, STATUS_STYLE
 
 #: detail sections are cut at these many rows (the tree has them all)
 MAX_TENSORS, MAX_RESHAPES, MAX_PROBES = 40, 60, 30
@@ -78,19 +71,19 @@ def probe_summary(tm: TraceModel, row: np.void) -> str:
     return ""
 
 
-def node_label(tm: TraceModel, idx: StepIndex, item: Item, status: str | None = None) -> Text:
+def node_label(tm: TraceModel, idx: StepIndex, item: Item, status: Status | None = None) -> Text:
     """The tree label of an item: its name and output shape, a failing-check marker, and in diff
     mode a status glyph and colour."""
     s, kind, i = item
     t = Text(no_wrap=True, overflow="ellipsis")
     failing = False
-    if status is not None and status != SAME:
+    if status is not None and status != Status.SAME:
         t.append(STATUS_GLYPH[status] + " ", STATUS_STYLE[status])
     if kind == "s":
         return step_label(tm, s, status)
     elif kind == "e":
         failing = bool(idx.failing_events[i])
-        t.append(tm.relative_name(idx, i), STATUS_STYLE.get(status or SAME, "") or "")
+        t.append(tm.relative_name(idx, i), STATUS_STYLE[status] if status is not None else "")
         shp = tm.out_shape(idx, i)
         if shp is not None:
             t.append(" " + fmt_shape(shp, compact=True), SHAPE_STYLE)
@@ -123,11 +116,11 @@ def node_label(tm: TraceModel, idx: StepIndex, item: Item, status: str | None = 
     return t
 
 
-def step_label(tm: TraceModel, s: int, status: str | None = None) -> Text:
+def step_label(tm: TraceModel, s: int, status: Status | None = None) -> Text:
     """A step node: its name, query length and cache growth (from the steps table, so every step
     reads the same whether it was indexed or not), and a marker when a check fails in it."""
     t = Text(no_wrap=True, overflow="ellipsis")
-    if status is not None and status != SAME:
+    if status is not None and status != Status.SAME:
         t.append(STATUS_GLYPH[status] + " ", STATUS_STYLE[status])
     st = tm.steps[s]
     t.append(tm.step_name(s), "bold")
@@ -234,16 +227,6 @@ def probe_lines(tm: TraceModel, rows: Iterable[np.void]) -> list[RenderableType]
     return out
 
 
-def row_names(n: int) -> list[str]:
-    if n == 3:
-        return ["t", "h", "w"]
-    if n == 4:
-        return ["text", "t", "h", "w"]
-    if n == 1:
-        return ["pos"]
-    return [f"r{k}" for k in range(n)]
-
-
 def reshape_line(tm: TraceModel, r: np.void, n: int | None = None) -> Text:
     t = Text()
     if n is not None:
@@ -270,10 +253,7 @@ def source_snippet(path: str, line: int, context: int = 1) -> RenderableType | N
     """The source around ``path:line`` with syntax highlighting, or None when unreadable (file IO)."""
     if not path or line <= 0 or not os.path.isfile(path):
         return None
-    try:
-        lines = linecache.getlines(path)
-    except Exception:  # noqa: BLE001
-        return None
+    lines = linecache.getlines(path)   # [] when unreadable: linecache catches the IO errors
     if not lines or line > len(lines):
         return None
     a, b = max(1, line - context), min(len(lines), line + context)
@@ -441,181 +421,3 @@ def error_lines(err: dict) -> list[RenderableType]:
                                  str(lr.get("in_shapes", "")), " ", str(lr.get("args", "")), "  ",
                                  (str(lr.get("site", "")), DIM)))
     return out
-
-
-# --------------------------------------------------------------------------- context charts
-
-_BLOCKS = " ▁▂▃▄▅▆▇█"
-
-
-def downsample_idx(n: int, width: int) -> np.ndarray:
-    """Bin edges splitting ``n`` items into at most ``width`` bins."""
-    bins = max(1, min(n, width))
-    return np.linspace(0, n, bins + 1).astype(np.int64)
-
-
-def in_spans(lo: int, hi: int, spans: Sequence[tuple[int, int]]) -> bool:
-    return any(a < hi and lo < b for a, b in spans)
-
-
-def token_strip(ids: np.ndarray, spans: Sequence[tuple[int, int]], current: tuple[int, int], width: int,
-                image_token_id: int | None = None) -> Text:
-    """One cell per token (several for short sequences, one per bin for long ones): text ░,
-    image █ (magenta), this step's tokens ▄ (green); a ruler marks 0, the image span and the end."""
-    n = len(ids)
-    width = max(8, width)
-    t = Text(no_wrap=True)
-    if n == 0:
-        return Text("no input_ids recorded", DIM)
-    if image_token_id is not None and not spans:
-        img = np.nonzero(ids == image_token_id)[0]
-        if len(img):
-            spans = [(int(img[0]), int(img[-1]) + 1)]
-    rep = max(1, min(3, width // n))
-    edges = downsample_idx(n, width // rep)
-    for a, b in zip(edges[:-1], edges[1:]):
-        img = in_spans(a, b, spans)
-        cur = current[0] < b and a < current[1]
-        ch = "█" if img else "▄" if cur else "░"
-        style = IMAGE_STYLE if img else "bold green" if cur else "grey50"
-        t.append(ch * rep, style)
-    t.append("\n")
-    # ruler: 0, span bounds, n
-    marks = {0: "0"}
-    for a, b in spans:
-        marks[a] = str(a)
-        marks[b] = str(b)
-    marks[n] = str(n)
-    bins = len(edges) - 1
-    ruler = [" "] * (bins * rep + 8)
-    for pos, label in sorted(marks.items()):
-        if pos < n:
-            col = (int(np.searchsorted(edges, pos, side="right") - 1)) * rep
-        else:
-            col = bins * rep - len(label)
-        col = min(max(col, 0), len(ruler) - len(label))
-        if all(c == " " for c in ruler[max(0, col - 1):col + len(label) + 1]):
-            ruler[col:col + len(label)] = list(label)
-    t.append("".join(ruler).rstrip(), DIM)
-    return t
-
-
-def _lerp(c0: tuple[int, int, int], c1: tuple[int, int, int], f: float) -> str:
-    r, g, b = (int(c0[k] + (c1[k] - c0[k]) * f) for k in range(3))
-    return f"#{r:02x}{g:02x}{b:02x}"
-
-
-_OFF = (38, 38, 38)
-_ON = (95, 175, 95)
-_ON_IMG = (215, 95, 215)
-
-
-def mask_heatmap(mask: np.ndarray, spans: Sequence[tuple[int, int]], width: int, max_rows: int = 12,
-                 q_offset: int = 0) -> Text:
-    """The allowed-to-attend matrix (query rows × key columns), downsampled with half blocks.
-
-    Key columns in the image span are drawn magenta; a left margin marks query rows in it."""
-    m = np.asarray(mask, dtype=bool)
-    while m.ndim > 2:
-        m = m[0]
-    if m.ndim == 1:
-        m = m[None, :]
-    q, k = m.shape
-    width = max(8, width - 2)
-    rep = max(1, min(3, width // max(k, 1)))
-    cols = downsample_idx(k, width // rep)
-    ncols = len(cols) - 1
-    # aim for a square-ish picture: a cell is about twice as tall as wide, a half block square
-    want_rows = max(1, min(max_rows * 2, int(round(q * ncols * rep / max(k, 1))) if q > 1 else 1))
-    rows = downsample_idx(q, want_rows)
-    csum = np.zeros((q + 1, k + 1), dtype=np.float64)
-    csum[1:, 1:] = np.cumsum(np.cumsum(m, 0, dtype=np.float64), 1)
-    r0, r1 = rows[:-1], rows[1:]
-    c0, c1 = cols[:-1], cols[1:]
-    tot = (csum[np.ix_(r1, c1)] - csum[np.ix_(r0, c1)] - csum[np.ix_(r1, c0)] + csum[np.ix_(r0, c0)])
-    area = np.outer(r1 - r0, c1 - c0).astype(np.float64)
-    frac = np.repeat(tot / np.maximum(area, 1), rep, axis=1)
-    img_c = np.repeat(np.array([in_spans(a, b, spans) for a, b in zip(c0, c1)]), rep)
-    nr = len(r0)
-    rep_r = max(1, min(rep, (max_rows * 2) // max(nr, 1))) if q > 1 else 1
-    frac = np.repeat(frac, rep_r, axis=0)
-    img_r = np.repeat(np.array([in_spans(a + q_offset, b + q_offset, spans) for a, b in zip(r0, r1)]), rep_r)
-    nr = frac.shape[0]
-    t = Text(no_wrap=True)
-
-    def colour(r: int, c: int) -> str:
-        return _lerp(_OFF, _ON_IMG if img_c[c] else _ON, float(frac[r, c]))
-
-    for top in range(0, nr, 2):
-        bot = top + 1 if top + 1 < nr else None
-        up_img, lo_img = bool(img_r[top]), bool(img_r[bot]) if bot is not None else False
-        if up_img or lo_img:
-            t.append("▀" if up_img and not lo_img else "▄" if lo_img and not up_img else "█", IMAGE_STYLE)
-        else:
-            t.append(" ")
-        t.append(" ")
-        for c in range(frac.shape[1]):
-            up = colour(top, c)
-            if bot is not None:
-                t.append("▀", f"{up} on {colour(bot, c)}")
-            else:
-                t.append("▀", up)
-        t.append("\n")
-    t.rstrip()
-    return t
-
-
-def position_plot(pos: np.ndarray, spans: Sequence[tuple[int, int]], width: int) -> Text:
-    """Position ids against token index: one sparkline per row (M-RoPE t/h/w), one shared scale."""
-    p = np.asarray(pos)
-    if p.ndim == 3:       # [R, B, S]
-        p = p[:, 0, :]
-    elif p.ndim == 2:     # [B, S]
-        p = p[:1, :]
-    elif p.ndim == 1:
-        p = p[None, :]
-    R, S = p.shape
-    names = row_names(R)
-    label_w = max(len(nm) for nm in names) + 1
-    rng_w = len(f"{int(p.min())}..{int(p.max())}") + 1
-    plot_w = max(8, width - label_w - rng_w - 2)
-    edges = downsample_idx(S, plot_w)
-    lo, hi = float(p.min()), float(p.max())
-    span = max(hi - lo, 1.0)
-    t = Text(no_wrap=True)
-    for r in range(R):
-        t.append(names[r].ljust(label_w), "bold")
-        row = p[r]
-        for a, b in zip(edges[:-1], edges[1:]):
-            v = float(row[a:b].max()) if b > a else lo
-            level = 1 + int(round((v - lo) / span * 7)) if S > 1 or hi > lo else 8
-            t.append(_BLOCKS[min(8, max(1, level))], IMAGE_STYLE if in_spans(a, b, spans) else "cyan")
-        t.append(f" {int(row.min())}..{int(row.max())}\n", DIM)
-    t.rstrip()
-    return t
-
-
-def cache_bars(lengths: Sequence[int], width: int, max_lines: int = 40) -> Text:
-    """The cache length of every layer, as horizontal bars (one line when they are all equal)."""
-    t = Text(no_wrap=True)
-    n = len(lengths)
-    if n == 0:
-        return Text("no cache", DIM)
-    mx = max(max(lengths), 1)
-    if min(lengths) == max(lengths):
-        t.append(f"all {n} layers ", DIM)
-        t.append(str(lengths[0]), "bold")
-        return t
-    lab = len(f"L{n - 1}") + 1
-    num = len(str(mx)) + 1
-    bar_w = max(4, width - lab - num - 1)
-    step = max(1, math.ceil(n / max_lines))
-    for k in range(0, n, step):
-        v = int(lengths[k])
-        full = v / mx * bar_w
-        t.append(f"L{k}".ljust(lab), DIM)
-        t.append("█" * int(full) + ("▌" if full - int(full) >= 0.5 else ""), "green")
-        t.append(" " * (bar_w - int(full) - (1 if full - int(full) >= 0.5 else 0) + 1))
-        t.append(f"{v}\n")
-    t.rstrip()
-    return t

@@ -1,118 +1,38 @@
-"""Screens: the main screen, help (``?``), the payload viewer and the message screen for bad files."""
+"""The main screen: the header, the tree, the detail panel, the step context and the keys.
+
+The modal screens (help, payload, the message for a bad file) are in :mod:`vlmscope.tui.modals`.
+"""
 
 from __future__ import annotations
 
 import gc
-from rich.table import Table
+
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import ModalScreen, Screen
-from textual.widgets import Footer, Static
+from textual.containers import Horizontal
+from textual.screen import Screen
+from textual.widgets import Footer
 from textual.worker import get_current_worker
 
+from vlmscope.analyze.status import Status
 from vlmscope.trace import TraceError
-from vlmscope.tui.data import FILTER_LABELS, Item, TraceModel
+from vlmscope.tui import navigate
+from vlmscope.tui.analysis import Cancelled
+from vlmscope.tui.items import B_KINDS, FILTER_LABELS, Item
+from vlmscope.tui.modals import KEYS, HelpScreen, MessageScreen, PayloadScreen
 from vlmscope.tui.session import Session
+from vlmscope.tui.ui import to_ui
 from vlmscope.tui.widgets.context import ContextPanel
 from vlmscope.tui.widgets.detail import DetailPanel
 from vlmscope.tui.widgets.header import TraceHeader
 from vlmscope.tui.widgets.navigator import Navigator
-from vlmscope.tui.widgets.payload import PayloadView
 from vlmscope.tui.widgets.search import SearchBar
 from vlmscope.tui.widgets.strips import render_strips
 from vlmscope.tui.widgets.summary import DiffSummary
-from vlmscope.tui.ui import to_ui
 
-#: every key, as the help screen lists it
-KEYS: list[tuple[str, str]] = [
-    ("j k / ↑ ↓", "move"),
-    ("enter / click", "expand or collapse"),
-    ("n N", "next / previous module at the same depth (next layer)"),
-    ("] [", "next / previous step, same module selected"),
-    ("/", "search a module path: glob or substring; enter: next"),
-    ("f", "filter: all, modules, reshapes, probes, failing checks"),
-    ("c", "toggle the step context (tokens, mask, positions, cache)"),
-    ("g", "go to the first divergence (diff mode)"),
-    ("e", "next check violation"),
-    ("p", "values of the selected module's saved tensor"),
-    ("tab", "next panel (arrows scroll it)"),
-    ("?", "this help (esc closes)"),
-    ("q", "quit"),
-]
-
-
-class MessageScreen(Screen):
-    """A clear message instead of a traceback (a trace that cannot be read)."""
-
-    BINDINGS = [Binding("q", "app.quit", "quit"), Binding("escape", "app.quit", "quit", show=False)]
-
-    def __init__(self, title: str, message: str) -> None:
-        super().__init__()
-        self.title_text, self.message = title, message
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="message-box"):
-            yield Static(Text(self.title_text, "bold red"), id="message-title")
-            yield Static(Text(self.message), id="message-text")
-            yield Static(Text("press q to quit", "dim"))
-
-
-class HelpScreen(ModalScreen):
-    BINDINGS = [Binding("escape", "dismiss", "close"), Binding("question_mark", "dismiss", "close", show=False),
-                Binding("q", "dismiss", "close", show=False)]
-
-    def compose(self) -> ComposeResult:
-        tab = Table(box=None, show_header=False, pad_edge=False, padding=(0, 2))
-        tab.add_column(style="bold cyan", no_wrap=True)
-        tab.add_column()
-        for key, what in KEYS:
-            tab.add_row(key, what)
-        legend = Text.assemble(
-            ("tree  ", "bold"), ("✗", "bold red"), " failing check  ", ("↳", "dim"), " reshape  ",
-            ("◆", "magenta"), " probe\n", ("diff  ", "bold"), ("≠", "bold red"), " shape/dtype  ",
-            ("~", "yellow"), " values drift  ", ("-", "magenta"), " only A  ", ("+", "green"), " only B")
-        with VerticalScroll(id="help-box"):
-            yield Static(Text("vlmscope view: keys", "bold"), id="help-title")
-            yield Static(tab)
-            yield Static(legend)
-
-
-class PayloadScreen(ModalScreen):
-    BINDINGS = [Binding("escape", "dismiss", "close"), Binding("q", "dismiss", "close", show=False),
-                Binding("up", "move(-1, 0)", show=False), Binding("down", "move(1, 0)", show=False),
-                Binding("k", "move(-1, 0)", show=False), Binding("j", "move(1, 0)", show=False),
-                Binding("left", "move(0, -1)", show=False), Binding("right", "move(0, 1)", show=False),
-                Binding("pageup", "move(-16, 0)", show=False), Binding("pagedown", "move(16, 0)", show=False),
-                Binding("right_square_bracket", "lead(1)", "next slice"),
-                Binding("left_square_bracket", "lead(-1)", "prev slice"),
-                Binding("n", "next_tensor", "next saved tensor")]
-
-    def __init__(self, tm: TraceModel, payloads: list[tuple[int, str, tuple]]) -> None:
-        super().__init__()
-        self.tm, self.payloads, self.k = tm, payloads, 0
-
-    def compose(self) -> ComposeResult:
-        pid, name, shape = self.payloads[0]
-        with Vertical(id="payload-box"):
-            yield PayloadView(self.tm, pid, name, shape, id="payload-view")
-            yield Static(Text("arrows / j k move · [ ] leading index · n next saved tensor · esc close", "dim"))
-
-    def action_move(self, dr: int, dc: int) -> None:
-        self.query_one(PayloadView).move(dr, dc)
-
-    def action_lead(self, d: int) -> None:
-        self.query_one(PayloadView).move(dlead=d)
-
-    def action_next_tensor(self) -> None:
-        self.k = (self.k + 1) % len(self.payloads)
-        pid, name, shape = self.payloads[self.k]
-        old = self.query_one(PayloadView)
-        box = self.query_one("#payload-box")
-        old.remove()
-        box.mount(PayloadView(self.tm, pid, name, shape, id="payload-view"), before=0)
+__all__ = ["KEYS", "HelpScreen", "MainScreen", "MessageScreen", "PayloadScreen"]
 
 
 class MainScreen(Screen):
@@ -199,17 +119,21 @@ class MainScreen(Screen):
         if getattr(self.app, "freeze_gc", False):
             self.call_after_refresh(gc.freeze)
 
+    # analysis (workers waiting on vlmscope.analyze processes) -------------------------------
     @work(thread=True, exit_on_error=False, group="checks")
     def _checks(self) -> None:
         worker = get_current_worker()
         try:
             self.session.run_checks(lambda: worker.is_cancelled)
-        except Exception:  # noqa: BLE001 - checks are an extra; the viewer works without them
+        except Cancelled:
             return
         if not worker.is_cancelled:
             to_ui(self.app, self._checks_done)
 
     def _checks_done(self) -> None:
+        if self.session.check_error:
+            self.notify(f"checks failed: {self.session.check_error}", severity="error", timeout=10)
+            self._header()
         self.nav.relabel()
         self.detail.redraw()
 
@@ -217,31 +141,39 @@ class MainScreen(Screen):
     def _first_divergence(self) -> None:
         worker = get_current_worker()
         try:
-            first = self.session.align_traces(lambda: worker.is_cancelled) if self.session.diff else None
-        except Exception as e:  # noqa: BLE001
-            to_ui(self.app, self.notify, f"alignment failed: {e}", severity="error")
+            first = self.session.align_traces(lambda: worker.is_cancelled)
+        except Cancelled:
             return
         if not worker.is_cancelled:
-            to_ui(self.app, self._first_done, first)
+            to_ui(self.app, self._aligned, first)
 
-    def _first_done(self, first: tuple[Item, str] | None) -> None:
-        self.detail.redraw()
+    def _aligned(self, first: tuple[Item, Status] | None) -> None:
+        """The alignment arrived (or failed): statuses, B-only nodes and the first divergence."""
         summary = self.query_one(DiffSummary)
+        diff = self.session.diff
+        if diff is not None and diff.error:
+            summary.show_failed(diff.error)
+            self.notify(f"alignment failed: {diff.error}", severity="error", timeout=10)
+            return
         if first is None:
             summary.show_first(None, None)
         else:
-            item, status = first
-            tm, idx = self.session.model_for(item)
-            where = tm.step_name(item[0])
-            if idx is not None:
-                ev = idx.event_of(self.session.b_item(item) if item[1] in ("b", "q") else item)
-                if ev >= 0:
-                    where += " " + tm.module_name(int(idx.module[ev]))
-                if item[1] in ("r", "q"):
-                    r = idx.reshapes[item[2]]
-                    where += f" {tm.s(int(r['op']))}"
-            summary.show_first(where, status)
-        self.nav.relabel()
+            summary.show_first(self._where(first[0]), first[1])
+        self.nav.rebuild()
+        self.detail.redraw()
+
+    def _where(self, item: Item) -> str:
+        """A divergence's place for the summary line: the step, the module, the op of a reshape."""
+        tm, idx = self.session.model_for(item)
+        where = tm.step_name(item[0])
+        if idx is not None:
+            ev = idx.event_of(self.session.b_item(item) if item[1] in B_KINDS else item)
+            if ev >= 0:
+                where += " " + tm.module_name(int(idx.module[ev]))
+            if item[1] in ("r", "q"):   # a reshape: its op
+                r = idx.reshapes[item[2]]
+                where += f" {tm.s(int(r['op']))}"
+        return where
 
     @work(thread=True, exit_on_error=False, group="prefetch", exclusive=True)
     def _prefetch(self, step: int) -> None:
@@ -254,7 +186,7 @@ class MainScreen(Screen):
             if a is not None and 0 <= s < a.n_steps and not self.session.ready(s):
                 try:
                     self.session.ensure_step(s)
-                except Exception:  # noqa: BLE001
+                except Exception:  # noqa: BLE001 - a damaged step of the user's file: opening it shows the error
                     return
                 to_ui(self.app, self._prefetched, s)
 
@@ -315,7 +247,7 @@ class MainScreen(Screen):
         for t in (item[0] + 1, item[0] - 1):
             dst = a.cached(t) if 0 <= t < a.n_steps else None
             if dst is not None:
-                target = a.same_in_step(src, item, dst)
+                target = navigate.same_in_step(a, src, item, dst)
                 if self.session.visible(target):
                     targets.append(target)
         if targets:
@@ -324,7 +256,8 @@ class MainScreen(Screen):
     def _header(self) -> None:
         a = self.session.a
         if a is not None and a.loaded:
-            self.query_one(TraceHeader).show(a, self.step, self.session.filter, self.session.b, self.query_text)
+            self.query_one(TraceHeader).show(a, self.step, self.session.filter, self.session.b, self.query_text,
+                                             checks_failed=bool(self.session.check_error))
 
     @property
     def current(self) -> Item | None:
@@ -348,9 +281,9 @@ class MainScreen(Screen):
     def action_layer(self, direction: int) -> None:
         cur = self.current
         a = self.session.a
-        if cur is None or a is None or cur[1] in ("b", "q", "m") or not self.session.ready(cur[0]):
+        if cur is None or a is None or (cur[1] in B_KINDS or cur[1] == "m") or not self.session.ready(cur[0]):
             return
-        target = a.next_same_depth(a.cached(cur[0]), cur, direction > 0, self.session.filter)
+        target = navigate.next_same_depth(a, a.cached(cur[0]), cur, direction > 0, self.session.filter)
         if target is None:
             self.notify("no " + ("next" if direction > 0 else "previous") + " module at this depth", timeout=2)
             return
@@ -389,13 +322,13 @@ class MainScreen(Screen):
         a = self.session.a
         assert a is not None
         src_item = cur
-        if cur[1] in ("b", "q", "m"):
+        if cur[1] in B_KINDS or cur[1] == "m":
             anc = self.session.ancestors(cur)
             src_item = next((x for x in reversed(anc) if x[1] in ("s", "e")), (cur[0], "s", -1))
         src, dst = a.cached(src_item[0]), a.cached(t)
         if src is None or dst is None:
             return
-        target = a.same_in_step(src, src_item, dst)
+        target = navigate.same_in_step(a, src, src_item, dst)
         # keep the filter: climb to the nearest visible ancestor
         while not self.session.visible(target):
             anc = dst.ancestors(target)
@@ -427,8 +360,8 @@ class MainScreen(Screen):
         idx = a.cached(cur[0])
         if idx is None:
             return
-        it = cur if cur[1] not in ("b", "q", "m") else (cur[0], "s", -1)
-        item, count = a.search(idx, query, idx.seq_of(it), self.session.filter)
+        it = cur if not (cur[1] in B_KINDS or cur[1] == "m") else (cur[0], "s", -1)
+        item, count = navigate.search(a, idx, query, idx.seq_of(it), self.session.filter)
         self.query_text = f"{query} ({count} in this step)"
         self._header()
         if item is None:
@@ -451,7 +384,7 @@ class MainScreen(Screen):
         target = cur if cur is not None else (self.step, "s", -1)
         if target[1] == "m":
             target = (target[0], "s", -1)
-        if target[1] not in ("b", "q"):
+        if target[1] not in B_KINDS:
             idx = self.session.index(target[0])
             while idx is not None and not self.session.visible(target):
                 anc = idx.ancestors(target)
@@ -477,32 +410,39 @@ class MainScreen(Screen):
         diff = self.session.diff
         if diff is None:
             self.notify("g works in diff mode (vlmscope view A.h5 B.h5)", timeout=3)
-            return
-        if not diff.first_done:
+        elif diff.error:
+            self.notify(f"alignment failed: {diff.error}", severity="error", timeout=5)
+        elif not diff.done:
             self.notify("still aligning A and B …", timeout=2)
-            return
-        if diff.first is None:
+        elif diff.first is None:
             self.notify("no divergence: A and B agree", timeout=3)
-            return
-        self._reveal(diff.first[0])
+        else:
+            self._reveal(diff.first[0])
 
     def action_next_violation(self) -> None:
-        a = self.session.a
+        a, session = self.session.a, self.session
         if a is None:
             return
-        if not self.session.checks_done:
+        if not session.checks:
+            self.notify("checks are off", timeout=3)
+            return
+        if not session.checks_done:
             self.notify("checks are still running …", timeout=2)
             return
-        vs = a.violations
+        if session.check_error:
+            self.notify(f"checks failed: {session.check_error}", severity="error", timeout=5)
+            return
+        vs = [v for v in a.violations if v.item is not None]
         if not vs:
-            self.notify("no check fails in this trace (" + self.session.check_engine + " rules)", timeout=3)
+            n = len(a.violations)
+            self.notify(f"{n} check(s) fail, none at a node of the tree" if n else "no check fails in this trace",
+                        timeout=3)
             return
         cur = self.current or (self.step, "s", -1)
         idx = a.cached(cur[0])
-        seq = idx.seq_of(cur) if idx is not None and cur[1] in ("s", "e", "r", "p") else -1
-        here = (cur[0], seq)
-        nxt = next((v for v in vs if (v.step, v.seq) > here), vs[0])
-        self._reveal((nxt.step, nxt.kind, nxt.local))
+        here = (cur[0], idx.seq_of(cur) if idx is not None and cur[1] in ("s", "e", "r", "p") else -1)
+        nxt = next((v for v in vs if v.order > here), vs[0])
+        self._reveal(nxt.item)
         self.notify(f"✗ {nxt.rule}: {nxt.message}", timeout=4)
 
     def action_payload(self) -> None:

@@ -1,24 +1,31 @@
 """What the viewer is looking at: one trace (or two, in diff mode), the filter, check results.
 
 The screens ask the session for tree children and labels; both come from memory once a
-step is indexed (``ensure_step``, a worker call). No textual here.
+step is indexed (``ensure_step``, a worker call). Checks and the diff alignment come from
+:mod:`vlmscope.analyze`, run in processes of their own (:mod:`vlmscope.tui.analysis`); the
+session owns those processes and kills them when it closes. No textual here.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 from rich.text import Text
 
-from vlmscope.tui.data import FILTERS, Item, StepIndex, TraceModel, Violation
+from vlmscope.analyze.status import Status
+from vlmscope.tui import analysis, checks
+from vlmscope.tui.data import TraceModel
 from vlmscope.tui.diffdata import DiffModel
-from vlmscope.tui.render import ONLY_B, STATUS_GLYPH, STATUS_STYLE, node_label, step_label
+from vlmscope.tui.items import B_KINDS, FILTERS, Item, Violation
+from vlmscope.tui.render import node_label, step_label
+from vlmscope.tui.stepindex import StepIndex
+from vlmscope.tui.styles import STATUS_GLYPH, STATUS_STYLE
 
 
 class Session:
-    def __init__(self, paths: list[str | os.PathLike], maps: list[str] | tuple[str, ...] = (), checks: str = "auto",
-                 align: str = "auto"):
+    def __init__(self, paths: list[str | os.PathLike], maps: list[str] | tuple[str, ...] = (), checks: bool = True):
         if not 1 <= len(paths) <= 2:
             raise ValueError("view takes one trace, or two to diff")
         self.paths = [Path(p) for p in paths]
@@ -27,15 +34,12 @@ class Session:
         self.b: TraceModel | None = None
         self.diff: DiffModel | None = None
         self.filter = "all"
-        self.check_engine = ""
+        self.checks = bool(checks)
         self.checks_done = False
-        if checks not in ("auto", "builtin", "off"):
-            raise ValueError(f"checks must be auto, builtin or off, not {checks!r}")
-        self.checks = checks
-        if align not in ("auto", "builtin"):
-            raise ValueError(f"align must be auto or builtin, not {align!r}")
-        self.align = align
+        self.check_error: str | None = None      # why the checks failed (shown, never hidden)
         self.violations: list[Violation] = []
+        self.closed = False
+        self._jobs: set[analysis.Job] = set()
 
     @property
     def diff_mode(self) -> bool:
@@ -52,54 +56,62 @@ class Session:
             self.ensure_step(0)
 
     def ensure_step(self, step: int) -> None:
-        """Index ``step`` (and align it in diff mode): reads HDF5, call from a worker."""
+        """Index ``step`` of each trace: reads HDF5, call from a worker."""
         assert self.a is not None
         if 0 <= step < self.a.n_steps:
             self.a.index(step)
-        if self.diff is not None and self.b is not None:
-            if not hasattr(self.diff, "a_paths"):
-                self.diff.prepare()
-            if 0 <= step < self.b.n_steps:
-                self.b.index(step)
-            if step < self.diff.n_steps:
-                self.diff.step_align(step)
+        if self.b is not None and 0 <= step < self.b.n_steps:
+            self.b.index(step)
+        if self.diff is not None:
+            self.diff.cached(step)      # slice the alignment for the step here, not on the UI thread
 
     def ready(self, step: int) -> bool:
         if self.a is None or self.a.cached(step) is None:
             return False
-        if self.diff is not None and step < self.diff.n_steps:
-            return self.diff.cached(step) is not None and self.b is not None and self.b.cached(step) is not None
-        return True
+        return self.b is None or step >= self.b.n_steps or self.b.cached(step) is not None
 
-    def run_checks(self, cancelled=lambda: False) -> list[Violation]:
-        """Failing check rules for trace A (worker): the analyze package's rules when present,
-        else the built-in minimum (calls or reshapes that raised, NaN/Inf in outputs)."""
+    # analysis (worker; each runs vlmscope.analyze in a process) ---------------------------
+    def _run(self, fn: Callable, *args, cancelled: Callable[[], bool]):
+        return analysis.run_job(fn, *args, cancelled=lambda: self.closed or cancelled(), jobs=self._jobs)
+
+    def run_checks(self, cancelled: Callable[[], bool] = lambda: False) -> list[Violation]:
+        """All violations of trace A, by the rules of ``vlmscope check`` (worker). When the
+        analysis fails, ``check_error`` says why (the screen shows it) and there are none. Raises
+        :class:`~vlmscope.tui.analysis.Cancelled`."""
         assert self.a is not None
-        from vlmscope.tui import checks
-
-        if self.checks == "off":
-            self.violations, self.check_engine = [], "no"
-        elif self.checks == "builtin":
-            self.violations, self.check_engine = checks.builtin_violations(self.a, cancelled), "built-in"
-        else:
-            self.violations, self.check_engine = checks.violations(self.a, cancelled)
-        self.a.set_violations(self.violations)
+        if self.checks:
+            try:
+                rows = self._run(analysis.check_rows, os.fspath(self.a.path), cancelled=cancelled)
+            except analysis.Cancelled:
+                raise
+            except Exception as e:  # noqa: BLE001 - whatever failed on the user's trace is shown, not hidden
+                self.check_error = _one_line(e)
+                rows = []
+            self.violations = checks.place(self.a, rows)
+            self.a.set_violations(self.violations)
         self.checks_done = True
         return self.violations
 
-    def align_traces(self, cancelled=lambda: False):
-        """Switch to the analyze alignment when asked and available, then find the first
-        divergence (worker)."""
-        from vlmscope.tui.diffdata import external_alignment
-
+    def align_traces(self, cancelled: Callable[[], bool] = lambda: False) -> tuple[Item, Status] | None:
+        """Align A and B as ``vlmscope diff`` does, and return the first divergence (worker). When
+        the alignment fails, ``diff.error`` says why. Raises like :meth:`run_checks`."""
         assert self.diff is not None and self.a is not None and self.b is not None
-        if self.align == "auto":
-            ext = external_alignment(self.a, self.b, self.maps, cancelled)
-            if ext is not None and not cancelled():
-                self.diff.set_external(ext)
-        return self.diff.find_first(cancelled)
+        try:
+            res = self._run(analysis.align_sides, os.fspath(self.a.path), os.fspath(self.b.path), self.maps,
+                            cancelled=cancelled)
+        except analysis.Cancelled:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever failed on the user's traces is shown, not hidden
+            self.diff.fail(_one_line(e))
+            return None
+        self.diff.set_result(res)
+        return self.diff.first
 
     def close(self) -> None:
+        """Kill the analysis processes still running and close the traces."""
+        self.closed = True
+        for job in list(self._jobs):
+            job.kill()
         for tm in (self.a, self.b):
             if tm is not None:
                 tm.close()
@@ -110,7 +122,7 @@ class Session:
 
     def model_for(self, item: Item) -> tuple[TraceModel, StepIndex | None]:
         s, kind, _ = item
-        if kind in ("b", "q"):
+        if kind in B_KINDS:
             assert self.b is not None
             return self.b, self.b.cached(s)
         assert self.a is not None
@@ -120,7 +132,7 @@ class Session:
     def b_item(item: Item) -> Item:
         """A B-only tree item as an ordinary item of trace B."""
         s, kind, i = item
-        return (s, {"b": "e", "q": "r"}.get(kind, kind), i)
+        return (s, B_KINDS.get(kind, kind), i)
 
     def label(self, item: Item) -> Text:
         s, kind, _ = item
@@ -131,25 +143,22 @@ class Session:
             return step_label(tm, s, self.diff.step_status(s) if self.diff is not None else None)
         if idx is None:
             return Text("…", "dim")
-        if kind in ("b", "q"):
-            t = Text(STATUS_GLYPH[ONLY_B] + " ", STATUS_STYLE[ONLY_B])
+        if kind in B_KINDS:
+            only_b = Status.MISSING_A
+            t = Text(STATUS_GLYPH[only_b] + " ", STATUS_STYLE[only_b])
             lab = node_label(tm, idx, self.b_item(item))
-            lab.stylize(STATUS_STYLE[ONLY_B])
+            lab.stylize(STATUS_STYLE[only_b])
             t.append_text(lab)
             return t
-        status = self.diff.status(item) if self.diff is not None and self.diff.cached(s) is not None else None
-        return node_label(tm, idx, item, status)
+        return node_label(tm, idx, item, self.diff.status(item) if self.diff is not None else None)
 
     def children(self, item: Item) -> list[Item]:
         s, kind, _ = item
         tm, idx = self.model_for(item)
         if idx is None:
             return []
-        if kind in ("b", "q"):
-            if kind == "q":
-                return []
-            kids = idx.children(self.b_item(item), "all" if self.filter == "failing" else self.filter)
-            return [(s, {"e": "b", "r": "q"}[k], j) for (_, k, j) in kids if k in ("e", "r")]
+        if kind in B_KINDS:
+            return self.diff.b_children(item, self.filter) if kind == "b" and self.diff is not None else []
         kids = idx.children(item, self.filter)
         if self.diff is not None and self.diff.cached(s) is not None and kind in ("s", "e"):
             extra = self.diff.b_only_children(item, self.filter)
@@ -158,7 +167,7 @@ class Session:
                 for b_item, anchor in extra:
                     pos = kids.index(anchor) + 1 if anchor in kids else 0
                     # keep earlier B-only items before later ones with the same anchor
-                    while pos < len(kids) and kids[pos][1] in ("b", "q"):
+                    while pos < len(kids) and kids[pos][1] in B_KINDS:
                         pos += 1
                     kids.insert(pos, b_item)
         return kids
@@ -168,10 +177,10 @@ class Session:
         tm, idx = self.model_for(item)
         if idx is None:
             return kind == "s"
-        if kind == "q":
+        if kind in ("q", "o"):
             return False
         if kind == "b":
-            return idx.has_children(self.b_item(item), "all")
+            return self.diff is not None and bool(self.diff.b_children(item, "all"))
         if idx.has_children(item, self.filter):
             return True
         if self.diff is not None and self.diff.cached(s) is not None and kind in ("s", "e"):
@@ -186,7 +195,7 @@ class Session:
         tm, idx = self.model_for(item)
         if idx is None:
             return item[1] == "s"
-        if item[1] in ("b", "q", "s"):
+        if item[1] in B_KINDS or item[1] == "s":
             return True
         return idx.visible(item, self.filter)
 
@@ -195,7 +204,7 @@ class Session:
         tm, idx = self.model_for(item)
         if idx is None:
             return []
-        it = self.b_item(item) if item[1] in ("b", "q") else item
+        it = self.b_item(item) if item[1] in B_KINDS else item
         ev = idx.event_of(it)
         if ev < 0:
             return []
@@ -209,7 +218,7 @@ class Session:
     def ancestors(self, item: Item) -> list[Item]:
         """Tree path from the step node to the item's parent (B-only items included)."""
         s, kind, i = item
-        if kind not in ("b", "q"):
+        if kind not in B_KINDS:
             idx = self.index(s)
             return idx.ancestors(item) if idx is not None else []
         assert self.b is not None and self.diff is not None
@@ -236,3 +245,8 @@ class Session:
             cur = p
         return chain[::-1]
 
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

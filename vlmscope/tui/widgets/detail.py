@@ -17,12 +17,14 @@ from textual import work
 from textual.message import Message
 from textual.worker import get_current_worker
 
+from vlmscope.analyze.status import Status
+from vlmscope.semantics import fmt_shape
 from vlmscope.trace import ROLE_NAMES, ROLE_OUTPUT
-from vlmscope.tui.data import Item, StepIndex, TraceModel, fmt_num, fmt_shape
-from vlmscope.tui.render import (
-    DIM, ONLY_A, ONLY_B, SAME, STATUS_GLYPH, STATUS_STYLE, STATUS_TEXT, event_detail, probe_detail,
-    reshape_detail, section, shape_of_row, step_detail,
-)
+from vlmscope.tui.data import TraceModel, fmt_num
+from vlmscope.tui.items import B_KINDS, Item
+from vlmscope.tui.render import event_detail, probe_detail, reshape_detail, section, shape_of_row, step_detail
+from vlmscope.tui.stepindex import StepIndex
+from vlmscope.tui.styles import DIM, STATUS_GLYPH, STATUS_STYLE, STATUS_TEXT
 from vlmscope.tui.ui import to_ui
 from vlmscope.tui.widgets.strips import StripView, render_strips
 
@@ -47,26 +49,20 @@ def item_detail(tm: TraceModel, idx: StepIndex, item: Item, width: int) -> list[
 
 def violation_lines(session: "Session", item: Item) -> list[RenderableType]:
     a = session.a
-    if a is None or not a.violations or item[1] in ("b", "q", "m"):
+    if a is None or not a.violations or item[1] in B_KINDS or item[1] == "m":
         return []
     s, kind, i = item
     idx = a.cached(s)
     if idx is None:
         return []
-    ev = idx.event_of(item) if kind in ("s", "e") else -1
-    hits = [v for v in a.violations if v.step == s and ((v.kind == kind and v.local == i) or
-                                                        (kind in ("s", "e") and v.kind == "e" and v.local == ev))]
+    mine = {item, (s, "e", idx.event_of(item))} if kind in ("s", "e") else {item}
+    hits = [v for v in a.violations if v.item in mine]
     if not hits:
         return []
     out: list[RenderableType] = [section(f"failing checks ({len(hits)})")]
     for v in hits[:20]:
         out.append(Text.assemble(("✗ ", "bold red"), (v.rule, "bold"), "  ", v.message))
     return out
-
-
-def _tensor_rows(tm: TraceModel, idx: StepIndex, item: Item):
-    ev = idx.event_of(item)
-    return idx.event_tensors(tm, ev) if ev >= 0 else None
 
 
 def _delta_label(key: tuple[int, str]) -> Text:
@@ -78,6 +74,69 @@ def _delta_label(key: tuple[int, str]) -> Text:
     return t
 
 
+def _only(status: Status) -> Text:
+    return Text(STATUS_TEXT[status], STATUS_STYLE[status])
+
+
+def _tensor_delta(a: TraceModel, b: TraceModel, r, other) -> Text | None:
+    """How an aligned pair of tensors differs: shape/dtype, else the stats that moved."""
+    sa, sb = shape_of_row(r), shape_of_row(other)
+    da, db = a.s(int(r["dtype"])), b.s(int(other["dtype"]))
+    if sa != sb or da != db:
+        return Text.assemble((f"{fmt_shape(sa)} {da}", ""), " -> ", (f"{fmt_shape(sb)} {db}", "bold red"))
+    parts = []
+    for f in ("mean", "std", "min", "max"):
+        x, y = float(r[f]), float(other[f])
+        if x != y and not (x != x and y != y):
+            parts.append(f"Δ{f} {fmt_num(y - x)}")
+    for f in ("nan", "inf"):
+        if int(r[f]) != int(other[f]):
+            parts.append(f"{f} {int(r[f])}->{int(other[f])}")
+    return Text("  ".join(parts), "yellow") if parts else None
+
+
+def _tensor_deltas(session: "Session", ia: StepIndex, ib: StepIndex, a_item: Item) -> list[RenderableType]:
+    """The tensors of a call and its partner that the alignment finds different (reads tensor rows)."""
+    a, b, diff = session.a, session.b, session.diff
+    ev_a = ia.event_of(a_item)       # a step node stands for its root call: that call's partner
+    partner = diff.partner((a_item[0], "e", ev_a)) if ev_a >= 0 else None
+    if partner is None:
+        return []
+    ev_b = partner[2]
+    pairs, only_b = diff.tensor_pairs(ia, ib, ev_a, ev_b)
+    out: list[RenderableType] = []
+    for r, other, status in pairs:
+        label = _delta_label((int(r["role"]), a.s(int(r["name"]))))
+        if other is None:
+            out.append(label + _only(Status.MISSING_B))
+        elif status != Status.SAME:
+            delta = _tensor_delta(a, b, r, other)
+            out.append(label + (delta if delta is not None else Text(STATUS_TEXT[status], STATUS_STYLE[status])))
+    for r in only_b:
+        out.append(_delta_label((int(r["role"]), b.s(int(r["name"])))) + _only(Status.MISSING_A))
+    return out or [Text("no difference in tensors", DIM)]
+
+
+def _reshape_deltas(a: TraceModel, b: TraceModel, ra, rb) -> list[RenderableType]:
+    out: list[RenderableType] = []
+    for f, lab in (("in_shapes", "in"), ("args", "args")):
+        x, y = a.s(int(ra[f])), b.s(int(rb[f]))
+        out.append(Text.assemble((f"{lab} ", DIM), x, *(((" -> ", ""), (y, "bold red")) if x != y else ())))
+    xa = fmt_shape(shape_of_row(ra, "out_shape", "out_ndim"))
+    xb = fmt_shape(shape_of_row(rb, "out_shape", "out_ndim"))
+    out.append(Text.assemble(("out ", DIM), xa, *(((" -> ", ""), (xb, "bold red")) if xa != xb else ())))
+    return out
+
+
+def _probe_deltas(a: TraceModel, b: TraceModel, pa, pb) -> list[RenderableType]:
+    ia_info, ib_info = a.probe_info(pa), b.probe_info(pb)
+    keys = sorted(set(ia_info) | set(ib_info))
+    diff = [k for k in keys if ia_info.get(k) != ib_info.get(k)]
+    out: list[RenderableType] = [
+        Text.assemble((f"{k} ", DIM), str(ia_info.get(k)), " -> ", (str(ib_info.get(k)), "bold red")) for k in diff[:12]]
+    return out or [Text("same values summary", DIM)]
+
+
 def deltas(session: "Session", a_item: Item, b_item: Item) -> list[RenderableType]:
     """What differs between an aligned pair."""
     a, b = session.a, session.b
@@ -85,66 +144,16 @@ def deltas(session: "Session", a_item: Item, b_item: Item) -> list[RenderableTyp
     ia, ib = a.cached(a_item[0]), b.cached(b_item[0])
     if ia is None or ib is None:
         return []
-    out: list[RenderableType] = [section("deltas (B - A)")]
     kind = a_item[1]
     if kind in ("s", "e"):
-        ra, rb = _tensor_rows(a, ia, a_item), _tensor_rows(b, ib, b_item)
-        if ra is None or rb is None:
-            return []
-        keyed_b = {(int(r["role"]), b.s(int(r["name"]))): r for r in rb}
-        seen = set()
-        n = 0
-        for r in ra:
-            key = (int(r["role"]), a.s(int(r["name"])))
-            seen.add(key)
-            other = keyed_b.get(key)
-            label = _delta_label(key)
-            if other is None:
-                out.append(label + Text("only in A", STATUS_STYLE[ONLY_A]))
-                n += 1
-                continue
-            sa, sb = shape_of_row(r), shape_of_row(other)
-            da, db = a.s(int(r["dtype"])), b.s(int(other["dtype"]))
-            if sa != sb or da != db:
-                out.append(label + Text.assemble((f"{fmt_shape(sa)} {da}", ""), " -> ",
-                                                 (f"{fmt_shape(sb)} {db}", "bold red")))
-                n += 1
-                continue
-            parts = []
-            for f in ("mean", "std", "min", "max"):
-                x, y = float(r[f]), float(other[f])
-                if x != y and not (x != x and y != y):
-                    parts.append(f"Δ{f} {fmt_num(y - x)}")
-            for f in ("nan", "inf"):
-                if int(r[f]) != int(other[f]):
-                    parts.append(f"{f} {int(r[f])}->{int(other[f])}")
-            if parts:
-                out.append(label + Text("  ".join(parts), "yellow"))
-                n += 1
-        for key in keyed_b:
-            if key not in seen:
-                out.append(_delta_label(key) + Text("only in B", STATUS_STYLE[ONLY_B]))
-                n += 1
-        if n == 0:
-            out.append(Text("no difference in tensors", DIM))
+        body = _tensor_deltas(session, ia, ib, a_item)
     elif kind == "r":
-        ra, rb = ia.reshapes[a_item[2]], ib.reshapes[b_item[2]]
-        for f, lab in (("in_shapes", "in"), ("args", "args")):
-            x, y = a.s(int(ra[f])), b.s(int(rb[f]))
-            out.append(Text.assemble((f"{lab} ", DIM), x, *(((" -> ", ""), (y, "bold red")) if x != y else ())))
-        xa = fmt_shape(shape_of_row(ra, "out_shape", "out_ndim"))
-        xb = fmt_shape(shape_of_row(rb, "out_shape", "out_ndim"))
-        out.append(Text.assemble(("out ", DIM), xa, *(((" -> ", ""), (xb, "bold red")) if xa != xb else ())))
+        body = _reshape_deltas(a, b, ia.reshapes[a_item[2]], ib.reshapes[b_item[2]])
     elif kind == "p":
-        pa, pb = ia.probes[a_item[2]], ib.probes[b_item[2]]
-        ia_info, ib_info = a.probe_info(pa), b.probe_info(pb)
-        keys = sorted(set(ia_info) | set(ib_info))
-        diff = [k for k in keys if ia_info.get(k) != ib_info.get(k)]
-        for k in diff[:12]:
-            out.append(Text.assemble((f"{k} ", DIM), str(ia_info.get(k)), " -> ", (str(ib_info.get(k)), "bold red")))
-        if not diff:
-            out.append(Text("same values summary", DIM))
-    return out
+        body = _probe_deltas(a, b, ia.probes[a_item[2]], ib.probes[b_item[2]])
+    else:
+        body = []
+    return [section("deltas (B - A)")] + body if body else []
 
 
 def build(session: "Session", item: Item, width: int) -> RenderableType:
@@ -158,30 +167,32 @@ def build(session: "Session", item: Item, width: int) -> RenderableType:
     tm, idx = session.model_for(item)
     if idx is None:
         return Text("loading …", DIM)
-    if item[1] in ("b", "q"):
-        b_item = session.b_item(item)
-        parts: list[RenderableType] = [Text.assemble((STATUS_GLYPH[ONLY_B] + " only in B", STATUS_STYLE[ONLY_B]))]
-        parts += item_detail(tm, idx, b_item, width)
-        return Group(*parts)
-    parts = []
-    diff = session.diff
-    if diff is None or diff.cached(item[0]) is None:
-        parts += violation_lines(session, item)
-        parts += item_detail(tm, idx, item, width)
-        return Group(*parts)
-    status = diff.status(item)
-    partner = diff.partner(item)
-    parts.append(Text.assemble((f"{STATUS_GLYPH[status]} {STATUS_TEXT[status]}".strip(),
-                                STATUS_STYLE[status] or "green")))
+    if item[1] in B_KINDS:
+        only_b = Status.MISSING_A
+        head = Text.assemble((STATUS_GLYPH[only_b] + " " + STATUS_TEXT[only_b], STATUS_STYLE[only_b]))
+        return Group(head, *item_detail(tm, idx, session.b_item(item), width))
+    status = session.diff.status(item) if session.diff is not None else None
+    if status is None:     # one trace, or the alignment is not in yet
+        return Group(*violation_lines(session, item), *item_detail(tm, idx, item, width))
+    return _diff_detail(session, item, status, width)
+
+
+def _diff_detail(session: "Session", item: Item, status: Status, width: int) -> RenderableType:
+    """An A item in diff mode: its status, failing checks, the deltas, then A and B side by side."""
+    tm, idx = session.model_for(item)
+    partner = session.diff.partner(item)
+    parts: list[RenderableType] = [Text.assemble((f"{STATUS_GLYPH[status]} {STATUS_TEXT[status]}".strip(),
+                                                  STATUS_STYLE[status] or "green"))]
     parts += violation_lines(session, item)
-    if partner is not None and status != SAME:
+    if partner is not None and status != Status.SAME:
         parts += deltas(session, item, partner)
-    a_parts = item_detail(tm, idx, item, width // 2 if width >= WIDE else width)
-    b_parts: list[RenderableType] = [Text("missing in B", STATUS_STYLE[ONLY_A])]
+    half = width // 2 if width >= WIDE else width
+    a_parts = item_detail(tm, idx, item, half)
+    b_parts: list[RenderableType] = [Text("missing in B", STATUS_STYLE[Status.MISSING_B])]
     if partner is not None and session.b is not None:
         ib = session.b.cached(partner[0])
         if ib is not None:
-            b_parts = item_detail(session.b, ib, partner, width // 2 if width >= WIDE else width)
+            b_parts = item_detail(session.b, ib, partner, half)
     if width >= WIDE:
         grid = Table.grid(padding=(0, 2), expand=True)
         grid.add_column(ratio=1)
@@ -190,10 +201,7 @@ def build(session: "Session", item: Item, width: int) -> RenderableType:
         grid.add_row(Group(*a_parts), Group(*b_parts))
         parts.append(grid)
     else:
-        parts.append(Text(" A ", "bold reverse"))
-        parts += a_parts
-        parts.append(Text(" B ", "bold reverse"))
-        parts += b_parts
+        parts += [Text(" A ", "bold reverse"), *a_parts, Text(" B ", "bold reverse"), *b_parts]
     return Group(*parts)
 
 
@@ -266,7 +274,7 @@ class DetailPanel(StripView):
             try:
                 content = build(self.session, item, width)
                 strips = render_strips(content, width)
-            except Exception:  # noqa: BLE001 - only a speed-up
+            except Exception:  # noqa: BLE001 - the user's file (a damaged row): _load shows the message
                 continue
             if not worker.is_cancelled:
                 to_ui(self.app, self._store, (item, width, generation), strips)
@@ -283,7 +291,7 @@ class DetailPanel(StripView):
         try:
             content = build(self.session, item, width)
             strips = render_strips(content, width)
-        except Exception as e:  # noqa: BLE001 - a damaged trace shows a message, not a traceback
+        except Exception as e:  # noqa: BLE001 - the user's file (damaged rows): a message, not a traceback
             content = Text(f"cannot show this node: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                            "bold red")
             strips = render_strips(content, width)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
-from vlmscope.tui.data import FILTER_LABELS, TraceModel
+from vlmscope.tui.data import TraceModel
+from vlmscope.tui.items import FILTER_LABELS
 
 STATUS_STYLE = {"complete": "bold green", "incomplete": "bold yellow", "failed": "bold red"}
 
@@ -20,7 +21,8 @@ class TraceHeader(Static):
     def show_loading(self, names: list[str]) -> None:
         self.update(Text.assemble(("vlmscope ", "bold"), ("opening " + " and ".join(names) + " …", "dim")))
 
-    def show(self, a: TraceModel, step: int, filt: str, b: TraceModel | None = None, query: str = "") -> None:
+    def show(self, a: TraceModel, step: int, filt: str, b: TraceModel | None = None, query: str = "",
+             checks_failed: bool = False) -> None:
         meta = a.meta
         model = meta.get("model") or meta.get("model_class") or "model ?"
         line1 = Text(no_wrap=True, overflow="ellipsis")
@@ -49,6 +51,8 @@ class TraceHeader(Static):
         line2.append(f" ({step + 1}/{a.n_steps})" if a.n_steps else "", "dim")
         line2.append("  filter ", "dim")
         line2.append(FILTER_LABELS.get(filt, filt), "bold" if filt != "all" else "")
+        if checks_failed:
+            line2.append("  checks failed", "bold red")
         if query:
             line2.append("  search ", "dim")
             line2.append(query)

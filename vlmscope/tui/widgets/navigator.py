@@ -15,7 +15,7 @@ from textual.message import Message
 from textual.widgets import Tree
 from textual.widgets.tree import TreeNode
 
-from vlmscope.tui.data import Item
+from vlmscope.tui.items import Item
 
 if TYPE_CHECKING:
     from vlmscope.tui.session import Session
@@ -169,6 +169,20 @@ class Navigator(Tree[Item]):
         if item in self._pending_expand or node.is_expanded:
             self._pending_expand.discard(item)
             self.populate(node)
+
+    def rebuild(self) -> None:
+        """Rebuild the tree (its children changed: the diff alignment brought B-only nodes),
+        keeping the expanded nodes and the cursor."""
+        cur = self.current
+        expanded = [it for it, node in self.nodes.items() if node.is_expanded]   # parents first
+        self.reset()
+        for it in expanded:
+            node = self.nodes.get(it)
+            if node is not None and node.allow_expand and (it[1] == "g" or self.session.ready(it[0])):
+                self.populate(node)
+                node.expand()
+        if cur is not None and cur[1] != "m" and not self.reveal(cur) and cur in self.nodes:
+            self.move_to(self.nodes[cur])
 
     def relabel(self) -> None:
         """Recompute every label (check results or the alignment arrived)."""

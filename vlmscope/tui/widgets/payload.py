@@ -10,7 +10,8 @@ from textual import work
 from textual.widgets import Static
 from textual.worker import get_current_worker
 
-from vlmscope.tui.data import TraceModel, fmt_num, fmt_shape
+from vlmscope.semantics import fmt_shape
+from vlmscope.tui.data import TraceModel, fmt_num
 from vlmscope.tui.ui import to_ui
 
 
@@ -66,7 +67,7 @@ class PayloadView(Static):
             else:
                 index = tuple(lead) + (slice(r0, r0 + self.ROWS), slice(c0, c0 + self.COLS))
             values = self.tm.trace.payload(self.payload, index)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - the user's file (a damaged or missing payload): shown
             if not worker.is_cancelled:
                 to_ui(self.app, self.update, Text(f"cannot read payload: {e}", "bold red"))
             return

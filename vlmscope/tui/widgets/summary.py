@@ -5,27 +5,30 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
-from vlmscope.tui.render import DRIFT, ONLY_A, ONLY_B, SHAPE, STATUS_GLYPH, STATUS_STYLE, STATUS_TEXT
-
-
-SHORT = {SHAPE: "shape", DRIFT: "drift", ONLY_A: "only A", ONLY_B: "only B"}
+from vlmscope.analyze.status import Status
+from vlmscope.tui.styles import STATUS_GLYPH, STATUS_SHORT, STATUS_STYLE, STATUS_TEXT
 
 
 class DiffSummary(Static):
     def show_pending(self) -> None:
         self.update(Text("aligning A and B …", "dim"))
 
-    def show_first(self, where: str | None, status: str | None, engine: str = "") -> None:
+    def show_failed(self, message: str) -> None:
+        """The alignment failed: say so (the tree then shows no statuses)."""
+        self.update(Text.assemble(("alignment failed: ", "bold red"), message), layout=False)
+
+    def show_first(self, where: str | None, status: Status | None) -> None:
         t = Text(no_wrap=True, overflow="ellipsis")
         if where is None:
             t.append("no divergence: A and B agree", "bold green")
         else:
+            st = status if status is not None else Status.SHAPE
             t.append("first divergence ", "bold")
-            t.append(where, STATUS_STYLE.get(status or SHAPE, "") or "bold")
-            t.append(f" ({STATUS_TEXT.get(status or SHAPE, status)})", STATUS_STYLE.get(status or SHAPE, ""))
+            t.append(where, STATUS_STYLE[st] or "bold")
+            t.append(f" ({STATUS_TEXT[st]})", STATUS_STYLE[st])
             t.append("  g: go", "dim")
         t.append("   ")
-        for st in (SHAPE, DRIFT, ONLY_A, ONLY_B):
-            t.append(STATUS_GLYPH[st] + " " + SHORT[st], STATUS_STYLE[st])
+        for st, word in STATUS_SHORT.items():
+            t.append(STATUS_GLYPH[st] + " " + word, STATUS_STYLE[st])
             t.append(" ")
         self.update(t, layout=False)

@@ -1,10 +1,10 @@
 """SVG snapshots of ``vlmscope view`` (pytest-textual-snapshot) at 80x24 and 160x48.
 
-The traces are the viewer's demo traces (:mod:`vlmscope.tui.demo`): every number in them is
+The traces are the viewer's demo traces (:mod:`vlmscope.testing`): every number in them is
 fixed, their call sites point at files that do not exist (no source lines that change with
 the installed transformers), and the file names are fixed, so the pictures are the same on
-every machine. Checks and the diff alignment use the viewer's built-in rules (not the analyze
-package's, which evolve on their own). Update with ``pytest tests/test_tui_snapshots.py --snapshot-update``.
+every machine. Checks and the diff alignment are ``vlmscope check``'s and ``vlmscope diff``'s (the
+viewer has no rules of its own). Update with ``pytest tests/test_tui_snapshots.py --snapshot-update``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from textual.worker import WorkerState
 
 from vlmscope.tui.app import ViewerApp
-from vlmscope.tui.demo import write_demo_trace
+from vlmscope.testing import write_demo_trace
 
 SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((160, 48), id="160x48")]
 
@@ -55,23 +55,23 @@ MAIN_KEYS = ("j", "j", "j", "enter", "j", "j")
 
 @pytest.mark.parametrize("size", SIZES)
 def test_main_screen(snap_compare, demo, size):
-    app = ViewerApp([demo["a"]], checks="builtin")
+    app = ViewerApp([demo["a"]], checks=True)
     assert snap_compare(app, terminal_size=size, run_before=keys_then_settle(*MAIN_KEYS))
 
 
 @pytest.mark.parametrize("size", SIZES)
 def test_context_panel(snap_compare, demo, size):
-    app = ViewerApp([demo["a"]], checks="builtin")
+    app = ViewerApp([demo["a"]], checks=True)
     assert snap_compare(app, terminal_size=size, run_before=keys_then_settle(*MAIN_KEYS, "c"))
 
 
 @pytest.mark.parametrize("size", SIZES)
 def test_diff_mode(snap_compare, demo, size):
-    app = ViewerApp([demo["a_clean"], demo["b"]], checks="off", align="builtin")
+    app = ViewerApp([demo["a_clean"], demo["b"]], checks=False)
     assert snap_compare(app, terminal_size=size, run_before=keys_then_settle("g"))
 
 
 @pytest.mark.parametrize("size", SIZES)
 def test_help(snap_compare, demo, size):
-    app = ViewerApp([demo["a"]], checks="off")
+    app = ViewerApp([demo["a"]], checks=False)
     assert snap_compare(app, terminal_size=size, run_before=keys_then_settle("question_mark"))

@@ -9,12 +9,14 @@ fails there). Bad-file handling uses small traces written with ``TraceWriter`` /
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import collections
 import io
-import os
+import json
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -24,21 +26,31 @@ from click.testing import CliRunner
 from rich.console import Console
 from textual.worker import WorkerState
 
+from vlmscope.analyze.maps import parse_maps
+from vlmscope.analyze.status import Status
+from vlmscope.cli import main as cli_main
+from vlmscope.tui import analysis
 from vlmscope.tui.app import ViewerApp
-from vlmscope.tui.data import FILTERS, match_paths, module_pattern
-from vlmscope.tui.demo import write_demo_trace
-from vlmscope.tui.diffdata import parse_maps
-from vlmscope.tui.render import mask_heatmap, position_plot, token_strip
-from vlmscope.tui.screens import KEYS, HelpScreen, MainScreen, MessageScreen, PayloadScreen
+from vlmscope.tui.charts import mask_heatmap, position_plot, token_strip
+from vlmscope.tui.data import match_paths, module_pattern
+from vlmscope.testing import write_demo_trace
+from vlmscope.tui.items import B_KINDS, FILTER_LABELS, FILTERS
+from vlmscope.tui.modals import KEYS, HelpScreen, MessageScreen, PayloadScreen
+from vlmscope.tui.screens import MainScreen
 from vlmscope.tui.widgets.context import ContextPanel
+from vlmscope.tui.widgets.detail import WIDE
 from vlmscope.tui.widgets.header import TraceHeader
 from vlmscope.tui.widgets.summary import DiffSummary
 from vlmscope.trace import read_strings, write_strings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 IMAGE = ROOT / "examples" / "astronaut.png"
 HOOKED = "model.language_model.layers.1.mlp"
 SIZE = (120, 40)
+EXAMPLES = ROOT / "traces" / "examples"
+MQWEN, QWEN25 = EXAMPLES / "tiny-mqwen-astronaut.h5", EXAMPLES / "tiny-qwen2.5-vl-astronaut.h5"
+#: mqwen's attention modules as Qwen2.5-VL names them (README: diffing two implementations)
+MQWEN_MAP = r"transformer\.h\.(\d+)\.attn=model.language_model.layers.\1.self_attn"
 
 
 # --------------------------------------------------------------------------- traces
@@ -108,6 +120,12 @@ async def press(pilot, *keys: str) -> None:
         await settle(pilot)
 
 
+async def press_no_wait(pilot, *keys: str) -> None:
+    for k in keys:
+        await pilot.press(k)
+        await pilot.pause()
+
+
 def plain(renderable, width: int = 160) -> str:
     c = Console(file=io.StringIO(), width=width, color_system=None, record=True)
     c.print(renderable)
@@ -124,8 +142,48 @@ def header_text(scr: MainScreen) -> str:
 
 def path_of(scr: MainScreen, item) -> str:
     tm, idx = scr.session.model_for(item)
-    ev = idx.event_of(scr.session.b_item(item) if item[1] in ("b", "q") else item)
+    ev = idx.event_of(scr.session.b_item(item) if item[1] in B_KINDS else item)
     return tm.module_path(int(idx.module[ev])) if ev >= 0 else ""
+
+
+def notes_of(app) -> list[str]:
+    """Record the app's notifications (messages) from now on."""
+    notes: list[str] = []
+    notify = app.notify
+
+    def record(message, **kwargs):
+        notes.append(str(message))
+        return notify(message, **kwargs)
+
+    app.notify = record
+    return notes
+
+
+def cli_json(*args: str) -> dict:
+    """``vlmscope ARGS --json``, parsed."""
+    res = CliRunner().invoke(cli_main, [*args, "--json"])
+    assert res.exit_code in (0, 1), res.output
+    return json.loads(res.stdout)
+
+
+def tree_items(session, item):
+    """Every item of the tree under ``item`` (all filters off), depth first."""
+    for child in session.children(item):
+        yield child
+        if child[1] in ("e", "b"):
+            yield from tree_items(session, child)
+
+
+@pytest.fixture
+def helper_jobs(tmp_path, monkeypatch):
+    """A module, importable by the analysis processes, with a job that hangs and one that fails."""
+    (tmp_path / "vlmscope_test_jobs.py").write_text(
+        "import time\n\n\ndef hang(*args):\n    time.sleep(300)\n\n\n"
+        "def fail(*args):\n    raise RuntimeError('a rule exploded')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import vlmscope_test_jobs
+
+    return vlmscope_test_jobs
 
 
 async def goto_module(pilot, path: str, step: int = 0):
@@ -143,7 +201,7 @@ async def goto_module(pilot, path: str, step: int = 0):
 
 def test_first_screen_shows_header_tree_and_detail(trace_a):
     async def go():
-        app = ViewerApp([trace_a], checks="off")
+        app = ViewerApp([trace_a], checks=False)
         async with app.run_test(size=SIZE) as pilot:
             await settle(pilot)
             scr = app.screen
@@ -172,9 +230,8 @@ def test_every_key_of_the_help_screen_is_bound(trace_a):
     for key in ("n", "N", "right_square_bracket", "left_square_bracket", "slash", "f", "c", "g", "e", "p", "q",
                 "question_mark"):
         assert key in bound
-    listed = " ".join(k for k, _ in KEYS)
-    for key in ("j", "k", "enter", "n N", "] [", "/", "f", "c", "g", "e", "?", "q"):
-        assert key in listed
+    assert [k for k, _ in KEYS] == ["j k / ↑ ↓", "enter / click", "n N", "] [", "/", "f", "c", "g", "e", "p", "tab",
+                                    "?", "q"]
 
 
 # --------------------------------------------------------------------------- keys
@@ -182,7 +239,7 @@ def test_every_key_of_the_help_screen_is_bound(trace_a):
 
 def test_move_with_jk_and_arrows_then_expand_with_enter(trace_a):
     async def go():
-        app = ViewerApp([trace_a], checks="off")
+        app = ViewerApp([trace_a], checks=False)
         async with app.run_test(size=SIZE) as pilot:
             await settle(pilot)
             scr = app.screen
@@ -216,7 +273,7 @@ def test_move_with_jk_and_arrows_then_expand_with_enter(trace_a):
 
 def test_reshape_nodes_show_op_shapes_and_call_site_with_source(trace_a):
     async def go():
-        app = ViewerApp([trace_a], checks="off")
+        app = ViewerApp([trace_a], checks=False)
         async with app.run_test(size=SIZE) as pilot:
             await settle(pilot)
             scr = app.screen
@@ -238,7 +295,7 @@ def test_reshape_nodes_show_op_shapes_and_call_site_with_source(trace_a):
 
 def test_n_and_N_move_to_the_next_layer(trace_a):
     async def go():
-        app = ViewerApp([trace_a], checks="off")
+        app = ViewerApp([trace_a], checks=False)
         async with app.run_test(size=SIZE) as pilot:
             await settle(pilot)
             scr = app.screen
@@ -256,7 +313,7 @@ def test_n_and_N_move_to_the_next_layer(trace_a):
 
 def test_step_keys_keep_the_module_selected(trace_a):
     async def go():
-        app = ViewerApp([trace_a], checks="off")
+        app = ViewerApp([trace_a], checks=False)
         async with app.run_test(size=SIZE) as pilot:
             await settle(pilot)
             scr = app.screen
@@ -283,7 +340,7 @@ def test_step_keys_keep_the_module_selected(trace_a):
 
 def test_search_by_glob_and_substring(trace_a):
     async def go():
-        app = ViewerApp([trace_a], checks="off")
+        app = ViewerApp([trace_a], checks=False)
         async with app.run_test(size=SIZE) as pilot:
             await settle(pilot)
             scr = app.screen
@@ -303,8 +360,13 @@ def test_search_by_glob_and_substring(trace_a):
 
 
 def test_filter_cycles_through_the_modes(trace_a):
+    # the kinds of node each filter leaves in the prefill's tree, around model.visual.merger; checks
+    # are off here, so nothing fails: the tree is empty and the cursor climbs to the step node, where
+    # it stays back in "all" (the tree shows the step's children then)
+    expect = {"modules": {"e"}, "reshapes": {"e", "r"}, "probes": {"e", "p"}, "failing": set()}
+
     async def go():
-        app = ViewerApp([trace_a], checks="off")
+        app = ViewerApp([trace_a], checks=False)
         async with app.run_test(size=SIZE) as pilot:
             await settle(pilot)
             scr = app.screen
@@ -312,25 +374,30 @@ def test_filter_cycles_through_the_modes(trace_a):
             seen = []
             for _ in FILTERS:
                 await press(pilot, "f")
-                seen.append(scr.session.filter)
-                node = scr.nav.nodes[(0, "s", -1)]
-                items = [it for it in scr.nav.nodes if it[0] == 0 and scr.nav.nodes[it].parent is not None]
-                kinds = {it[1] for it in items}
-                if scr.session.filter == "modules":
-                    assert kinds <= {"e", "s"}
-                    assert "modules only" in header_text(scr)
-                if scr.session.filter == "reshapes":
-                    assert "p" not in kinds
-                if scr.session.filter == "probes":
-                    assert "r" not in kinds
-                assert node is not None
+                filt = scr.session.filter
+                seen.append(filt)
+                idx = scr.session.index(0)
+                items = [it for it in scr.nav.nodes if it[0] == 0 and it[1] != "s"]
+                if filt in expect:
+                    assert {it[1] for it in items} == expect[filt], filt
+                calls = [it[2] for it in items if it[1] == "e"]
+                if filt == "reshapes":
+                    assert all(idx.has_reshape[i] for i in calls)
+                if filt == "probes":
+                    assert all(idx.has_probe[i] for i in calls)
+                assert f"filter {FILTER_LABELS[filt]}" in header_text(scr)
+                if filt in ("failing", "all"):
+                    assert scr.nav.current == (0, "s", -1)
+                    assert items == scr.session.children((0, "s", -1))
+                else:
+                    assert path_of(scr, scr.nav.current) == "model.visual.merger"
             assert seen == list(FILTERS[1:]) + [FILTERS[0]]
     run(go())
 
 
 def test_context_panel_toggles_and_draws_the_step(trace_a):
     async def go():
-        app = ViewerApp([trace_a], checks="off")
+        app = ViewerApp([trace_a], checks=False)
         async with app.run_test(size=(160, 48)) as pilot:
             await settle(pilot)
             scr = app.screen
@@ -354,34 +421,162 @@ def test_context_panel_toggles_and_draws_the_step(trace_a):
 
 
 def test_e_goes_to_the_next_check_violation(trace_b):
+    want = cli_json("check", str(trace_b))["violations"]
+    assert any(v["rule"] == "numbers.nonfinite" and v["module"] == HOOKED for v in want)
+
     async def go():
-        app = ViewerApp([trace_b])         # the analyze rules when present, else the built-in ones
+        app = ViewerApp([trace_b])
         async with app.run_test(size=SIZE) as pilot:
             await settle(pilot)
             scr = app.screen
-            assert scr.session.checks_done
+            assert scr.session.checks_done and scr.session.check_error is None
             vs = scr.session.a.violations
-            assert vs, "B has a NaN from layers.1.mlp on: a check must fail"
-            await press(pilot, "e")
-            first = (vs[0].step, vs[0].kind, vs[0].local)
-            cur = scr.nav.current
-            assert cur == scr.session.index(first[0]).canonical(first)
-            assert "failing checks" in detail_text(scr)
-            assert any(v.step == 0 and HOOKED in path_of(scr, (v.step, v.kind, v.local)) for v in vs)
-            assert "✗" in scr.nav.cursor_node.label.plain or "✗" in scr.nav.nodes[(cur[0], "s", -1)].label.plain
-            await press(pilot, "e")
-            if len(vs) > 1:
-                assert scr.nav.current != cur
-            # the failing filter keeps the failing calls
+            assert [(v.rule, v.step, v.module, v.seq) for v in vs] == \
+                [(v["rule"], v["step"], v["module"], v["seq"]) for v in want]
+            # e visits them in tree order, then wraps around
+            for k in range(len(vs) + 1):
+                await press(pilot, "e")
+                v = vs[k % len(vs)]
+                assert scr.nav.current == v.item
+                assert path_of(scr, scr.nav.current) == v.module
+                assert scr.nav.cursor_node.label.plain.endswith(" ✗")
+                assert f"✗ {v.rule}" in detail_text(scr)
+            # the failing filter keeps the failing calls and what holds them, nothing else
             for _ in range(FILTERS.index("failing")):
                 await press(pilot, "f")
             assert scr.session.filter == "failing"
+            idx = scr.session.index(0)
+            shown = [it for it in scr.nav.nodes if it[0] == 0 and it[1] == "e"]
+            assert shown and all(idx.failing_sub[i] for _, _, i in shown)
     run(go())
+
+
+def test_violations_are_those_of_vlmscope_check():
+    """The example trace has 3 violations (positions.kv-index in each decode step): the viewer
+    shows exactly those of ``vlmscope check``, each on the call of its module in its step."""
+    want = cli_json("check", str(MQWEN))["violations"]
+    assert len(want) == 3
+
+    async def go():
+        app = ViewerApp([MQWEN])
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(pilot)
+            scr = app.screen
+            session = scr.session
+            assert session.check_error is None
+            got = session.violations
+            assert [(v.rule, v.step, v.module, v.seq, v.severity) for v in got] == \
+                [(v["rule"], v["step"], v["module"], v["seq"], v["severity"]) for v in want]
+            for v in got:
+                session.ensure_step(v.step)
+                assert v.item[0] == v.step and path_of(scr, v.item) == v.module
+            failing_steps = {v.step for v in got}
+            assert failing_steps == {1, 2, 3}
+            for s in range(session.a.n_steps):
+                assert scr.nav.nodes[(s, "s", -1)].label.plain.endswith(" ✗") == (s in failing_steps)
+            for v in got:
+                await press(pilot, "e")
+                assert scr.nav.current == v.item
+                assert scr.nav.cursor_node.label.plain.endswith(" ✗")
+                text = detail_text(scr)
+                assert "failing checks (1)" in text and f"✗ {v.rule}" in text
+    run(go())
+
+
+def test_failing_checks_are_reported_not_hidden(trace_a, helper_jobs, monkeypatch):
+    monkeypatch.setattr(analysis, "check_rows", helper_jobs.fail)
+
+    async def go():
+        app = ViewerApp([trace_a])
+        notes = notes_of(app)
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(pilot)
+            scr = app.screen
+            assert scr.session.check_error == "RuntimeError: a rule exploded"
+            assert "checks failed" in header_text(scr)
+            assert "checks failed: RuntimeError: a rule exploded" in notes
+            assert not any("✗" in n.label.plain for n in scr.nav.nodes.values())
+            await press(pilot, "e")
+            assert notes[-1] == "checks failed: RuntimeError: a rule exploded"
+    run(go())
+
+
+def test_closing_the_viewer_kills_the_analysis_process(trace_a, helper_jobs, monkeypatch):
+    monkeypatch.setattr(analysis, "check_rows", helper_jobs.hang)
+
+    async def go():
+        app = ViewerApp([trace_a])
+        notes = notes_of(app)
+        async with app.run_test(size=SIZE) as pilot:
+            session = app.session
+            for _ in range(500):
+                if session._jobs and all(j.alive() for j in session._jobs):
+                    break
+                await asyncio.sleep(0.02)
+            jobs = list(session._jobs)
+            assert len(jobs) == 1 and jobs[0].alive()
+            await press_no_wait(pilot, "e")
+            assert notes[-1] == "checks are still running …"
+        return jobs
+
+    t0 = time.monotonic()
+    jobs = run(go())
+    for _ in range(100):
+        if not jobs[0].alive():
+            break
+        time.sleep(0.05)
+    assert not jobs[0].alive() and jobs[0].killed
+    assert time.monotonic() - t0 < 60       # not the 300 s the job would take
+
+
+def test_closing_a_session_cancels_its_running_analysis(trace_a, helper_jobs, monkeypatch):
+    """What the viewer does when its screen closes or it moves to another trace: the session's
+    analysis process is killed at once, and the worker waiting on it gets Cancelled."""
+    import threading
+
+    from vlmscope.tui.session import Session
+
+    monkeypatch.setattr(analysis, "check_rows", helper_jobs.hang)
+    analysis.prepare()
+    session = Session([trace_a])
+    session.open()
+    outcome: list = []
+
+    def worker():
+        try:
+            session.run_checks()
+            outcome.append("finished")
+        except analysis.Cancelled:
+            outcome.append("cancelled")
+
+    th = threading.Thread(target=worker)
+    th.start()
+    for _ in range(500):
+        if session._jobs and all(j.alive() for j in session._jobs):
+            break
+        time.sleep(0.02)
+    jobs = list(session._jobs)
+    assert len(jobs) == 1
+    t0 = time.monotonic()
+    session.close()
+    th.join(10)
+    assert outcome == ["cancelled"] and time.monotonic() - t0 < 10
+    for _ in range(100):
+        if not jobs[0].alive():
+            break
+        time.sleep(0.05)
+    assert not jobs[0].alive()
+    # a worker's own cancellation (textual cancels workers of a closing screen) kills it too
+    t0 = time.monotonic()
+    with pytest.raises(analysis.Cancelled):
+        analysis.run_job(helper_jobs.hang, cancelled=lambda: time.monotonic() - t0 > 0.5)
+    assert time.monotonic() - t0 < 10
 
 
 def test_payload_view_loads_a_slice_on_demand(trace_a):
     async def go():
-        app = ViewerApp([trace_a], checks="off")
+        app = ViewerApp([trace_a], checks=False)
+        notes = notes_of(app)
         async with app.run_test(size=SIZE) as pilot:
             await settle(pilot)
             scr = app.screen
@@ -400,12 +595,13 @@ def test_payload_view_loads_a_slice_on_demand(trace_a):
             await goto_module(pilot, "lm_head")
             await press(pilot, "p")                            # nothing saved here: a notice
             assert isinstance(app.screen, MainScreen)
+            assert notes[-1] == "no saved tensor here (record with --save-tensors GLOB)"
     run(go())
 
 
 def test_help_and_quit(trace_a):
     async def go():
-        app = ViewerApp([trace_a], checks="off")
+        app = ViewerApp([trace_a], checks=False)
         async with app.run_test(size=(80, 24)) as pilot:
             await settle(pilot)
             await press(pilot, "question_mark")
@@ -419,7 +615,7 @@ def test_help_and_quit(trace_a):
 
 def test_mouse_click_selects_a_node(trace_a):
     async def go():
-        app = ViewerApp([trace_a], checks="off")
+        app = ViewerApp([trace_a], checks=False)
         async with app.run_test(size=SIZE) as pilot:
             await settle(pilot)
             scr = app.screen
@@ -434,47 +630,116 @@ def test_mouse_click_selects_a_node(trace_a):
 
 
 def test_diff_mode_names_and_jumps_to_the_first_divergence(trace_a, trace_b):
+    first = cli_json("diff", str(trace_a), str(trace_b))["first_divergence"]
+    assert (first["step"], first["module"], first["status"]) == (0, HOOKED, "drift")
+
     async def go():
-        app = ViewerApp([trace_a, trace_b], checks="off")
+        app = ViewerApp([trace_a, trace_b], checks=False)
         async with app.run_test(size=(160, 48)) as pilot:
             await settle(pilot)
             scr = app.screen
-            if importlib.util.find_spec("vlmscope.analyze.align") is not None:
-                assert scr.session.diff.engine == "vlmscope.analyze"     # the rules of `vlmscope diff`
+            assert scr.session.diff.result is not None and scr.session.diff.error is None
             summary = plain(scr.query_one(DiffSummary).content)
-            assert "first divergence" in summary and HOOKED in summary and "values drift" in summary
+            assert summary.startswith(f"first divergence prefill {HOOKED} (values drift)  g: go")
             assert "a.h5" in header_text(scr) and "b.h5" in header_text(scr)
             await press(pilot, "g")
             cur = scr.nav.current
             assert path_of(scr, cur) == HOOKED and cur[0] == 0
             assert scr.nav.cursor_node.label.plain.startswith("~ ")     # values drift
             text = detail_text(scr)
-            assert "values drift" in text and "deltas (B - A)" in text and "Δmean" in text
-            assert " A " in text and " B " in text or ("A" in text and "B" in text)
+            assert text.startswith("~ values drift") and "deltas (B - A)" in text and "Δmean" in text
+            # wide enough for A and B side by side, under one header line
+            assert scr.detail._width() >= WIDE
+            assert any(re.fullmatch(r"A\s+B", line) for line in text.splitlines())
             # nodes before the hooked module are the same in both
             await goto_module(pilot, "model.visual.merger")
-            assert scr.session.diff.status(scr.nav.current) == "same"
+            assert scr.session.diff.status(scr.nav.current) == Status.SAME
+            assert detail_text(scr).startswith("same")
             # with decode steps, the same module keeps drifting
             await goto_module(pilot, HOOKED)
             await press(pilot, "right_square_bracket")
-            assert scr.session.diff.status(scr.nav.current) == "drift"
+            assert scr.nav.current[0] == 1 and scr.session.diff.status(scr.nav.current) == Status.DRIFT
     run(go())
 
 
-def test_diff_mode_shape_difference_and_only_in_b(tmp_path):
+def test_diff_mode_shape_difference(tmp_path):
     a = write_demo_trace(tmp_path / "a.h5")
     b = write_demo_trace(tmp_path / "b.h5", variant="b")
 
     async def go():
-        app = ViewerApp([a, b], checks="off")
+        app = ViewerApp([a, b], checks=False)
         async with app.run_test(size=SIZE) as pilot:
             await settle(pilot)
             scr = app.screen
             diff = scr.session.diff
             await goto_module(pilot, "model.language_model.layers.1.mlp.down_proj")
-            assert diff.status(scr.nav.current) == "shape"
+            assert diff.status(scr.nav.current) == Status.SHAPE
             assert scr.nav.cursor_node.label.plain.startswith("≠ ")
-            assert "[1, 28, 72]" in detail_text(scr)
+            text = detail_text(scr)
+            assert "out  [1, 28, 64] float32 -> [1, 28, 72] float32" in text
+    run(go())
+
+
+def test_diff_statuses_are_those_of_vlmscope_diff():
+    """Two implementations (the example traces, mqwen against Qwen2.5-VL, attention mapped): every
+    node of the tree carries the status ``vlmscope diff`` gives it, nodes only in B included."""
+    rep = cli_json("diff", str(MQWEN), str(QWEN25), "--map", MQWEN_MAP)
+    table_of = {"s": "calls", "e": "calls", "b": "calls", "r": "reshapes", "q": "reshapes", "p": "probes",
+                "o": "probes"}
+
+    async def go():
+        app = ViewerApp([MQWEN, QWEN25], [MQWEN_MAP], checks=False)
+        async with app.run_test(size=(160, 48)) as pilot:
+            await settle(pilot)
+            scr = app.screen
+            session, diff = scr.session, scr.session.diff
+            counts = {t: collections.Counter() for t in ("calls", "reshapes", "probes")}
+            missing_calls = collections.Counter()
+            for s in range(session.a.n_steps):
+                session.ensure_step(s)
+                for it in [(s, "s", -1), *tree_items(session, (s, "s", -1))]:
+                    st = diff.status(it)
+                    counts[table_of[it[1]]][st.label] += 1
+                    if it[1] in ("s", "e", "b") and st in (Status.MISSING_A, Status.MISSING_B):
+                        missing_calls[(path_of(scr, it), st.label)] += 1
+            for table, got in counts.items():
+                assert {k: v for k, v in rep["counts"][table].items() if v} == dict(got), table
+            groups = {(g["module"], g["status"]): g["count"] for g in rep["groups"] if g["table"] == "events"}
+            assert dict(missing_calls) == groups
+            # the first divergence: model.visual, only in B (Qwen2.5-VL has a vision tower there)
+            first = rep["first_divergence"]
+            assert (first["step"], first["module_b"], first["status"]) == (0, "model.visual", "missing_in_a")
+            summary = plain(scr.query_one(DiffSummary).content)
+            assert summary.startswith("first divergence prefill model.visual (only in B)")
+            await press(pilot, "g")
+            cur = scr.nav.current
+            assert cur[1] == "b" and path_of(scr, cur) == "model.visual"
+            assert scr.nav.cursor_node.label.plain.startswith("+ ")
+            assert detail_text(scr).startswith("+ only in B")
+            # A's embedding has no counterpart in B
+            await goto_module(pilot, "transformer.wte")
+            assert diff.status(scr.nav.current) == Status.MISSING_B
+            assert scr.nav.cursor_node.label.plain.startswith("- ")
+            assert "missing in B" in detail_text(scr)
+    run(go())
+
+
+def test_failing_alignment_is_reported_not_hidden(tmp_path, helper_jobs, monkeypatch):
+    monkeypatch.setattr(analysis, "align_sides", helper_jobs.fail)
+    a = write_demo_trace(tmp_path / "a.h5")
+    b = write_demo_trace(tmp_path / "b.h5", variant="b")
+
+    async def go():
+        app = ViewerApp([a, b], checks=False)
+        notes = notes_of(app)
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(pilot)
+            scr = app.screen
+            assert plain(scr.query_one(DiffSummary).content).strip() == \
+                "alignment failed: RuntimeError: a rule exploded"
+            assert scr.session.diff.status((0, "s", -1)) is None
+            await press(pilot, "g")
+            assert notes[-1] == "alignment failed: RuntimeError: a rule exploded"
     run(go())
 
 
@@ -489,16 +754,21 @@ def _renamed_copy(src: Path, dst: Path, old: str, new: str) -> Path:
 def test_map_rewrites_paths_before_aligning(tmp_path):
     a = write_demo_trace(tmp_path / "a.h5")
     b = _renamed_copy(a, tmp_path / "b.h5", "model.language_model", "model.text")
+    want = cli_json("diff", str(a), str(b))["first_divergence"]
 
     async def go(maps):
-        app = ViewerApp([a, b], maps, checks="off")
+        app = ViewerApp([a, b], maps, checks=False)
         async with app.run_test(size=SIZE) as pilot:
             await settle(pilot)
-            return app.screen.session.diff.first
-    first = run(go([]))
-    assert first is not None and first[1] in ("only_a", "only_b")
-    assert run(go([r"model\.language_model=model.text"])) is None
-    with pytest.raises(ValueError):
+            scr = app.screen
+            first = scr.session.diff.first
+            return first, (path_of(scr, first[0]) if first else None), plain(scr.query_one(DiffSummary).content)
+    first, path, _ = run(go([]))
+    assert first[1].label == want["status"] and want["status"] in ("missing_in_a", "missing_in_b")
+    assert path == (want["module_b"] if want["status"] == "missing_in_a" else want["module"])
+    first, _, summary = run(go([r"model\.language_model=model.text"]))
+    assert first is None and summary.startswith("no divergence: A and B agree")
+    with pytest.raises(ValueError, match="bad --map rule"):
         parse_maps(["no-equals-sign"])
 
 
@@ -529,13 +799,13 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
 
 
 def test_cli_bad_files_give_one_line_and_exit_3(tmp_path):
-    from vlmscope.cli_view import view
+    from vlmscope.cli.view import view
 
     runner = CliRunner()
     for name, path in _bad_files(tmp_path).items():
         res = runner.invoke(view, [str(path)])
         assert res.exit_code == 3, (name, res.output)
-        err = res.stderr.strip() if hasattr(res, "stderr") else res.output.strip()
+        err = res.stderr.strip()
         assert len(err.splitlines()) == 1 and "Traceback" not in err, (name, err)
         assert err.startswith("vlmscope view: ")
     res = runner.invoke(view, [str(tmp_path / "good.h5"), "--map", "oops"])
@@ -546,7 +816,7 @@ def test_bad_file_inside_the_app_shows_a_message_screen(tmp_path):
     bad = _bad_files(tmp_path)["newer"]
 
     async def go():
-        app = ViewerApp([bad], checks="off")
+        app = ViewerApp([bad], checks=False)
         async with app.run_test(size=(80, 24)) as pilot:
             await settle(pilot)
             assert isinstance(app.screen, MessageScreen)
@@ -564,7 +834,7 @@ def test_incomplete_trace_opens_marked_incomplete(tmp_path):
         f.attrs["status"] = "recording"
 
     async def go():
-        app = ViewerApp([partial], checks="off")
+        app = ViewerApp([partial], checks=False)
         async with app.run_test(size=(80, 24)) as pilot:
             await settle(pilot)
             scr = app.screen
@@ -579,10 +849,11 @@ def test_incomplete_trace_opens_marked_incomplete(tmp_path):
 
 
 def test_viewer_imports_no_torch_and_cli_help_no_textual():
-    code = ("import sys; import vlmscope.cli_view, vlmscope.cli; assert 'textual' not in sys.modules, 'textual';"
-            "import vlmscope.tui.app, vlmscope.tui.demo; assert 'torch' not in sys.modules, 'torch'")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    code = ("import sys; import vlmscope.cli.view, vlmscope.cli; assert 'textual' not in sys.modules, 'textual';"
+            # what the analysis processes import (the fork server preloads it): no textual either
+            "import vlmscope.tui.analysis; assert 'textual' not in sys.modules, 'textual in analysis';"
+            "import vlmscope.tui.app; assert 'torch' not in sys.modules, 'torch'")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert res.returncode == 0, res.stderr
 
 
