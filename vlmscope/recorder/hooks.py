@@ -238,6 +238,7 @@ class Recorder:
         self._step = None
         self._stack.clear()
         self._stack_mod.clear()
+        self._paused = True   # for good: hooks and reshape capture pass everything through from now on
 
     def _pre(self, mod_id: int, module, args, kwargs) -> None:
         if self._step is None:

@@ -203,7 +203,7 @@ class ReshapeCapture(TorchFunctionMode):
                                  "step": st.index}
             return row
         finally:
-            rec._paused = False
+            rec._paused = rec.broken is not None
 
     def end(self, row: ReshapeRow, out: Any) -> None:
         if isinstance(out, Tensor):
