@@ -133,16 +133,50 @@ def _call_repr(pattern: str, output: Any, inputs: Any, known: dict) -> str:
 
 def _expect(ix: TraceIndex, pattern: str, output: Any, inputs: Any, step: int | None, bind: str,
             known: dict) -> ExpectResult:
+    """Check every call of the modules matching ``pattern``; raise the earliest failure in execution order."""
     if output is None and inputs is None:
         raise ValueError("expect() needs output= and/or inputs=")
     if bind not in ("step", "trace"):
         raise ValueError("bind must be 'step' or 'trace'")
     call = _call_repr(pattern, output, inputs, known)
+    mods = _matching_modules(ix, pattern, call)
+    ev_rows = _called_events(ix, mods, step, call)
+    cand = _candidate_tensors(ix, ev_rows)
+    targets = _targets(inputs, output)
+    failures: list[tuple[int, int, str, dict]] = []   # (time key, tensor row or -1, message, details)
+    sym_rows: list[tuple] = []   # (symbol, scope, values, time keys, rows, target, tokens) per symbol dim
+    checked = 0
+    hs = ix.sid("hidden_states")
+    ttime = ix.tensor_time
+    for role, name, toks in targets:
+        rows = _first_tensor_per_call(ix, _target_rows(ix, cand, role, name, hs))
+        what = f"{'output' if role == 'out' else 'input'}" + (f" {name!r}" if name else "")
+        failures += _missing_tensor(ix, ev_rows, rows, what)
+        if not len(rows):
+            continue
+        checked += len(rows)
+        dim_failures, dim_syms = _check_dims(ix, rows, ttime[rows], toks, what, bind, known)
+        failures += dim_failures
+        sym_rows += dim_syms
+    bindings, sym_failures = _bind_symbols(sym_rows)
+    failures += sym_failures
+    if failures:
+        failures.sort(key=lambda f: f[0])
+        raise _failure(ix, call, failures, bindings, known, bind)
+    return ExpectResult(pattern, [str(ix.module_paths[m]) for m in mods], checked, bindings)
+
+
+def _matching_modules(ix: TraceIndex, pattern: str, call: str) -> np.ndarray:
+    """Indices of the modules whose path matches the glob ``pattern`` (raises when none does)."""
     rx = glob_to_regex(pattern)
-    paths = ix.module_paths
-    mods = np.array([i for i, p in enumerate(paths) if rx.match(str(p))], np.int64)
+    mods = np.array([i for i, p in enumerate(ix.module_paths) if rx.match(str(p))], np.int64)
     if not len(mods):
         raise ShapeMismatch(f"{call} failed: no module matches {pattern!r}", {"reason": "no-module"})
+    return mods
+
+
+def _called_events(ix: TraceIndex, mods: np.ndarray, step: int | None, call: str) -> np.ndarray:
+    """Event rows of the calls of ``mods`` (in ``step`` when given); raises when there are none."""
     ev = ix.events
     sel_ev = np.isin(ev["module"], mods)
     if step is not None:
@@ -151,12 +185,20 @@ def _expect(ix: TraceIndex, pattern: str, output: Any, inputs: Any, step: int | 
     if not len(ev_rows):
         raise ShapeMismatch(f"{call} failed: {len(mods)} module(s) match but none was called"
                             + (f" in step {step}" if step is not None else ""), {"reason": "no-call"})
-    te = ix.tensors
-    in_ev = np.zeros(len(ev), bool)
-    in_ev[ev_rows] = True
-    cand = np.nonzero(in_ev[te["event"]])[0] if len(te) else np.zeros(0, np.int64)
+    return ev_rows
 
-    targets: list[tuple[str, str | None, list]] = []   # (role: in|out, name or None, tokens)
+
+def _candidate_tensors(ix: TraceIndex, ev_rows: np.ndarray) -> np.ndarray:
+    """Tensor rows that belong to one of the events ``ev_rows``."""
+    te = ix.tensors
+    in_ev = np.zeros(len(ix.events), bool)
+    in_ev[ev_rows] = True
+    return np.nonzero(in_ev[te["event"]])[0] if len(te) else np.zeros(0, np.int64)
+
+
+def _targets(inputs: Any, output: Any) -> list[tuple[str, str | None, list]]:
+    """The checks asked for: (role "in" | "out", argument name or None, spec tokens), inputs first."""
+    targets: list[tuple[str, str | None, list]] = []
     for role, spec in (("in", inputs), ("out", output)):
         if spec is None:
             continue
@@ -165,79 +207,102 @@ def _expect(ix: TraceIndex, pattern: str, output: Any, inputs: Any, step: int | 
                 targets.append((role, str(name), parse_spec(sp)))
         else:
             targets.append((role, None, parse_spec(spec)))
+    return targets
 
-    failures: list[tuple[int, int, str, dict]] = []   # (time key, tensor row or -1, message, details)
-    sym_rows: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # symbol, scope, value, time, row
-    checked = 0
-    hs = ix.sid("hidden_states")
-    ttime = ix.tensor_time
-    for role, name, toks in targets:
-        is_out = te["role"][cand] == ROLE_OUTPUT
-        rows = cand[is_out] if role == "out" else cand[~is_out]
-        if name is not None:
-            sid = ix.sid(name)
-            rows = rows[te["name"][rows] == sid] if sid >= 0 else rows[:0]
-        elif role == "in" and hs >= 0:
-            # the hidden_states input where a call has one, else its first input
-            named = rows[te["name"][rows] == hs]
-            has = np.zeros(len(ev), bool)
-            has[te["event"][named]] = True
-            rows = rows[np.where(has[te["event"][rows]], te["name"][rows] == hs, True)]
-        # first tensor per call
-        if len(rows):
-            e = te["event"][rows]
-            o = np.lexsort((rows, e))
-            rows = rows[o]
-            first = np.r_[True, te["event"][rows][1:] != te["event"][rows][:-1]]
-            rows = rows[first]
-        have = np.zeros(len(ev), bool)
-        have[te["event"][rows]] = True
-        missing = ev_rows[~have[ev_rows]]
-        what = f"{'output' if role == 'out' else 'input'}" + (f" {name!r}" if name else "")
-        for e in missing[:1]:
-            failures.append((_tkey(ev["step"][e], ev["seq"][e]), -1,
-                             f"{ix.module_path(int(ev['module'][e]))} (call {int(ev['nth'][e])}), step "
-                             f"{int(ev['step'][e])}: no {what} tensor", {"module": ix.module_path(int(ev['module'][e])),
-                                                                         "step": int(ev["step"][e]), "reason": "missing"}))
-        if not len(rows):
+
+def _target_rows(ix: TraceIndex, cand: np.ndarray, role: str, name: str | None, hs: int) -> np.ndarray:
+    """The candidate tensors a target checks: its role, its named argument, or the default input.
+
+    ``hs`` is the string id of ``hidden_states`` (-1 when the trace has none).
+    """
+    te = ix.tensors
+    is_out = te["role"][cand] == ROLE_OUTPUT
+    rows = cand[is_out] if role == "out" else cand[~is_out]
+    if name is not None:
+        sid = ix.sid(name)
+        rows = rows[te["name"][rows] == sid] if sid >= 0 else rows[:0]
+    elif role == "in" and hs >= 0:
+        # the hidden_states input where a call has one, else its first input
+        named = rows[te["name"][rows] == hs]
+        has = np.zeros(len(ix.events), bool)
+        has[te["event"][named]] = True
+        rows = rows[np.where(has[te["event"][rows]], te["name"][rows] == hs, True)]
+    return rows
+
+
+def _first_tensor_per_call(ix: TraceIndex, rows: np.ndarray) -> np.ndarray:
+    """Keep the first (lowest) tensor row of each call, ordered by event."""
+    if not len(rows):
+        return rows
+    te = ix.tensors
+    e = te["event"][rows]
+    o = np.lexsort((rows, e))
+    rows = rows[o]
+    first = np.r_[True, te["event"][rows][1:] != te["event"][rows][:-1]]
+    return rows[first]
+
+
+def _missing_tensor(ix: TraceIndex, ev_rows: np.ndarray, rows: np.ndarray, what: str) -> list:
+    """A failure for the first call that has no tensor for the target (empty list when all have one)."""
+    ev, te = ix.events, ix.tensors
+    have = np.zeros(len(ev), bool)
+    have[te["event"][rows]] = True
+    missing = ev_rows[~have[ev_rows]]
+    out = []
+    for e in missing[:1]:
+        mod = ix.module_path(int(ev["module"][e]))
+        out.append((_tkey(ev["step"][e], ev["seq"][e]), -1,
+                    f"{mod} (call {int(ev['nth'][e])}), step {int(ev['step'][e])}: no {what} tensor",
+                    {"module": mod, "step": int(ev["step"][e]), "reason": "missing"}))
+    return out
+
+
+def _check_dims(ix: TraceIndex, rows: np.ndarray, times: np.ndarray, toks: list, what: str, bind: str,
+                known: dict) -> tuple[list, list]:
+    """Check rank, literal and known dims of the target's tensors ``rows`` (executed at ``times``).
+
+    Returns the first failure of each check, and for each symbol dim the values to bind later.
+    """
+    failures: list[tuple[int, int, str, dict]] = []
+    sym_rows: list[tuple] = []
+    te = ix.tensors
+    nd = te["ndim"][rows].astype(np.int64)
+    shp = te["shape"][rows]
+    tk = _tkey(te["step"][rows], times)
+    scope = te["step"][rows].astype(np.int64) if bind == "step" else np.full(len(rows), -1, np.int64)
+    if "..." in toks:
+        k = toks.index("...")
+        pre, post = toks[:k], toks[k + 1:]
+        bad_rank = nd < len(pre) + len(post)
+    else:
+        pre, post = toks, []
+        bad_rank = nd != len(toks)
+    for j in np.nonzero(bad_rank)[0][:1]:
+        failures.append((int(tk[j]), int(rows[j]), "rank", {"target": what, "toks": toks}))
+    ok = ~bad_rank
+    # (token, dim index per row)
+    cols = [(tok, np.full(len(rows), d, np.int64)) for d, tok in enumerate(pre)]
+    cols += [(tok, nd - len(post) + d) for d, tok in enumerate(post)]
+    for tok, di in cols:
+        val = shp[np.arange(len(rows)), np.clip(di, 0, 7)]
+        if tok == "*" or tok == "...":
             continue
-        checked += len(rows)
-        nd = te["ndim"][rows].astype(np.int64)
-        shp = te["shape"][rows]
-        tk = _tkey(te["step"][rows], ttime[rows])
-        scope = te["step"][rows].astype(np.int64) if bind == "step" else np.full(len(rows), -1, np.int64)
-        if "..." in toks:
-            k = toks.index("...")
-            pre, post = toks[:k], toks[k + 1:]
-            bad_rank = nd < len(pre) + len(post)
-        else:
-            pre, post = toks, []
-            bad_rank = nd != len(toks)
-        for j in np.nonzero(bad_rank)[0][:1]:
-            failures.append((int(tk[j]), int(rows[j]), "rank", {"target": what, "toks": toks}))
-        ok = ~bad_rank
-        # (token, dim index per row)
-        cols = [(tok, np.full(len(rows), d, np.int64)) for d, tok in enumerate(pre)]
-        cols += [(tok, nd - len(post) + d) for d, tok in enumerate(post)]
-        for tok, di in cols:
-            di_c = np.clip(di, 0, 7)
-            val = shp[np.arange(len(rows)), di_c]
-            if tok == "*" or tok == "...":
-                continue
-            if isinstance(tok, int):
-                bad = ok & (val != tok)
-                for j in np.nonzero(bad)[0][:1]:
-                    failures.append((int(tk[j]), int(rows[j]), "literal", {"target": what, "toks": toks}))
-                continue
-            if tok in known:
-                bad = ok & (val != int(known[tok]))
-                for j in np.nonzero(bad)[0][:1]:
-                    failures.append((int(tk[j]), int(rows[j]), "known", {"target": what, "toks": toks}))
-                continue
-            sym_rows.append((tok, scope[ok], val[ok], tk[ok], rows[ok], what, toks))
-    # symbols: the first value in execution order binds, per scope
+        if isinstance(tok, int) or tok in known:
+            kind, want = ("literal", tok) if isinstance(tok, int) else ("known", int(known[tok]))
+            for j in np.nonzero(ok & (val != want))[0][:1]:
+                failures.append((int(tk[j]), int(rows[j]), kind, {"target": what, "toks": toks}))
+            continue
+        sym_rows.append((tok, scope[ok], val[ok], tk[ok], rows[ok], what, toks))
+    return failures, sym_rows
+
+
+def _bind_symbols(sym_rows: list) -> tuple[dict[int, dict[str, int]], list]:
+    """Bind each symbol to its first value in execution order, per scope.
+
+    Returns the bindings (scope -> symbol -> value) and the first conflicting use of each symbol.
+    """
     bindings: dict[int, dict[str, int]] = {}
-    first_src: dict[tuple[int, str], int] = {}
+    failures: list[tuple[int, int, str, dict]] = []
     by_sym: dict[str, list] = {}
     meta: dict[str, list] = {}
     for s, sc, v, tk, r, what, toks in sym_rows:
@@ -258,17 +323,12 @@ def _expect(ix: TraceIndex, pattern: str, output: Any, inputs: Any, step: int | 
         bound = v[gidx]
         for i in np.nonzero(start)[0]:
             bindings.setdefault(int(sc[i]), {})[s] = int(v[i])
-            first_src[(int(sc[i]), s)] = int(r[i])
-        bad = np.nonzero(v != bound)[0]
-        for j in bad[:1]:
+        for j in np.nonzero(v != bound)[0][:1]:
             what, toks = meta[s][int(part[j])]
             failures.append((int(tk[j]), int(r[j]), "symbol",
                              {"target": what, "toks": toks, "symbol": s, "bound": int(bound[j]),
                               "bound_row": int(r[gidx[j]]), "scope": int(sc[j])}))
-    if failures:
-        failures.sort(key=lambda f: f[0])
-        raise _failure(ix, call, failures, bindings, known, bind)
-    return ExpectResult(pattern, [str(paths[m]) for m in mods], checked, bindings)
+    return bindings, failures
 
 
 def _tkey(step, t):

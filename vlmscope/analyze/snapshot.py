@@ -51,71 +51,101 @@ def snapshot(trace: Trace | str | os.PathLike, *, reshapes: bool = False, steps:
 def _snapshot(t: Trace, with_reshapes: bool, steps: Any) -> dict:
     ix = index_of(t)
     meta = ix.meta
-    st = ix.steps
-    if steps is None:
-        wanted = range(len(st))
-    elif isinstance(steps, int):
-        wanted = range(min(steps, len(st)))
-    else:
-        wanted = [s for s in steps if 0 <= s < len(st)]
-    ev, te = ix.events, ix.tensors
-    strings = ix.strings
-    paths = ix.module_paths
-    out_steps = []
-    for s in wanted:
-        row = st[s]
-        e0, ne = int(row["event_start"]), int(row["event_count"])
-        t0, nt = int(row["tensor_start"]), int(row["tensor_count"])
-        evs = ev[e0:e0 + ne]
-        tes = te[t0:t0 + nt]
-        # entries: (time, tiebreak, entry)
-        items: list[tuple[int, int, int, list]] = []
-        has_tensor = np.zeros(ne, bool)
-        if nt:
-            loc = tes["event"].astype(np.int64) - e0
-            valid = (loc >= 0) & (loc < ne)
-            has_tensor[loc[valid]] = True
-            role = tes["role"]
-            time = np.where(role == ROLE_OUTPUT, evs["end_seq"][np.clip(loc, 0, max(ne - 1, 0))],
-                            evs["seq"][np.clip(loc, 0, max(ne - 1, 0))])
-            for j in range(nt):
-                if not valid[j]:
-                    continue
-                e = evs[loc[j]]
-                nd = int(tes["ndim"][j])
-                items.append((int(time[j]), 0 if role[j] == ROLE_OUTPUT else 2, j, [
-                    str(paths[int(e["module"])]), int(e["nth"]), "out" if role[j] == ROLE_OUTPUT else "in",
-                    str(strings[int(tes["name"][j])]), [int(d) for d in tes["shape"][j][:nd]],
-                    str(strings[int(tes["dtype"][j])])]))
-        for k in np.nonzero(~has_tensor)[0]:
-            e = evs[k]
-            items.append((int(e["seq"]), 1, int(k), [str(paths[int(e["module"])]), int(e["nth"]), "call"]))
-        if with_reshapes:
-            r0, nr = int(row["reshape_start"]), int(row["reshape_count"])
-            rs = ix.reshapes[r0:r0 + nr]
-            for j in range(nr):
-                r = rs[j]
-                nth_call = int(ev["nth"][int(r["event"])]) if r["event"] >= 0 else 0
-                mod = str(paths[int(r["module"])]) if r["module"] >= 0 else ""
-                nd = int(r["out_ndim"])
-                items.append((int(r["seq"]), 3, j, [mod, nth_call, "reshape",
-                                                     f"{strings[int(r['op'])]}#{int(r['nth'])}",
-                                                     str(strings[int(r["in_shapes"])]),
-                                                     [int(d) for d in r["out_shape"][:nd]],
-                                                     str(strings[int(r["out_dtype"])])]))
-        items.sort(key=lambda x: (x[0], x[1], x[2]))
-        out_steps.append({
-            "step": int(s), "kind": _KIND.get(int(row["kind"]), str(int(row["kind"]))),
-            "input_len": int(row["input_len"]), "q_len": int(row["q_len"]),
-            "cache_before": int(row["cache_before"]), "cache_after": int(row["cache_after"]),
-            "calls": [it[3] for it in items],
-        })
+    wanted = _wanted_steps(steps, len(ix.steps))
+    # the tables every step reads, loaded up front as before (a damaged one fails here even with no steps)
+    _ = (ix.events, ix.tensors, ix.strings, ix.module_paths)
+    out_steps = [_step_snapshot(ix, s, with_reshapes) for s in wanted]
     return {
         "vlmscope_snapshot": SNAPSHOT_VERSION,
         "model": meta.get("model"), "family": meta.get("family"), "dtype": meta.get("dtype"),
         "decoder_layers": meta.get("decoder_layers"), "reshapes": bool(with_reshapes),
         "n_steps": len(out_steps), "steps": out_steps,
     }
+
+
+def _wanted_steps(steps: Any, n: int) -> Any:
+    """The step indices to snapshot: all, the first N (an int), or the given ones that exist."""
+    if steps is None:
+        return range(n)
+    if isinstance(steps, int):
+        return range(min(steps, n))
+    return [s for s in steps if 0 <= s < n]
+
+
+def _step_snapshot(ix: Any, s: int, with_reshapes: bool) -> dict:
+    """One step's header and its entries in execution order."""
+    row = ix.steps[s]
+    e0, ne = int(row["event_start"]), int(row["event_count"])
+    t0, nt = int(row["tensor_start"]), int(row["tensor_count"])
+    evs = ix.events[e0:e0 + ne]
+    tes = ix.tensors[t0:t0 + nt]
+    # entries: (time, tiebreak, index, entry); at equal times outputs, bare calls, inputs, reshapes
+    items, has_tensor = _tensor_entries(ix, evs, tes, e0)
+    items += _bare_call_entries(ix, evs, has_tensor)
+    if with_reshapes:
+        items += _reshape_entries(ix, row)
+    items.sort(key=lambda x: (x[0], x[1], x[2]))
+    return {
+        "step": int(s), "kind": _KIND.get(int(row["kind"]), str(int(row["kind"]))),
+        "input_len": int(row["input_len"]), "q_len": int(row["q_len"]),
+        "cache_before": int(row["cache_before"]), "cache_after": int(row["cache_after"]),
+        "calls": [it[3] for it in items],
+    }
+
+
+def _tensor_entries(ix: Any, evs: np.ndarray, tes: np.ndarray, e0: int) -> tuple[list, np.ndarray]:
+    """The step's tensor entries, and which of its events (``evs``, from row ``e0``) have a tensor."""
+    ne, nt = len(evs), len(tes)
+    paths, strings = ix.module_paths, ix.strings
+    items: list[tuple[int, int, int, list]] = []
+    has_tensor = np.zeros(ne, bool)
+    if not nt:
+        return items, has_tensor
+    loc = tes["event"].astype(np.int64) - e0
+    valid = (loc >= 0) & (loc < ne)
+    has_tensor[loc[valid]] = True
+    role = tes["role"]
+    time = np.where(role == ROLE_OUTPUT, evs["end_seq"][np.clip(loc, 0, max(ne - 1, 0))],
+                    evs["seq"][np.clip(loc, 0, max(ne - 1, 0))])
+    for j in range(nt):
+        if not valid[j]:
+            continue
+        e = evs[loc[j]]
+        nd = int(tes["ndim"][j])
+        items.append((int(time[j]), 0 if role[j] == ROLE_OUTPUT else 2, j, [
+            str(paths[int(e["module"])]), int(e["nth"]), "out" if role[j] == ROLE_OUTPUT else "in",
+            str(strings[int(tes["name"][j])]), [int(d) for d in tes["shape"][j][:nd]],
+            str(strings[int(tes["dtype"][j])])]))
+    return items, has_tensor
+
+
+def _bare_call_entries(ix: Any, evs: np.ndarray, has_tensor: np.ndarray) -> list:
+    """``[path, nth, "call"]`` entries for the step's calls that recorded no tensor."""
+    paths = ix.module_paths
+    items = []
+    for k in np.nonzero(~has_tensor)[0]:
+        e = evs[k]
+        items.append((int(e["seq"]), 1, int(k), [str(paths[int(e["module"])]), int(e["nth"]), "call"]))
+    return items
+
+
+def _reshape_entries(ix: Any, row: np.void) -> list:
+    """The step's shape-changing ops as ``reshape`` entries."""
+    ev, paths, strings = ix.events, ix.module_paths, ix.strings
+    r0, nr = int(row["reshape_start"]), int(row["reshape_count"])
+    rs = ix.reshapes[r0:r0 + nr]
+    items = []
+    for j in range(nr):
+        r = rs[j]
+        nth_call = int(ev["nth"][int(r["event"])]) if r["event"] >= 0 else 0
+        mod = str(paths[int(r["module"])]) if r["module"] >= 0 else ""
+        nd = int(r["out_ndim"])
+        items.append((int(r["seq"]), 3, j, [mod, nth_call, "reshape",
+                                             f"{strings[int(r['op'])]}#{int(r['nth'])}",
+                                             str(strings[int(r["in_shapes"])]),
+                                             [int(d) for d in r["out_shape"][:nd]],
+                                             str(strings[int(r["out_dtype"])])]))
+    return items
 
 
 def _dump(v: Any) -> str:
