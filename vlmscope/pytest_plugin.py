@@ -24,7 +24,7 @@ Example::
     def test_shapes(vlmscope_record, vlmscope_golden):
         model, processor = vlmscope_models.load_embedded("tiny-qwen2-vl")
         trace = vlmscope_record(model, processor, image="examples/astronaut.png", max_new_tokens=2)
-        trace.expect("model.language_model.layers.*.self_attn.q_proj", output="B S 64")
+        vlmscope.expect(trace, "model.language_model.layers.*.self_attn.q_proj", output="B S 64")
         vlmscope_golden.check(trace)
 """
 
@@ -81,7 +81,7 @@ class _Recorder:
         for t in self._open:
             try:
                 t.close()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - teardown of a trace the test may have damaged on purpose
                 pass
         self._open.clear()
 

@@ -11,15 +11,15 @@ import importlib
 
 import click
 
-from vlmscope import __version__
+from vlmscope._version import __version__
 
 COMMANDS = {
-    "record": "vlmscope.cli_record:record",
-    "summary": "vlmscope.cli_record:summary",
-    "check": "vlmscope.cli_analyze:check",
-    "diff": "vlmscope.cli_analyze:diff",
-    "snapshot": "vlmscope.cli_analyze:snapshot",
-    "view": "vlmscope.cli_view:view",
+    "record": "vlmscope.cli.record:record",
+    "summary": "vlmscope.cli.record:summary",
+    "check": "vlmscope.cli.analyze:check",
+    "diff": "vlmscope.cli.analyze:diff",
+    "snapshot": "vlmscope.cli.analyze:snapshot",
+    "view": "vlmscope.cli.view:view",
 }
 
 
@@ -45,5 +45,3 @@ def main() -> None:
     """vlmscope: record, check, diff and view the shapes of a multimodal Qwen forward."""
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()

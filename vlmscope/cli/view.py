@@ -30,7 +30,7 @@ def view(traces: tuple[str, ...], maps: tuple[str, ...]) -> None:
     if len(traces) > 2:
         raise click.UsageError("view takes one trace, or two to diff (A B)")
     from vlmscope.trace import TraceError, open_trace
-    from vlmscope.tui.diffdata import parse_maps
+    from vlmscope.analyze.maps import parse_maps
 
     try:
         parse_maps(list(maps))

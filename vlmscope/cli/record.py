@@ -107,6 +107,7 @@ def record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_i
 
 def _record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_implementation, seed,
             save_tensors, max_tensor_bytes, no_reshapes, no_stats, options, verbose=False) -> int:
+    """Record one generation into a trace, print its summary; returns the exit code."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -114,16 +115,11 @@ def _record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_
     import vlmscope_models
 
     model_spec = model_spec or vlmscope_models.DEFAULT_MODEL
-    try:  # our own progress bar replaces transformers' weight-loading bars
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    _disable_hf_progress_bars()
     # Cheap checks first: nothing is loaded for a bad image or an unwritable output.
     img = img_info = None
     if image is not None:
-        from vlmscope.inputs import load_image
+        from vlmscope.recorder.inputs import load_image
 
         img, img_info = load_image(image)
     out = Path(out) if out else default_out(model_spec, image)
@@ -133,51 +129,97 @@ def _record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_
                   TimeElapsedColumn(), console=console, transient=True,
                   disable=not console.is_terminal) as progress:
         task = progress.add_task(f"loading {model_spec}", total=None)
-        import torch
-
-        from vlmscope.inputs import build_inputs, generate_text
-        from vlmscope.loader import load_model
+        model, processor, minfo, inputs, info = _load_model_and_inputs(
+            model_spec, device, dtype, attn_implementation, seed, options, prompt, img, img_info)
+        progress.update(task, description="recording", total=max_new_tokens, completed=0)
+        on_step = _step_reporter(progress, task, max_new_tokens, verbose, console)
+        meta = _trace_meta(minfo, info, seed, max_new_tokens, attn_implementation)
         from vlmscope.recorder import Recorder
 
-        torch.manual_seed(seed)
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {device} requested but CUDA is not available")
-        if model_spec in vlmscope_models.EMBEDDED_MODELS:
-            options = {"seed": seed, **options}
-        model, processor, minfo = load_model(model_spec, device=device, dtype=dtype,
-                                             attn_implementation=attn_implementation, options=options)
-        inputs, info = build_inputs(model, processor, prompt=prompt, image=img)
-        if img_info is not None:
-            img_info["resized"] = info.get("image", {}).get("resized")
-            info["image"] = img_info
-        progress.update(task, description="recording", total=max_new_tokens, completed=0)
-
-        def on_step(step: int, rec) -> None:
-            progress.update(task, completed=min(step, max_new_tokens),
-                            description="prefill" if step == 0 else f"decode {step}")
-            if verbose:
-                console.print(f"step {step} recorded ({'prefill' if step == 0 else 'decode'}, "
-                              f"{rec.n_events} module calls so far)", highlight=False)
-
-        ctx = click.get_current_context(silent=True)
-        argv = ctx.meta.get("vlmscope.argv") if ctx else None
-        meta = {**minfo, **info, "seed": seed, "argv": argv or ["vlmscope", *sys.argv[1:]],
-                "generation": {"max_new_tokens": max_new_tokens, "do_sample": False}}
-        if attn_implementation:
-            meta["attn_implementation"] = attn_implementation
         rec = Recorder(model, out, meta=meta, save_tensors=list(save_tensors), max_tensor_bytes=max_tensor_bytes,
                        reshapes=not no_reshapes, stats=not no_stats, on_step=on_step)
-        failure: BaseException | None = None
-        try:
-            with rec:
-                text = generate_text(model, processor, inputs, max_new_tokens=max_new_tokens)
-                rec.add_meta(generated_text=text)
-        except KeyboardInterrupt:
-            failure = KeyboardInterrupt()
-        except Exception as e:  # noqa: BLE001 - the model's own failure is what we report
-            failure = e
+        failure = _generate(rec, model, processor, inputs, max_new_tokens)
+    return _report(rec, failure, console)
+
+
+def _disable_hf_progress_bars() -> None:
+    """Our own progress bar replaces transformers' weight-loading bars."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _load_model_and_inputs(model_spec, device, dtype, attn_implementation, seed, options, prompt, img, img_info):
+    """Seed torch, load the model and build its inputs: (model, processor, model info, inputs, input info)."""
+    import torch
+
+    import vlmscope_models
+    from vlmscope.recorder.inputs import build_inputs
+    from vlmscope.recorder.loader import load_model
+
+    torch.manual_seed(seed)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} requested but CUDA is not available")
+    if model_spec in vlmscope_models.EMBEDDED_MODELS:
+        options = {"seed": seed, **options}
+    model, processor, minfo = load_model(model_spec, device=device, dtype=dtype,
+                                         attn_implementation=attn_implementation, options=options)
+    inputs, info = build_inputs(model, processor, prompt=prompt, image=img)
+    if img_info is not None:
+        img_info["resized"] = info.get("image", {}).get("resized")
+        info["image"] = img_info
+    return model, processor, minfo, inputs, info
+
+
+def _step_reporter(progress, task, max_new_tokens: int, verbose: bool, console):
+    """The recorder's per-step callback: advance the progress bar (and print a line when verbose)."""
+
+    def on_step(step: int, rec) -> None:
+        progress.update(task, completed=min(step, max_new_tokens),
+                        description="prefill" if step == 0 else f"decode {step}")
+        if verbose:
+            console.print(f"step {step} recorded ({'prefill' if step == 0 else 'decode'}, "
+                          f"{rec.n_events} module calls so far)", highlight=False)
+
+    return on_step
+
+
+def _trace_meta(minfo: dict, info: dict, seed: int, max_new_tokens: int, attn_implementation) -> dict:
+    """The trace's metadata: model and input info, seed, command line and generation settings."""
+    ctx = click.get_current_context(silent=True)
+    argv = ctx.meta.get("vlmscope.argv") if ctx else None
+    meta = {**minfo, **info, "seed": seed, "argv": argv or ["vlmscope", *sys.argv[1:]],
+            "generation": {"max_new_tokens": max_new_tokens, "do_sample": False}}
+    if attn_implementation:
+        meta["attn_implementation"] = attn_implementation
+    return meta
+
+
+def _generate(rec, model, processor, inputs, max_new_tokens: int) -> BaseException | None:
+    """Generate under the recorder; returns what interrupted or failed the run (None when it finished)."""
+    from vlmscope.recorder.inputs import generate_text
+
+    failure: BaseException | None = None
+    try:
+        with rec:
+            text = generate_text(model, processor, inputs, max_new_tokens=max_new_tokens)
+            rec.add_meta(generated_text=text)
+    except KeyboardInterrupt:
+        failure = KeyboardInterrupt()
+    except Exception as e:  # noqa: BLE001 - the model's own failure is what we report
+        failure = e
+    return failure
+
+
+def _report(rec, failure: BaseException | None, console) -> int:
+    """Print the recorded trace's summary; the exit code: 130 interrupted, 1 failed or broken, else 0."""
+    from rich.console import Console
+
     from vlmscope import open_trace
-    from vlmscope.summary import print_summary
+    from vlmscope.cli.summary import print_summary
 
     with open_trace(rec.path) as t:
         print_summary(t, Console())
@@ -196,7 +238,7 @@ def summary(trace: Path):
     from rich.console import Console
 
     from vlmscope import TraceError, open_trace
-    from vlmscope.summary import print_summary
+    from vlmscope.cli.summary import print_summary
 
     try:
         with open_trace(trace) as t:
