@@ -11,12 +11,19 @@ IMAGE = ROOT / "examples" / "astronaut.png"
 PROMPT = "Describe this image."
 
 
-def _record(name: str, out: Path, max_new_tokens: int = 4, **options):
+def _record(name: str, out: Path, max_new_tokens: int = 4, **options) -> Path:
     import vlmscope_models
     from vlmscope.recorder import record
 
     model, proc = vlmscope_models.load_embedded(name, **options)
     return record(model, proc, image=str(IMAGE), prompt=PROMPT, out=out, max_new_tokens=max_new_tokens)
+
+
+@pytest.fixture(scope="session")
+def record_embedded():
+    """``record_embedded(name, out, max_new_tokens=4, **options)``: record an embedded model on
+    astronaut.png, as the session fixtures below do; returns the trace path."""
+    return _record
 
 
 @pytest.fixture(scope="session")

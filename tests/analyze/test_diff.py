@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import h5py
@@ -13,17 +12,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from bench.synth_trace import make_trace  # noqa: E402
-from vlmscope.analyze.align import (  # noqa: E402
+from vlmscope.testing import make_trace
+from vlmscope.analyze.align import (
     DRIFT, MISSING_A, MISSING_B, SAME, SHAPE, align, parse_maps,
 )
-from vlmscope.analyze.diff import diff  # noqa: E402
-from vlmscope.cli_analyze import diff as diff_cmd  # noqa: E402
-from vlmscope.trace import open_trace, read_strings, write_strings  # noqa: E402
+from vlmscope.analyze.diff import diff
+from vlmscope.cli.analyze import diff as diff_cmd
+from vlmscope.trace import open_trace, read_strings, write_strings
 
 L = "model.language_model.layers"
 SMALL = dict(n_steps=4, n_layers=3, n_vision=1)

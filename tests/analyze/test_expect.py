@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from bench.synth_trace import make_trace  # noqa: E402
-from vlmscope.analyze.expect import ShapeMismatch, expect, glob_to_regex, parse_spec  # noqa: E402
-from vlmscope.trace import open_trace  # noqa: E402
+from vlmscope.testing import make_trace
+from vlmscope.analyze.expect import ShapeMismatch, expect, glob_to_regex, parse_spec
+from vlmscope.trace import open_trace
 
 Q = "model.language_model.layers.*.self_attn.q_proj"
 

@@ -5,24 +5,19 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from bench.synth_trace import make_trace  # noqa: E402
-from vlmscope.analyze.check import check  # noqa: E402
-from vlmscope.analyze.snapshot import (  # noqa: E402
+from vlmscope.testing import make_trace
+from vlmscope.analyze.check import check
+from vlmscope.analyze.snapshot import (
     compare_snapshots, compare_to_file, load_snapshot, snapshot, snapshot_text, write_snapshot,
 )
-from vlmscope.cli_analyze import check as check_cmd  # noqa: E402
-from vlmscope.cli_analyze import snapshot as snapshot_cmd  # noqa: E402
-from vlmscope.pytest_plugin import GoldenSnapshot  # noqa: E402
+from vlmscope.cli.analyze import check as check_cmd
+from vlmscope.cli.analyze import snapshot as snapshot_cmd
+from vlmscope.pytest_plugin import GoldenSnapshot
 
 pytest_plugins = ["pytester"]
 

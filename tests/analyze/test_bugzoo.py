@@ -15,14 +15,13 @@ import contextlib
 from pathlib import Path
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
+from vlmscope.analyze import check, diff, expect
+from vlmscope.pytest_plugin import GoldenSnapshot, _Recorder
+from vlmscope.trace import open_trace
 
-from vlmscope.analyze import check, diff, expect  # noqa: E402
-from vlmscope.pytest_plugin import GoldenSnapshot, _Recorder  # noqa: E402
-from vlmscope.trace import open_trace  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 IMAGE = ROOT / "examples" / "astronaut.png"
 PROMPT = "Describe this image."
 GOLDEN = ROOT / "traces" / "golden"

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import h5py
-from conftest import ROOT
 
 import vlmscope
 from vlmscope.analyze.check import check
 from vlmscope.analyze.diff import diff
 from vlmscope.trace import FORMAT_VERSION
 
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "traces" / "examples"
 V1 = ROOT / "tests" / "data" / "tiny-qwen2.5-vl-astronaut.format-v1.h5"
 

@@ -14,7 +14,9 @@ import torch
 import vlmscope
 from vlmscope.trace import FORMAT_VERSION, KIND_DECODE, KIND_PREFILL, ROLE_OUTPUT, shape_of
 
-from conftest import IMAGE, PROMPT
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE = ROOT / "examples" / "astronaut.png"
+PROMPT = "Describe this image."
 
 N_IMAGE = 256          # 512x512 -> 448x448 -> 32x32 patches -> 16x16 merged tokens
 PROMPT_LEN = 281       # chat template + 256 image tokens + prompt
@@ -132,7 +134,7 @@ def test_tensor_stats_are_exact(tmp_path):
 
 def _processor_inputs(name: str):
     import vlmscope_models
-    from vlmscope.inputs import build_inputs
+    from vlmscope.recorder.inputs import build_inputs
 
     model, proc = vlmscope_models.load_embedded(name)
     inputs, _ = build_inputs(model, proc, prompt=PROMPT, image=str(IMAGE))
@@ -301,10 +303,8 @@ def test_run_metadata(qwen25_trace):
     assert cfg["model_type"] == "qwen2_5_vl"
 
 
-def test_same_command_gives_the_same_trace(qwen25_trace, tmp_path):
-    from conftest import _record
-
-    again = _record("tiny-qwen2.5-vl", tmp_path / "again.h5")
+def test_same_command_gives_the_same_trace(qwen25_trace, tmp_path, record_embedded):
+    again = record_embedded("tiny-qwen2.5-vl", tmp_path / "again.h5")
     with vlmscope.open_trace(again) as t2:
         t1 = qwen25_trace
         for table in ("steps", "events", "tensors", "reshapes", "probes"):
@@ -322,7 +322,7 @@ def test_same_command_gives_the_same_trace(qwen25_trace, tmp_path):
 
 def _tiny(name="tiny-qwen2.5-vl"):
     import vlmscope_models
-    from vlmscope.inputs import build_inputs
+    from vlmscope.recorder.inputs import build_inputs
 
     model, proc = vlmscope_models.load_embedded(name)
     inputs, _ = build_inputs(model, proc, prompt=PROMPT, image=str(IMAGE))
@@ -474,7 +474,7 @@ def test_reader_imports_neither_torch_nor_textual(qwen25_trace_path):
 
 
 def test_trace_format_doc_example_runs(qwen25_trace_path):
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "trace-format.md").read_text()
+    doc = (ROOT / "docs" / "trace-format.md").read_text()
     blocks = doc.split("```python\n")[1:]
     code = blocks[0].split("```")[0].replace("traces/example.h5", str(qwen25_trace_path))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -559,3 +559,38 @@ def test_a_recorder_bug_never_breaks_the_model(tmp_path, monkeypatch):
     with vlmscope.open_trace(rec.path) as t:
         assert t.status == "incomplete" and t.n_steps == 1
         assert any("internal error" in w for w in t.meta["warnings"])
+
+
+def test_a_failure_inside_reshape_capture_stops_the_recording_never_the_model(tmp_path):
+    """A recorder bug while logging an op (here: an argument whose repr raises) must not reach the
+    user's forward: the model's outputs stay what they are untraced, recording stops for good with
+    a warning in the trace, and the steps already finished are kept."""
+
+    class BadRepr(int):
+        def __repr__(self):
+            raise RuntimeError("no repr for you")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+            self.bad = False
+
+        def forward(self, x):
+            y = self.lin(x)
+            return torch.cat([y, y], dim=BadRepr(1) if self.bad else 1)
+
+    torch.manual_seed(0)
+    net, x = Net(), torch.randn(2, 4)
+    want = net(x)
+    with vlmscope.Recorder(net, out=tmp_path / "t.h5") as rec:
+        first = net(x)           # recorded normally
+        net.bad = True
+        second = net(x)          # reshape capture fails inside this forward
+        third = net(x)           # and nothing is recorded any more
+    assert torch.equal(first, want) and torch.equal(second, want) and torch.equal(third, want)
+    assert rec.broken is not None and "RuntimeError: no repr for you" in rec.broken
+    with vlmscope.open_trace(rec.path) as t:
+        assert t.status == "incomplete"
+        assert t.n_steps == 1
+        assert any("stopped recording at step 1" in w for w in t.meta["warnings"])

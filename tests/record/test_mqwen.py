@@ -19,7 +19,7 @@ from vlmscope_models.mqwen import (
     token_mask_to_embedding_mask,
 )
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CTX = 256  # image context length
 HEADS, HEAD_DIM, LAYERS, VOCAB = 4, 16, 2, 151936
 

@@ -1,6 +1,6 @@
 """``vlmscope check``: each rule on small synthetic traces that break exactly one invariant.
 
-The traces come from ``bench/synth_trace.py`` (no torch): a Qwen2-VL-shaped generate with a
+The traces come from :mod:`vlmscope.testing` (no torch): a Qwen2-VL-shaped generate with a
 prefill (image spliced in) and decode steps, plus injected faults. Real models are covered by
 ``test_bugzoo.py``.
 """
@@ -8,7 +8,6 @@ prefill (image spliced in) and decode steps, plus injected faults. Real models a
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import h5py
@@ -16,14 +15,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from bench.synth_trace import make_trace  # noqa: E402
-from vlmscope.analyze.check import RULES, check, run_checks, select_rules  # noqa: E402
-from vlmscope.cli_analyze import check as check_cmd  # noqa: E402
-from vlmscope.trace import open_trace, read_strings  # noqa: E402
+from vlmscope.testing import make_trace
+from vlmscope.analyze.check import RULES, check, run_checks, select_rules
+from vlmscope.cli.analyze import check as check_cmd
+from vlmscope.trace import open_trace, read_strings
 
 L = "model.language_model.layers"
 SMALL = dict(n_steps=4, n_layers=3, n_vision=1)
@@ -222,3 +218,50 @@ def test_cli_json_and_rules(synth):
 def test_cli_folds_repeats(synth):
     res = CliRunner().invoke(check_cmd, [str(synth("mask_len", mask_len=2))])
     assert "0-3 (4x)" in res.output
+
+
+def _shift_positions(path, step: int, row: int, by: int) -> None:
+    """Shift batch row ``row``'s position ids (and rope positions) of one step by ``by``."""
+    with h5py.File(path, "r+") as f:
+        probes, strings = f["probes"][:], read_strings(f)
+        kind = strings[probes["kind"]]
+        rows = np.nonzero((probes["step"] == step) & np.isin(kind, ["position_ids", "rope_positions"]))[0]
+        done = set()
+        for r in rows:
+            off, n = int(probes["data_off"][r]), int(probes["data_len"][r])
+            if (off, n) in done:
+                continue
+            done.add((off, n))
+            nd = int(probes["ndim"][r])
+            v = f["probe_data"][off:off + n].view(np.int64).reshape(probes["shape"][r][:nd]).copy()
+            if nd == 3:
+                v[:, row] += by
+            else:
+                v[row] += by
+            f["probe_data"][off:off + n] = v.ravel().view(np.uint8)
+
+
+def test_position_rules_name_the_batch_row_that_is_off(tmp_path):
+    p = make_trace(tmp_path / "b2.h5", n_steps=4, n_layers=2, n_vision=1, batch=2)
+    assert check(p, rules="positions").violations == []
+    _shift_positions(p, step=2, row=1, by=5)
+    got = {}
+    for v in check(p, rules="positions").violations:
+        got.setdefault(v.rule, v)                       # the first of each rule
+    cont = got["positions.continuity"]
+    assert cont.step == 2
+    assert "in batch row 1" in cont.expected and "(off by +5)" in cont.actual
+    assert "jump ahead" in cont.hint
+    kv = got["positions.kv-index"]
+    assert kv.step == 2 and "in batch row 1" in kv.expected
+
+
+def test_seq_length_quotes_the_length_it_compared_when_q_len_is_unknown(tmp_path):
+    p = make_trace(tmp_path / "s.h5", n_steps=3, n_layers=3, n_vision=1, faults={"seq_len": (1, 1)})
+    with h5py.File(p, "r+") as f:
+        st = f["steps"][:]
+        st["q_len"] = -1
+        f["steps"][:] = st
+    (v,) = [v for v in check(p, rules="seq").violations if v.step == 1]
+    assert "-1" not in v.expected
+    assert "sequence length 1 (the step's first layer)" in v.expected

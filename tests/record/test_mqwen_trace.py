@@ -30,7 +30,7 @@ from vlmscope_models.mqwen import (
     token_mask_to_embedding_mask,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ASTRONAUT = ROOT / "examples" / "astronaut.png"
 CHELSEA = ROOT / "examples" / "chelsea.png"
 PROMPT = "Describe this image."
@@ -534,7 +534,7 @@ def test_users_own_factory_module(tmp_path, monkeypatch):
     (tmp_path / "my_mqwen.py").write_text(found.group(1))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "my_mqwen", raising=False)
-    from vlmscope.loader import load_model
+    from vlmscope.recorder.loader import load_model
 
     m, proc, info = load_model("my_mqwen:build", options={"use_cache_quantization": True})
     assert info == {"model": "my_mqwen:build", "model_kind": "factory", "family": "mqwen"}
