@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXT_TOKENS = 64
 
 
-def build(image_size: int, device: str):
+def build(image_size: int, device: str, hidden: int = 1024, attn: str = "sdpa"):
     from PIL import Image
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -36,18 +36,20 @@ def build(image_size: int, device: str):
 
     _, processor = build_qwen2_5_vl(max_pixels=image_size * image_size, min_pixels=image_size * image_size)
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+        text_config=dict(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=8,
+                         num_attention_heads=max(hidden // 64, 2),
                          num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                                           "mrope_section": [8, 12, 12]}, tie_word_embeddings=True,
                          eos_token_id=151645, pad_token_id=151643),
-        vision_config=dict(depth=4, hidden_size=1024, intermediate_size=2816, num_heads=16, out_hidden_size=1024,
+        vision_config=dict(depth=4, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                           num_heads=max(hidden // 64, 2), out_hidden_size=hidden,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                            fullatt_block_indexes=[3]),
         image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
         tie_word_embeddings=True,
     )
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = attn
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(cfg).eval().to(device)
     model.generation_config.eos_token_id = None  # always generate the full 16 tokens
@@ -73,6 +75,9 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=448)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--hidden", type=int, default=1024,
+                    help="hidden size of the text and vision towers (small: per-op overhead dominates)")
+    ap.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="attention implementation")
     ap.add_argument("--skip-generate", action="store_true")
     args = ap.parse_args()
 
@@ -80,10 +85,10 @@ def main() -> None:
 
     from vlmscope import Recorder
 
-    model, inputs = build(args.image_size, args.device)
+    model, inputs = build(args.image_size, args.device, args.hidden, args.attn)
     ids = inputs["input_ids"][0]
     n_img = int((ids == 151655).sum())
-    print(f"model: hidden 1024, 8 text layers, 4 vision layers; {ids.numel()} tokens "
+    print(f"model: hidden {args.hidden}, {args.attn} attention, 8 text layers, 4 vision layers; {ids.numel()} tokens "
           f"({n_img} image, {ids.numel() - n_img} text); image {args.image_size}x{args.image_size}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     tmp = Path(tempfile.mkdtemp(prefix="vlmscope-bench-"))
