@@ -772,6 +772,30 @@ def test_map_rewrites_paths_before_aligning(tmp_path):
         parse_maps(["no-equals-sign"])
 
 
+def test_a_divergence_with_no_node_in_a_is_named_never_agree(tmp_path):
+    """B has a decode step A lacks: vlmscope diff's first divergence lies in that step, where A's
+    tree has no node. The summary and g name it; they never say that A and B agree."""
+    a = write_demo_trace(tmp_path / "a.h5", n_decode=2)
+    b = write_demo_trace(tmp_path / "b.h5", n_decode=3)
+    want = cli_json("diff", str(a), str(b))
+    assert want["same"] is False and want["first_divergence"]["step"] == 3
+
+    async def go():
+        app = ViewerApp([a, b], checks=False)
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(pilot)
+            scr = app.screen
+            summary = plain(scr.query_one(DiffSummary).content)
+            notes = notes_of(app)
+            await press(pilot, "g")
+            return scr.session.diff, summary, notes
+    diff, summary, notes = run(go())
+    assert diff.first is None and diff.unplaced is not None
+    assert summary.startswith("first divergence step 3") and "agree" not in summary
+    assert any(n.startswith("first divergence (no node to go to): step 3") for n in notes)
+    assert not any("agree" in n for n in notes)
+
+
 # --------------------------------------------------------------------------- bad and partial files
 
 

@@ -4,7 +4,7 @@ The traces are the viewer's demo traces (:mod:`vlmscope.testing`): every number 
 fixed, their call sites point at files that do not exist (no source lines that change with
 the installed transformers), and the file names are fixed, so the pictures are the same on
 every machine. Checks and the diff alignment are ``vlmscope check``'s and ``vlmscope diff``'s (the
-viewer has no rules of its own). Update with ``pytest tests/test_tui_snapshots.py --snapshot-update``.
+viewer has no rules of its own). Update with ``.venv/bin/pytest tests/view/test_tui_snapshots.py --snapshot-update``.
 """
 
 from __future__ import annotations

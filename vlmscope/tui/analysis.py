@@ -64,6 +64,8 @@ class AlignResult:
     reshapes: Sides
     probes: Sides
     first: dict | None
+    same: bool = True               # ``vlmscope diff``'s verdict, whether or not ``first`` can be placed
+    headline: str | None = None     # the first divergence as ``vlmscope diff`` prints it
 
 
 def _sides(tbl, n_a: int, n_b: int) -> Sides:
@@ -93,9 +95,11 @@ def align_sides(path_a: str, path_b: str, maps: list[str]) -> AlignResult:
         events.status_b = np.asarray(al.event_status_b, np.int8)
         tables = {name: _sides(getattr(al, name), ta.n_rows(name), tb.n_rows(name))
                   for name in ("tensors", "reshapes", "probes")}
-        first = diff(ta, tb, maps or None, alignment=al, limit=1).first
+        rep = diff(ta, tb, maps or None, alignment=al, limit=1)
+        first = rep.first
         return AlignResult(events, tables["tensors"], tables["reshapes"], tables["probes"],
-                           first.to_dict() if first is not None else None)
+                           first.to_dict() if first is not None else None, same=bool(rep.same),
+                           headline=first.headline() if first is not None else None)
     finally:
         al.trace_a.close()
         al.trace_b.close()
@@ -142,7 +146,10 @@ def prepare() -> None:
 
 def _quiet() -> None:
     """Worker initializer: the terminal belongs to the viewer, so the analysis prints nothing there
-    (warnings, a traceback: a failure comes back to the viewer as the exception)."""
+    (warnings, a traceback: a failure comes back to the viewer as the exception). The worker forks
+    no helper of its own (``VLMSCOPE_NO_FORK``): a job is stopped with SIGKILL, which would leave
+    such a grandchild running on, orphaned."""
+    os.environ["VLMSCOPE_NO_FORK"] = "1"
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)

@@ -87,6 +87,7 @@ class DiffModel:
         self.result: AlignResult | None = None
         self.error: str | None = None          # why the alignment failed
         self.first: tuple[Item, Status] | None = None
+        self.unplaced: str | None = None
         self._cache: dict[int, StepAlign] = {}
         self._lock = threading.Lock()
 
@@ -103,8 +104,15 @@ class DiffModel:
         """Take the alignment and place the first divergence on the tree (reads steps: worker)."""
         with self._lock:
             self._cache.clear()
-        self.result = res
-        self.first = self._place_first(res.first)
+        self.result = res           # placing reads it (B-only items)
+        try:
+            self.first = self._place_first(res.first)
+        except BaseException:
+            self.result = None      # not done: the caller reports the failure
+            raise
+        # vlmscope diff found a divergence that has no node on these trees (e.g. a step only B
+        # has): its headline is shown, never "A and B agree"
+        self.unplaced = res.headline if not res.same and self.first is None else None
 
     def fail(self, message: str) -> None:
         self.error = message

@@ -155,7 +155,9 @@ class MainScreen(Screen):
             summary.show_failed(diff.error)
             self.notify(f"alignment failed: {diff.error}", severity="error", timeout=10)
             return
-        if first is None:
+        if first is None and diff is not None and diff.unplaced:
+            summary.show_unplaced(diff.unplaced)
+        elif first is None:
             summary.show_first(None, None)
         else:
             summary.show_first(self._where(first[0]), first[1])
@@ -414,6 +416,8 @@ class MainScreen(Screen):
             self.notify(f"alignment failed: {diff.error}", severity="error", timeout=5)
         elif not diff.done:
             self.notify("still aligning A and B …", timeout=2)
+        elif diff.first is None and diff.unplaced:
+            self.notify(f"first divergence (no node to go to): {diff.unplaced}", timeout=6)
         elif diff.first is None:
             self.notify("no divergence: A and B agree", timeout=3)
         else:

@@ -82,12 +82,12 @@ class Session:
         if self.checks:
             try:
                 rows = self._run(analysis.check_rows, os.fspath(self.a.path), cancelled=cancelled)
+                self.violations = checks.place(self.a, rows)     # reads steps: can fail on a damaged one
             except analysis.Cancelled:
                 raise
             except Exception as e:  # noqa: BLE001 - whatever failed on the user's trace is shown, not hidden
                 self.check_error = _one_line(e)
-                rows = []
-            self.violations = checks.place(self.a, rows)
+                self.violations = []
             self.a.set_violations(self.violations)
         self.checks_done = True
         return self.violations
@@ -104,7 +104,11 @@ class Session:
         except Exception as e:  # noqa: BLE001 - whatever failed on the user's traces is shown, not hidden
             self.diff.fail(_one_line(e))
             return None
-        self.diff.set_result(res)
+        try:
+            self.diff.set_result(res)      # reads steps: can fail on a damaged one
+        except Exception as e:  # noqa: BLE001 - the user's traces (a damaged step): shown, not hidden
+            self.diff.fail(_one_line(e))
+            return None
         return self.diff.first
 
     def close(self) -> None:

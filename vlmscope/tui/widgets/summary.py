@@ -17,6 +17,11 @@ class DiffSummary(Static):
         """The alignment failed: say so (the tree then shows no statuses)."""
         self.update(Text.assemble(("alignment failed: ", "bold red"), message), layout=False)
 
+    def show_unplaced(self, headline: str) -> None:
+        """vlmscope diff found a divergence with no node on A's tree (e.g. a step only B has)."""
+        self.update(Text.assemble(("first divergence ", "bold"), (headline, STATUS_STYLE[Status.MISSING_A] or "bold")),
+                    layout=False)
+
     def show_first(self, where: str | None, status: Status | None) -> None:
         t = Text(no_wrap=True, overflow="ellipsis")
         if where is None:
