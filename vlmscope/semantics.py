@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -108,6 +108,44 @@ def layer_index(path: str, decoder_layers: str | None, *, inside: bool = False) 
     if not head.isdecimal() or (rest and not inside):
         return -1
     return int(head)
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def _get(cfg: Any, key: str) -> Any:
+    """``cfg.key`` of a transformers config object, or ``cfg[key]`` of its JSON dict."""
+    if cfg is None:
+        return None
+    return cfg.get(key) if isinstance(cfg, Mapping) else getattr(cfg, key, None)
+
+
+def text_config_of(cfg: Any) -> Any:
+    """The language model's config: ``text_config`` of a VLM config, else the config itself."""
+    return _get(cfg, "text_config") or cfg
+
+
+def image_token_id_of(cfg: Any) -> int | None:
+    """The image placeholder token id (``image_token_id``, or ``image_token_index`` in older configs)."""
+    return _get(cfg, "image_token_id") or _get(cfg, "image_token_index")
+
+
+def attention_heads_of(cfg: Any) -> tuple[int | None, int | None]:
+    """(key/value heads, attention heads) of the language model; without GQA both are the same."""
+    tc = text_config_of(cfg)
+    heads = _get(tc, "num_attention_heads")
+    return _get(tc, "num_key_value_heads") or heads, heads
+
+
+def merge_size_of(cfg: Any) -> int:
+    """Patches merged per side into one image token (``spatial_merge_size``; Qwen2-VL's 2 when the
+    config does not say)."""
+    return int(_get(_get(cfg, "vision_config") or {}, "spatial_merge_size") or _get(cfg, "spatial_merge_size") or 2)
+
+
+def is_rotary_class(class_name: str) -> bool:
+    """A rotary-embedding module, by its class name (``Qwen2VLRotaryEmbedding``, ``RotaryEmbedding``...)."""
+    return "rotary" in class_name.lower()
 
 
 # ---------------------------------------------------------------------------- image spans

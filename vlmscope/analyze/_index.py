@@ -17,7 +17,7 @@ from functools import cached_property
 
 import numpy as np
 
-from vlmscope.semantics import find_decoder_layers, fmt_shape, is_under, layer_index, text_model_of
+from vlmscope.semantics import find_decoder_layers, fmt_shape, is_under, layer_index, merge_size_of, text_model_of
 from vlmscope.trace import ENC_NONE, ROLE_OUTPUT, Trace, TraceError, decode_probe
 
 from .stream import COMPACT_FIELDS
@@ -407,9 +407,7 @@ class TraceIndex:
 
     @cached_property
     def merge_size(self) -> int:
-        cfg = self.config or {}
-        vc = cfg.get("vision_config") or {}
-        return int(vc.get("spatial_merge_size") or cfg.get("spatial_merge_size") or 2)
+        return merge_size_of(self.config or {})
 
 
 #: The index of each open trace, kept while the trace lives (the index holds its trace weakly).

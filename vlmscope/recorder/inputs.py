@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmscope.errors import ImageError, UserError
+from vlmscope.semantics import image_token_id_of
 
 
 def load_image(path: str | os.PathLike) -> tuple[Any, dict]:
@@ -43,8 +44,7 @@ def _is_text_only(model: Any) -> bool:
     cfg = getattr(model, "config", None)
     if cfg is None:
         return False
-    return getattr(cfg, "vision_config", None) is None and getattr(cfg, "image_token_id", None) is None \
-        and getattr(cfg, "image_token_index", None) is None
+    return getattr(cfg, "vision_config", None) is None and image_token_id_of(cfg) is None
 
 
 def build_inputs(model: Any, processor: Any, *, prompt: str, image: Any = None) -> tuple[dict, dict]:

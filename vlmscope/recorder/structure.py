@@ -9,14 +9,14 @@ import fnmatch
 import json
 import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from vlmscope import trace as T
 from vlmscope.recorder.stats import dtype_name
-from vlmscope.semantics import Structure, find_structure
+from vlmscope.semantics import Structure, attention_heads_of, find_structure, image_token_id_of, is_rotary_class
 
 
 @dataclass(frozen=True)
@@ -42,30 +42,25 @@ class ModelInfo:
                 "num_key_value_heads": self.kv_heads, "num_attention_heads": self.n_heads}
 
 
-def _config_value(cfg: Any, key: str) -> Any:
-    return getattr(cfg, key, None) if cfg is not None else None
-
-
 def analyse(model: torch.nn.Module, image_token_id: int | None, save_globs: Sequence[str]) -> ModelInfo:
     modules = list(model.named_modules(remove_duplicate=True))
     paths = [p for p, _ in modules]
     cfg = getattr(model, "config", None)
-    text_cfg = getattr(cfg, "text_config", None) or cfg
     if image_token_id is None:
-        image_token_id = _config_value(cfg, "image_token_id") or _config_value(cfg, "image_token_index")
+        image_token_id = image_token_id_of(cfg)
+    kv_heads, n_heads = attention_heads_of(cfg)
     list_sizes = {p: len(m) for p, m in modules if isinstance(m, torch.nn.ModuleList) and len(m) > 0}
     s = find_structure(paths, list_sizes)
     index = {p: i for i, p in enumerate(paths)}
     layer0 = s.decoder_layers + ".0" if s.decoder_layers else None
     return ModelInfo(
         modules=modules, paths=paths, structure=s, image_token_id=image_token_id,
-        kv_heads=_config_value(text_cfg, "num_key_value_heads") or _config_value(text_cfg, "num_attention_heads"),
-        n_heads=_config_value(text_cfg, "num_attention_heads"),
+        kv_heads=kv_heads, n_heads=n_heads,
         layer0_id=index.get(layer0, -1) if layer0 else -1,
         merger_id=index.get(s.merger, -1) if s.merger else -1,
         text_model_id=index.get(s.text_model, -1) if s.text_model is not None else -1,
         decoder_prefix=(s.decoder_layers + ".") if s.decoder_layers else None,
-        rotary_ids=frozenset(i for i, (_, m) in enumerate(modules) if "rotary" in type(m).__name__.lower()),
+        rotary_ids=frozenset(i for i, (_, m) in enumerate(modules) if is_rotary_class(type(m).__name__)),
         save_ids=frozenset(i for i, p in enumerate(paths) if any(fnmatch.fnmatchcase(p, g) for g in save_globs)),
     )
 

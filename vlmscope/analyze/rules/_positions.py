@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from vlmscope.semantics import is_rotary_class
+
 from .._index import TraceIndex
 from ._common import blob_values, first_per_group, memo
 
@@ -52,7 +54,7 @@ def _position_priorities(ix: TraceIndex, rope_rows: np.ndarray, pos_rows: np.nda
     if len(pos_rows):
         p = ix.probes
         mods = p["module"][pos_rows]
-        rotary = np.array(["rotary" in str(c).lower() or "rotary" in str(pth).lower()
+        rotary = np.array([is_rotary_class(str(c)) or "rotary" in str(pth).lower()
                            for c, pth in zip(ix.module_classes, ix.module_paths)], bool)
         is_rot = rotary[mods]
         is_tm = mods == ix.text_model_module
