@@ -149,7 +149,8 @@ def test_the_index_is_cached_in_the_analysis_layer(pair):
     t = open_trace(clean)
     ix = index_of(t)
     assert index_of(t) is ix
-    assert not any(v is ix for v in getattr(t, "derived", {}).values())   # not on the trace
+    held = [*vars(t).values(), *t._cache.values()]
+    assert not any(v is ix for v in held)                    # the trace itself holds no analysis state
     ref = weakref.ref(ix)
     t.close()
     del t, ix

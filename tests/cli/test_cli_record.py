@@ -229,7 +229,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_cli_subprocess_bad_image_is_one_line(tmp_path):
     """The real console script path: exit code 2, one line on stderr, no traceback."""
-    r = subprocess.run([sys.executable, "-m", "vlmscope.cli", "record", "--image", str(tmp_path / "x.png")],
+    r = subprocess.run([sys.executable, "-P", "-m", "vlmscope.cli", "record", "--image", str(tmp_path / "x.png")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: image not found: {tmp_path / 'x.png'}"]
@@ -293,3 +293,22 @@ def test_summary_of_bad_trace_files(tmp_path, qwen2_trace_path):
         assert "Traceback" not in r.output + r.stderr
         assert needle in " ".join(r.stderr.split())
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_summary_says_when_check_could_not_run(tmp_path):
+    """A trace whose header and step table read fine but whose probe table is damaged: summary
+    prints what it can and says that check could not run, instead of reporting no violations."""
+    import shutil
+
+    src = Path(__file__).resolve().parents[2] / "traces" / "examples" / "tiny-mqwen-astronaut.h5"
+    bad = tmp_path / "bad.h5"
+    shutil.copy(src, bad)
+    with h5py.File(bad, "r") as f:
+        info = f["probes"].id.get_chunk_info(0)
+    with open(bad, "r+b") as fh:
+        fh.seek(info.byte_offset)
+        fh.write(b"\xff" * info.size)
+    r = run("summary", str(bad))
+    assert "Traceback" not in r.output + r.stderr
+    assert "check could not run: trace is truncated or corrupt" in " ".join(r.output.split())
+    assert "invariant violation" not in r.output

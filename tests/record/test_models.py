@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 
-import vlmscope_models  # the model/ directory, installed by `pip install -e .`
+import vlmscope_models  # model/vlmscope_models/, installed from the wheel by scripts/setup.sh
 
 _IMPORT_SNIPPET = "import sys, vlmscope_models\n"
 
@@ -47,7 +47,7 @@ def test_import_does_not_import_torch():
         print("ok")
         """
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    res = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "ok"
 

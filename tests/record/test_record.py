@@ -407,7 +407,7 @@ def test_sigint_during_cli_record_leaves_readable_incomplete_trace(tmp_path):
 
     out = tmp_path / "sig.h5"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vlmscope.cli", "record", "-v", "--image", str(IMAGE), "-o", str(out),
+        [sys.executable, "-P", "-m", "vlmscope.cli", "record", "-v", "--image", str(IMAGE), "-o", str(out),
          "-n", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
     try:
@@ -468,7 +468,7 @@ def test_reader_imports_neither_torch_nor_textual(qwen25_trace_path):
         "assert not bad, bad\n"
         "print('ok')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
 
@@ -477,7 +477,7 @@ def test_trace_format_doc_example_runs(qwen25_trace_path):
     doc = (ROOT / "docs" / "trace-format.md").read_text()
     blocks = doc.split("```python\n")[1:]
     code = blocks[0].split("```")[0].replace("traces/example.h5", str(qwen25_trace_path))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "q_len 281 cache 0 -> 281" in r.stdout
     assert "modeling_qwen2_5_vl.py" in r.stdout
