@@ -17,7 +17,7 @@ from functools import cached_property
 
 import numpy as np
 
-from vlmscope.semantics import find_decoder_layers, fmt_shape, is_under, layer_index, merge_size_of, text_model_of
+from vlmscope.semantics import find_decoder_layers, is_under, layer_index, merge_size_of, text_model_of
 from vlmscope.trace import ENC_NONE, ROLE_OUTPUT, Trace, TraceError, decode_probe
 
 from .stream import COMPACT_FIELDS
@@ -421,9 +421,6 @@ def index_of(trace: Trace) -> TraceIndex:
         ix = _INDEXES[trace] = TraceIndex(trace)
     return ix
 
-
-#: ``(1, 3, 4)`` -> ``"[1, 3, 4]"``
-shape_str = fmt_shape
 
 
 def row_shape(row: np.void, field: str = "shape", ndim_field: str = "ndim") -> tuple[int, ...]:

@@ -32,9 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from vlmscope.semantics import fmt_shape
 from vlmscope.trace import ROLE_OUTPUT, Trace, open_trace
 
-from ._index import TraceIndex, index_of, shape_str
+from ._index import TraceIndex, index_of
 
 
 class ShapeMismatch(AssertionError):
@@ -362,7 +363,7 @@ def _failure(ix: TraceIndex, call: str, failures: list, bindings: dict, known: d
     lines = [f"{call} failed:",
              f"  module:   {mod} (call {int(ev['nth'])}), step {s}, {d['target']} {ix.s(int(row['name']))!r}",
              f"  expected: {expected}" + (f" = [{', '.join(exp_vals)}]" if exp_vals != [str(t) for t in toks] else ""),
-             f"  actual:   {shape_str(actual)} {ix.s(int(row['dtype']))}"]
+             f"  actual:   {fmt_shape(actual)} {ix.s(int(row['dtype']))}"]
     if kind == "rank":
         lines.append(f"  reason:   rank {len(actual)} does not fit the {len([t for t in toks if t != '...'])}-dim spec")
     elif kind == "symbol":

@@ -38,8 +38,10 @@ class ViewerApp(App):
         pause the UI for 50-100 ms on big traces, only walk what the session adds. For the
         command line, where the app owns the process."""
         super().__init__(**kwargs)
-        prepare()   # before Textual takes sys.stderr over
-        self.session = Session(list(paths), list(maps), checks=checks)
+        paths = list(paths)
+        if checks or len(paths) > 1:   # an analysis process will run: its helpers start now,
+            prepare()                  # before Textual takes sys.stderr over
+        self.session = Session(paths, list(maps), checks=checks)
         self.freeze_gc = freeze_gc
 
     def on_mount(self) -> None:
