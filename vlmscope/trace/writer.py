@@ -1,7 +1,9 @@
-"""``TraceWriter``: appends a trace step by step to ``NAME.h5.partial`` and renames it when closed."""
+"""``TraceWriter``: records a trace step by step into the journal ``NAME.h5.partial``
+(:mod:`.journal`) and turns it into the HDF5 trace ``NAME.h5`` when closed."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -11,56 +13,107 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .format import (
-    _CACHE_BYTES, CHUNK_BYTES, COMPRESSION, FORMAT_NAME, FORMAT_VERSION, STATUS_COMPLETE, STATUS_RECORDING, TABLES,
-    _encode_strings, _jsonable,
-)
+from . import journal as J
+from .format import _CACHE_BYTES, STATUS_COMPLETE, TABLES, _encode_strings, _jsonable
+
+
+class TraceWriteError(OSError):
+    """Writing the trace failed (a full disk, a quota, a file-size limit, a vanished directory).
+
+    ``steps`` finished steps are safe in ``path`` (the journal, readable with ``open_trace``);
+    ``str(e)`` is one line for the user."""
+
+    def __init__(self, message: str, *, path: Path, steps: int, cause: BaseException | None = None):
+        super().__init__(getattr(cause, "errno", None) or errno.EIO, message)
+        self.message, self.path, self.steps = message, path, steps
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _bytes(a: np.ndarray) -> memoryview:
+    """The bytes of an array, without a copy when it is contiguous."""
+    return memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 class TraceWriter:
-    """Appends a trace to ``PATH.partial`` step by step; ``close`` renames it to PATH.
+    """Appends a trace to the journal ``PATH.partial`` step by step; ``close`` converts it to PATH.
 
-    Every ``write_step`` appends whole blocks to the resizable tables and flushes
-    the file, so a crash loses at most the step in flight.
+    Nothing written is ever rewritten: each record is appended with its CRC, and
+    ``end_step`` appends a commit and hands the bytes to the OS, so a process killed at any
+    moment leaves every finished step readable (``open_trace`` replays the journal).
+    ``fsync=True`` also forces each step to the disk (power loss; it costs a disk flush per step).
+
+    ``overwrite=False`` refuses to start when PATH or PATH.partial exists (``FileExistsError``);
+    the journal is always created exclusively, so two writers never share one.
+    A write error raises :class:`TraceWriteError` once; the writer then ignores further writes,
+    and ``close`` raises it again, leaving the journal with every committed step.
     """
 
-    def __init__(self, path: str | os.PathLike, meta: dict | None = None, config_json: str | None = None):
+    def __init__(self, path: str | os.PathLike, meta: dict | None = None, config_json: str | None = None,
+                 *, overwrite: bool = True, fsync: bool = False):
         self.path = Path(path)
         self.partial_path = self.path.with_name(self.path.name + ".partial")
+        self.fsync = fsync
+        self.overwrite = overwrite
+        self.closed = False
+        self.failed: TraceWriteError | None = None
+        self.committed_steps = 0
+        if not overwrite:
+            for p in (self.path, self.partial_path):
+                if p.exists() or p.is_symlink():
+                    raise FileExistsError(errno.EEXIST, "file exists", str(p))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = h5py.File(self.partial_path, "w", libver="latest", rdcc_nbytes=_CACHE_BYTES)
-        f = self._f
-        f.attrs["format"] = FORMAT_NAME
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["status"] = STATUS_RECORDING
-        f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        f.attrs["n_steps"] = 0
-        m = f.create_group("meta")
-        m.attrs["run_json"] = json.dumps(_jsonable(meta or {}))
-        m.attrs["config_json"] = config_json or "{}"
-        for name, dt in TABLES.items():
-            f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt,
-                             chunks=(max(256, CHUNK_BYTES // dt.itemsize),), **COMPRESSION)
-        # interned strings: their UTF-8 bytes back to back, and the end offset of each (reading
-        # 100k HDF5 variable-length strings costs ~0.1 s; these two arrays, a few ms)
-        f.create_dataset("strings", shape=(0,), maxshape=(None,), dtype=np.uint8,
-                         chunks=(CHUNK_BYTES // 4,), **COMPRESSION)
-        f.create_dataset("string_ends", shape=(0,), maxshape=(None,), dtype=np.int64,
-                         chunks=(CHUNK_BYTES // 32,), **COMPRESSION)
-        self.string_bytes = 0
-        self.n_strings = 0
-        f.create_dataset("probe_data", shape=(0,), maxshape=(None,), dtype=np.uint8,
-                         chunks=(CHUNK_BYTES // 4,), **COMPRESSION)
-        f.create_group("payloads")
-        self._datasets: dict[str, h5py.Dataset] = {}
+        if overwrite:
+            self.partial_path.unlink(missing_ok=True)
+        self._fh = open(self.partial_path, "xb", buffering=1 << 20)   # noqa: SIM115 - closed by close()
         self._strings: dict[str, int] = {}
         self._pending_strings: list[str] = []
+        self.string_bytes = 0
+        self.n_strings = 0
         self.counts = {name: 0 for name in TABLES}
         self.probe_bytes = 0
         self.n_payloads = 0
         self.payload_bytes = 0
-        self.closed = False
+        self._run = _jsonable(meta or {})
+        try:
+            self._fh.write(J.header_bytes())
+            self._put(J.META, "created", time.strftime("%Y-%m-%dT%H:%M:%S%z").encode())
+            self._put(J.META, "run_json", json.dumps(self._run).encode())
+            self._put(J.META, "config_json", (config_json or "{}").encode())
+        except TraceWriteError:
+            self._abandon()
+            raise
         self.intern("")
+
+    # low level -------------------------------------------------------------
+    def _put(self, rtype: int, name: str, payload: bytes | memoryview) -> None:
+        if self.failed is not None:
+            return
+        try:
+            for piece in J.record_bytes(rtype, name, payload):
+                self._fh.write(piece)
+        except (OSError, ValueError) as e:   # ValueError: the file object was closed under us
+            self._fail(e)
+
+    def _fail(self, e: BaseException) -> None:
+        self.failed = TraceWriteError(
+            f"cannot write the trace ({_reason(e)}); {self.committed_steps} finished "
+            f"step{'s' if self.committed_steps != 1 else ''} kept in {self.partial_path}",
+            path=self.partial_path, steps=self.committed_steps, cause=e)
+        raise self.failed from None
+
+    def _abandon(self) -> None:
+        try:
+            self._fh.close()
+        except (OSError, ValueError):
+            pass
 
     # strings -------------------------------------------------------------
     def intern(self, s: str) -> int:
@@ -76,34 +129,18 @@ class TraceWriter:
             return
         blob, ends = _encode_strings(self._pending_strings, self.string_bytes)
         if len(blob):
-            self._write_block("strings", self.string_bytes, blob)
-        self._write_block("string_ends", self.n_strings, ends)   # after the bytes they point into
+            self._put(J.ROWS, "strings", _bytes(blob))
+        self._put(J.ROWS, "string_ends", _bytes(ends))   # after the bytes they point into
         self.string_bytes = int(ends[-1])
         self.n_strings += len(ends)
         self._pending_strings = []
 
     # tables --------------------------------------------------------------
-    def _dataset(self, name: str) -> h5py.Dataset:
-        ds = self._datasets.get(name)
-        if ds is None:
-            ds = self._datasets[name] = self._f[name]
-        return ds
-
-    def _write_block(self, name: str, start: int, rows: np.ndarray) -> None:
-        """Resize and write rows[start:] through h5py's low-level API (the high-level
-        ``ds[a:b] = rows`` re-derives dtypes and selections on every call)."""
-        ds = self._dataset(name)
-        k = len(rows)
-        ds.resize((start + k,))
-        fspace = ds.id.get_space()
-        fspace.select_hyperslab((start,), (k,))
-        ds.id.write(h5py.h5s.create_simple((k,)), fspace, np.ascontiguousarray(rows))
-
     def append(self, table: str, rows: np.ndarray) -> int:
         """Append a block of rows; returns the index of the first one."""
         n = self.counts[table]
         if len(rows):
-            self._write_block(table, n, rows.astype(TABLES[table], copy=False))
+            self._put(J.ROWS, table, _bytes(rows.astype(TABLES[table], copy=False)))
             self.counts[table] = n + len(rows)
         return n
 
@@ -112,16 +149,13 @@ class TraceWriter:
             else np.ascontiguousarray(blob).view(np.uint8).ravel()
         n = self.probe_bytes
         if len(data):
-            self._write_block("probe_data", n, data)
+            self._put(J.ROWS, "probe_data", _bytes(data))
             self.probe_bytes = n + len(data)
         return n
 
     def add_payload(self, array: np.ndarray, **attrs: Any) -> int:
         i = self.n_payloads
-        ds = self._f["payloads"].create_dataset(str(i), data=array,
-                                                **(COMPRESSION if array.size > 1024 else {}))
-        for k, v in attrs.items():
-            ds.attrs[k] = v
+        self._put(J.PAYLOAD, str(i), J.payload_record(array, _jsonable(attrs)))
         self.n_payloads += 1
         self.payload_bytes += array.nbytes
         return i
@@ -130,43 +164,98 @@ class TraceWriter:
         self.append("modules", rows)
 
     def update_meta(self, **fields: Any) -> None:
-        run = json.loads(self._f["meta"].attrs["run_json"])
-        run.update(_jsonable(fields))
-        self._f["meta"].attrs["run_json"] = json.dumps(run)
+        self._run.update(_jsonable(fields))
+        self._put(J.META, "run_json", json.dumps(self._run).encode())
 
     def set_config(self, config_json: str) -> None:
-        self._f["meta"].attrs["config_json"] = config_json
+        self._put(J.META, "config_json", config_json.encode())
 
     def end_step(self) -> None:
-        """Make everything appended so far durable."""
+        """Commit everything appended so far: it survives the process from here on."""
         self._flush_strings()
-        self._f.attrs["n_steps"] = self.counts["steps"]
-        self._f.flush()
+        self._put(J.COMMIT, "", json.dumps({"n_steps": self.counts["steps"]}).encode())
+        self._sync()
+        if self.failed is None:
+            self.committed_steps = self.counts["steps"]
+
+    def _sync(self) -> None:
+        if self.failed is not None:
+            return
+        try:
+            self._fh.flush()
+            if self.fsync:
+                os.fsync(self._fh.fileno())
+        except (OSError, ValueError) as e:
+            self._fail(e)
 
     def set_error(self, *, type: str, message: str, step: int, module_stack: list[str],
                   last_reshape: dict | None, traceback: str = "") -> None:
-        g = self._f.require_group("error")
-        g.attrs["type"] = type
-        g.attrs["message"] = message
-        g.attrs["step"] = step
-        g.attrs["module_stack"] = json.dumps(module_stack)
-        g.attrs["last_reshape"] = json.dumps(_jsonable(last_reshape) if last_reshape else None)
-        g.attrs["traceback"] = traceback
+        info = {"type": type, "message": message, "step": int(step), "module_stack": json.dumps(module_stack),
+                "last_reshape": json.dumps(_jsonable(last_reshape) if last_reshape else None),
+                "traceback": traceback}
+        self._put(J.ERROR, "", json.dumps(info).encode())
 
     def close(self, status: str = STATUS_COMPLETE) -> Path:
-        """Mark the trace with ``status`` and move it to its final name.
+        """Mark the trace with ``status`` and turn the journal into the HDF5 trace PATH.
 
-        A complete trace is renamed to PATH. An incomplete or failed one is renamed too,
-        so that it opens like any other; its status says what happened.
+        An incomplete or failed recording is converted too, so that it opens like any other;
+        its status says what happened. The trace is written under a temporary name and
+        linked into place; the journal is removed only after that. When writing fails, the
+        journal stays (with every committed step) and :class:`TraceWriteError` is raised.
         """
         if self.closed:
             return self.path
-        self._flush_strings()
-        self._f.attrs["status"] = status
-        self._f.attrs["n_steps"] = self.counts["steps"]
-        self._f.attrs["closed"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self._f.flush()
-        self._f.close()
+        if self.failed is None:
+            try:
+                self._flush_strings()
+                self._put(J.CLOSE, "", json.dumps({"status": status, "n_steps": self.counts["steps"],
+                                                   "closed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
+                self._sync()
+            except TraceWriteError:
+                pass
+        self._abandon()
         self.closed = True
-        os.replace(self.partial_path, self.path)
+        if self.failed is not None:
+            raise self.failed
+        self.committed_steps = self.counts["steps"]
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        created = False
+        try:
+            with h5py.File(tmp, "w-", libver="latest", rdcc_nbytes=_CACHE_BYTES) as f:   # w-: never truncate
+                created = True
+                J.convert(self.partial_path, f)
+            _link_into_place(tmp, self.path, self.overwrite)
+        except BaseException as e:  # noqa: BLE001 - h5py raises many types for a full disk; the journal is intact
+            if created:
+                try:
+                    tmp.unlink(missing_ok=True)
+                except OSError:
+                    pass
+            if not isinstance(e, Exception):    # interrupted while converting: the journal is the trace
+                raise
+            self.failed = TraceWriteError(
+                f"cannot write the trace ({_reason(e)}); all {self.committed_steps} "
+                f"step{'s' if self.committed_steps != 1 else ''} kept in {self.partial_path}",
+                path=self.partial_path, steps=self.committed_steps, cause=e)
+            raise self.failed from None
+        self.partial_path.unlink(missing_ok=True)
         return self.path
+
+
+def _link_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Move ``tmp`` to ``path``. Without ``overwrite``, a file that appeared at ``path`` since
+    the writer started is never replaced (``os.link`` fails instead of clobbering it)."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "another process created it during the recording", str(path)) from None
+    except OSError:               # no hard links here (some network and FUSE file systems)
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, "another process created it during the recording",
+                                  str(path)) from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
