@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from vlmscope._version import __version__
 
-from vlmscope.trace import Trace, TraceError, open_trace  # noqa: E402  (h5py, hdf5plugin, numpy only)
+from vlmscope.trace import Trace, TraceError, TraceWriteError, open_trace  # noqa: E402  (h5py, hdf5plugin, numpy only)
 
-__all__ = ["__version__", "Trace", "TraceError", "open_trace", "record", "Recorder", "expect"]
+__all__ = ["__version__", "Trace", "TraceError", "TraceWriteError", "open_trace", "record", "Recorder", "expect"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from vlmscope.analyze.expect import expect

@@ -268,9 +268,13 @@ class TraceIndex:
         if sid not in cache:
             s = self.s(sid)
             try:
-                cache[sid] = json.loads(s) if s else {}
-            except json.JSONDecodeError:
-                cache[sid] = {}
+                v = json.loads(s) if s else {}
+            except (ValueError, RecursionError):
+                v = None
+            if not isinstance(v, dict):
+                raise TraceError(f"trace is truncated or corrupt: {self.trace.path} (probe info, string {sid}, "
+                                 "is not a JSON object)")
+            cache[sid] = v
         return cache[sid]
 
     # ---- columns ---------------------------------------------------------------
@@ -289,6 +293,9 @@ class TraceIndex:
         return len(t) if t is not None else self.trace.n_rows(table)
 
     def set_compact(self, table: str, cols: dict[str, np.ndarray]) -> None:
+        """Keep the compact columns a streamed pass read (see :mod:`.stream`), once their
+        references are checked (a forked reader's half never went through the trace's checks)."""
+        self.trace.check_rows(table, cols)
         self.__dict__.setdefault("_compact", {})[table] = cols
 
     def fetch(self, table: str, rows: np.ndarray) -> np.ndarray:

@@ -168,6 +168,9 @@ def _step_tokens(ix: TraceIndex, step: int) -> list[int] | None:
     return list(range(cb, cb + q))
 
 
+_MAX_TOKENS = 1 << 16   # token positions listed for one divergence (a damaged file may declare 2^31)
+
+
 def _shape_detail(ix: TraceIndex, step: int, sa: tuple, sb: tuple) -> tuple[str, list[int] | None]:
     if len(sa) != len(sb):
         return f"rank {len(sa)} -> {len(sb)}", None
@@ -179,13 +182,13 @@ def _shape_detail(ix: TraceIndex, step: int, sa: tuple, sb: tuple) -> tuple[str,
     for d in dims:
         if q > 0 and q in (sa[d], sb[d]):
             lo, hi = min(sa[d], sb[d]), max(sa[d], sb[d])
-            tokens = list(range(cb + lo, cb + hi))
+            tokens = list(range(cb + lo, cb + min(hi, lo + _MAX_TOKENS)))   # dims come from the file: bounded
             detail += " (sequence dim)"
             break
         k = cb + q
         if q > 0 and k in (sa[d], sb[d]):
             lo, hi = min(sa[d], sb[d]), max(sa[d], sb[d])
-            tokens = list(range(lo, hi))
+            tokens = list(range(lo, min(hi, lo + _MAX_TOKENS)))
             detail += " (key dim)"
             break
     return detail, tokens

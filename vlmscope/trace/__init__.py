@@ -6,8 +6,11 @@ pulls in torch, textual or the analysis code. The layout is documented in
 ``docs/trace-format.md``.
 
 - :mod:`.format`: version, table dtypes, encodings, string storage, :class:`TraceError`;
-- :mod:`.writer`: :class:`TraceWriter`;
-- :mod:`.reader`: :func:`open_trace`, :class:`Trace`.
+- :mod:`.writer`: :class:`TraceWriter` (and :class:`TraceWriteError`);
+- :mod:`.journal`: the append-only journal a recording writes until it is closed;
+- :mod:`.reader`: :func:`open_trace`, :class:`Trace`;
+- :mod:`.validate`: the checks that let the reader take a trace file as untrusted input, and
+  :func:`preflight` (a killable walk of the file's metadata, for files that hang HDF5).
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ from .format import (
     TABLES, TENSOR_DTYPE, TraceError, decode_probe, pad_shape, read_strings, shape_of, write_strings,
 )
 from .reader import StepView, Trace, open_trace
-from .writer import TraceWriter
+from .validate import preflight
+from .writer import TraceWriteError, TraceWriter
 
 __all__ = [
     "CHUNK_BYTES", "COMPRESSION", "ENC_BITS", "ENC_FLOAT64", "ENC_INT64", "ENC_NONE", "EVENT_DTYPE", "FORMAT_NAME",
     "FORMAT_VERSION", "KIND_DECODE", "KIND_PREFILL", "MAX_DIMS", "MODULE_DTYPE", "PROBE_DTYPE", "RESHAPE_DTYPE",
     "ROLE_INPUT", "ROLE_KWARG", "ROLE_NAMES", "ROLE_OUTPUT", "STATUS_COMPLETE", "STATUS_FAILED", "STATUS_INCOMPLETE",
-    "STATUS_RECORDING", "STEP_DTYPE", "TABLES", "TENSOR_DTYPE", "StepView", "Trace", "TraceError", "TraceWriter",
-    "decode_probe", "open_trace", "pad_shape", "read_strings", "shape_of", "write_strings",
+    "STATUS_RECORDING", "STEP_DTYPE", "TABLES", "TENSOR_DTYPE", "StepView", "Trace", "TraceError", "TraceWriteError", "TraceWriter",
+    "decode_probe", "open_trace", "pad_shape", "preflight", "read_strings", "shape_of", "write_strings",
 ]

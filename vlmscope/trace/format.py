@@ -10,9 +10,11 @@ import hdf5plugin  # noqa: F401  (registers the Blosc2 HDF5 filter; C plugins on
 import numpy as np
 
 FORMAT_NAME = "vlmscope-trace"
+#: Version 3: every chunk carries a Fletcher-32 checksum (a flipped bit is an error, never a
+#: value), and a recording in progress is a journal (``trace/journal.py``) until it is closed.
 #: Version 2: tables compressed with Blosc2 (lz4, byte shuffle) in ~1 MiB chunks.
-#: Version 1 (lzf, 64 KiB chunks) is still read.
-FORMAT_VERSION = 2
+#: Version 1 (lzf, 64 KiB chunks) is still read, as is version 2.
+FORMAT_VERSION = 3
 MAX_DIMS = 8
 CHUNK_BYTES = 1 << 20     # per chunk: a per-step flush re-compresses the last, partly filled
                           # chunk (~1 ms), and whole-table reads pay a per-chunk cost
@@ -162,9 +164,10 @@ def pad_shape(shape: Iterable[int]) -> tuple[int, ...]:
 
 
 def shape_of(row: np.void, field: str = "shape", ndim_field: str = "ndim") -> tuple[int, ...]:
-    """The real shape of a table row (undoing the -1 padding)."""
+    """The real shape of a table row (undoing the -1 padding; an ``ndim`` outside
+    ``0..MAX_DIMS`` is clamped, and the readers refuse such rows before they get here)."""
     n = int(row[ndim_field])
-    return tuple(int(d) for d in row[field][: min(n, MAX_DIMS)])
+    return tuple(int(d) for d in row[field][: max(0, min(n, MAX_DIMS))])
 
 
 def _jsonable(obj: Any) -> Any:
@@ -181,7 +184,13 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _decode(s: Any) -> str:
-    return s.decode("utf-8") if isinstance(s, bytes) else str(s)
+    """A stored string as ``str``: bytes that are not UTF-8 are shown escaped (``\\xff``)."""
+    if isinstance(s, bytes):
+        try:
+            return s.decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            return s.decode("utf-8", "backslashreplace")
+    return str(s)
 
 
 
@@ -193,9 +202,14 @@ def _encode_strings(strings: list[str], start: int = 0) -> tuple[np.ndarray, np.
     return np.frombuffer(b"".join(enc), dtype=np.uint8), ends
 
 
-def read_strings(f: h5py.File) -> np.ndarray:
+def read_strings(f: h5py.File, label: Any = "", strict: bool = False) -> np.ndarray:
     """The interned strings of an open trace file, as an object array of ``str`` (index = id).
-    Format 2 keeps UTF-8 bytes and end offsets; format 1 a variable-length string dataset."""
+    Format 2 keeps UTF-8 bytes and end offsets; format 1 a variable-length string dataset.
+
+    The file is untrusted: end offsets must never go back (:class:`TraceError` naming ``label``
+    otherwise); offsets past the bytes are a lost tail (a crash between the two writes) and are
+    dropped, unless ``strict`` (a closed trace): then the offsets must cover the bytes exactly
+    and string 0 be empty. Bytes that are not UTF-8 are shown escaped (``\\xff``), never dropped."""
     ds = f["strings"]
     if "string_ends" not in f:                                  # format 1
         return np.array([_decode(x) for x in ds[:]], dtype=object)
@@ -203,11 +217,25 @@ def read_strings(f: h5py.File) -> np.ndarray:
     if ds.shape[0]:
         ds.read_direct(blob)
     ends = f["string_ends"][:]
+    if ends.ndim != 1 or ends.dtype.kind not in "iu":
+        raise TraceError(f"trace is truncated or corrupt: {label} (/string_ends is not a list of offsets)")
+    ends = ends.astype(np.int64, copy=False)
+    if len(ends) and (ends[0] < 0 or (np.diff(ends) < 0).any()):
+        at = int(np.argmax(np.r_[ends[0] < 0, np.diff(ends) < 0]))
+        raise TraceError(f"trace is truncated or corrupt: {label} (/string_ends goes backwards at string {at})")
+    if strict and ((len(ends) and (ends[0] != 0 or ends[-1] != len(blob))) or (not len(ends) and len(blob))):
+        raise TraceError(f"trace is truncated or corrupt: {label} (/string_ends does not cover /strings: "
+                         f"{int(ends[-1]) if len(ends) else 0:,} of {len(blob):,} bytes, first string "
+                         f"{int(ends[0]) if len(ends) else 0} bytes)")
     ends = ends[ends <= len(blob)]            # a crash between the two writes loses a tail only
     raw = blob.tobytes()
     starts = np.concatenate([[0], ends[:-1]]).tolist()
-    return np.array([raw[a:b].decode("utf-8", "surrogatepass") for a, b in zip(starts, ends.tolist())],
-                    dtype=object)
+    pairs = list(zip(starts, ends.tolist()))
+    try:
+        out = [raw[a:b].decode("utf-8", "surrogatepass") for a, b in pairs]
+    except UnicodeDecodeError:                # some bytes are not UTF-8: those strings escaped
+        out = [_decode(raw[a:b]) for a, b in pairs]
+    return np.array(out, dtype=object)
 
 
 def write_strings(f: h5py.File, strings: Iterable[str]) -> None:
@@ -226,15 +254,27 @@ def write_strings(f: h5py.File, strings: Iterable[str]) -> None:
 
 
 def decode_probe(raw: np.ndarray, enc: int, shape: tuple[int, ...]) -> np.ndarray | None:
-    """Probe values from their stored bytes (``ENC_INT64``, ``ENC_FLOAT64``, ``ENC_BITS``)."""
+    """Probe values from their stored bytes (``ENC_INT64``, ``ENC_FLOAT64``, ``ENC_BITS``).
+    Raises ``ValueError`` when the bytes do not hold exactly ``shape``'s values (a damaged row)."""
+    if enc not in (ENC_INT64, ENC_FLOAT64, ENC_BITS):
+        return None
+    count = 1
+    for d in shape:
+        if d < 0:
+            raise ValueError(f"invalid probe shape {tuple(shape)}")
+        count *= int(d)                       # exact: Python ints do not wrap
+    if len(shape) > MAX_DIMS:
+        raise ValueError(f"invalid probe shape {tuple(shape)}")
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise ValueError("probe bytes are not a 1-D uint8 array")
+    want = (count + 7) // 8 if enc == ENC_BITS else count * 8
+    if want != len(raw):
+        raise ValueError(f"probe shape {tuple(shape)} does not match its {len(raw)} bytes (encoding {enc})")
     if enc == ENC_INT64:
         return raw.view(np.int64).reshape(shape)
     if enc == ENC_FLOAT64:
         return raw.view(np.float64).reshape(shape)
-    if enc == ENC_BITS:
-        count = int(np.prod(shape)) if shape else 1
-        return np.unpackbits(raw, count=count).astype(bool).reshape(shape)
-    return None
+    return np.unpackbits(raw, count=count).astype(bool).reshape(shape)
 
 
 def _first_line(e: BaseException) -> str:

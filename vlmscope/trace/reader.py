@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import h5py
 import numpy as np
 
+from .journal import is_journal, replay_in_memory
 from .format import (
-    _CACHE_BYTES, CHUNK_BYTES, ENC_NONE, FORMAT_NAME, FORMAT_VERSION, STATUS_COMPLETE, STATUS_INCOMPLETE, STATUS_RECORDING, TABLES,
-    TraceError, _decode, _first_line, decode_probe, read_strings, shape_of,
+    _CACHE_BYTES, CHUNK_BYTES, ENC_NONE, FORMAT_NAME, FORMAT_VERSION, STATUS_COMPLETE, STATUS_FAILED, STATUS_INCOMPLETE,
+    STATUS_RECORDING, TABLES, TraceError, _decode, _first_line, decode_probe, read_strings, shape_of,
+)
+from .validate import (
+    Sizes, _q, attr_int, attr_json, attr_str, check_link, check_payload, check_rows, check_table, corrupt, loads,
+    preflight, read_attr, step_damage,
 )
 
 
@@ -34,13 +40,26 @@ class Trace:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.exists():
+            partial = self.path.with_name(self.path.name + ".partial")
+            if partial.exists():
+                raise TraceError(f"trace not found: {self.path} (its recording did not finish; "
+                                 f"open {partial} for the finished steps)")
             raise TraceError(f"trace not found: {self.path}")
         if self.path.is_dir():
             raise TraceError(f"not a trace file (a directory): {self.path}")
         if self.path.stat().st_size == 0:
             raise TraceError(f"not a vlmscope trace (empty file): {self.path}")
+        self._cache: dict[Any, Any] = {}
+        self._version = 0
+        self._file_size = self.path.stat().st_size
+        self._sizes = Sizes(self._size_of)
+        if threading.active_count() == 1:
+            # some damaged files make HDF5 loop forever in C, where nothing can stop it: walk the
+            # metadata in a killable child first (~10 ms). Not with other threads running: a
+            # child forked while one of them holds HDF5's lock would wait for it forever.
+            preflight(self.path)
         try:
-            self._f = h5py.File(self.path, "r", rdcc_nbytes=_CACHE_BYTES)
+            self._f = self._open_h5()
         except OSError as e:
             if not h5py.is_hdf5(self.path):
                 raise TraceError(f"not a vlmscope trace (not an HDF5 file): {self.path}") from None
@@ -53,23 +72,42 @@ class Trace:
         except Exception as e:  # noqa: BLE001 - damaged internals surface as many types
             self._f.close()
             raise TraceError(f"trace is truncated or corrupt: {self.path} ({_first_line(e)})") from None
-        self._cache: dict[str, Any] = {}
+
+    def _size_of(self, what: str) -> int:
+        """Rows of a table, strings, steps or probe bytes: what references are checked against."""
+        if what == "strings":
+            return len(self.strings)
+        return self.n_steps if what == "steps" else self.n_rows(what)
+
+    def _open_h5(self) -> h5py.File:
+        """The HDF5 file behind this trace, opened for reading. The journal of a recording that
+        did not finish (``NAME.h5.partial``) is replayed into memory: every committed step."""
+        if is_journal(self.path):
+            return replay_in_memory(self.path)
+        return h5py.File(self.path, "r", rdcc_nbytes=_CACHE_BYTES)
 
     def _check_header(self) -> None:
-        a = self._f.attrs
-        if _decode(a.get("format", "")) != FORMAT_NAME:
-            raise TraceError(f"not a vlmscope trace (an HDF5 file without the vlmscope header): {self.path}")
-        v = int(a.get("format_version", -1))
+        f, p = self._f, self.path
+        if read_attr(f, "format", p, "/", "") != FORMAT_NAME:
+            raise TraceError(f"not a vlmscope trace (an HDF5 file without the vlmscope header): {p}")
+        v = read_attr(f, "format_version", p, "/", -1)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TraceError(f"trace has an invalid format version {_q(v)}: {p}")
         if v > FORMAT_VERSION:
             raise TraceError(f"trace format version {v} is newer than this vlmscope reads "
-                             f"(version {FORMAT_VERSION}); upgrade vlmscope: {self.path}")
+                             f"(version {FORMAT_VERSION}); upgrade vlmscope: {p}")
         if v < 1:
-            raise TraceError(f"trace has an invalid format version {v}: {self.path}")
+            raise TraceError(f"trace has an invalid format version {v}: {p}")
+        self._version = v
         for name in (*TABLES, "strings", "probe_data", "meta", *(("string_ends",) if v >= 2 else ())):
-            if name not in self._f:
-                raise TraceError(f"trace is truncated or corrupt (no /{name}): {self.path}")
+            if not self._has(f, name):
+                raise TraceError(f"trace is truncated or corrupt (no /{name}): {p}")
+        for name in (*TABLES, "strings", "probe_data", *(("string_ends",) if v >= 2 else ())):
+            self._layout(name)              # every name a hard link to a dataset of this file
+        self._group("meta")
         # Touch the step table: a truncated file fails here rather than later.
-        self._f["steps"][: min(1, self._f["steps"].shape[0])]
+        steps = self._layout("steps")[0]
+        self._guard(lambda: steps[: min(1, self.n_steps)])
 
     # context manager -------------------------------------------------------
     def __enter__(self) -> "Trace":
@@ -84,16 +122,56 @@ class Trace:
         except Exception:  # noqa: BLE001 - closing a damaged user file can fail too; nothing is left to keep
             pass
 
+    # names -------------------------------------------------------------------
+    def _group(self, name: str, required: bool = True) -> h5py.Group | None:
+        """A top-level group (``meta``, ``payloads``, ``error``): a hard link to a group of this
+        file; None when it is missing and not ``required``."""
+        key = ("group", name)
+        if key not in self._cache:
+            if not required and not self._has(self._f, name):
+                return None
+            check_link(self._f, name, self.path, f"/{name}")
+            g = self._guard(lambda: self._f[name])
+            if not isinstance(g, h5py.Group):
+                raise corrupt(self.path, f"/{name} is not a group")
+            self._cache[key] = g
+        return self._cache[key]
+
+    def _has(self, g: h5py.Group, name: str) -> bool:
+        """Whether ``g`` holds a link ``name`` (not following it: ``name in g`` would open the
+        file an external link names)."""
+        return bool(self._guard(lambda: g.id.links.exists(name.encode())))
+
+    def _guard(self, fn: Callable[[], Any]) -> Any:
+        """``fn()``, with any error of a damaged file as one line."""
+        try:
+            return fn()
+        except TraceError:
+            raise
+        except MemoryError:
+            raise corrupt(self.path, "a read would not fit in memory") from None
+        except Exception as e:  # noqa: BLE001 - the user's file is damaged (h5py raises many types): one line
+            raise TraceError(f"trace is truncated or corrupt: {self.path} ({_first_line(e)})") from None
+
     # header ----------------------------------------------------------------
     @property
     def format_version(self) -> int:
-        return int(self._f.attrs["format_version"])
+        return self._version
 
     @property
     def status(self) -> str:
-        s = _decode(self._f.attrs.get("status", STATUS_INCOMPLETE))
+        s = attr_str(self._f, "status", self.path, "/", STATUS_INCOMPLETE)
+        if s not in _STATUSES:
+            raise corrupt(self.path, f"unknown status {_q(s)}")
         # A file still marked "recording" was never closed: the process died.
         return STATUS_INCOMPLETE if s == STATUS_RECORDING else s
+
+    @property
+    def recovered(self) -> str | None:
+        """Why a recovered recording ends early (set when a killed recording's journal was
+        replayed and its last records were cut or unfinished), else None."""
+        r = read_attr(self._f, "recovered", self.path, "/")
+        return None if r is None else _decode(r)
 
     @property
     def complete(self) -> bool:
@@ -102,30 +180,43 @@ class Trace:
     @property
     def meta(self) -> dict:
         if "meta" not in self._cache:
-            self._cache["meta"] = json.loads(_decode(self._f["meta"].attrs.get("run_json", "{}")))
+            g = self._group("meta")
+            if not self._guard(lambda: h5py.h5a.exists(g.id, b"run_json")):
+                raise corrupt(self.path, "no /meta run_json")     # every recording writes it
+            m = attr_json(g, "run_json", self.path, "/meta/", "{}", dict) or {}
+            for key, types in _META_TYPES.items():
+                v = m.get(key)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, types)):
+                    raise corrupt(self.path, f"/meta run_json: {key!r} is a {type(v).__name__}")
+            self._cache["meta"] = m
         return self._cache["meta"]
 
     @property
     def config(self) -> dict:
         if "config" not in self._cache:
             try:
-                self._cache["config"] = json.loads(_decode(self._f["meta"].attrs.get("config_json", "{}")))
-            except json.JSONDecodeError:
-                self._cache["config"] = {}
+                c = attr_json(self._group("meta"), "config_json", self.path, "/meta/", "{}")
+            except TraceError:
+                c = None          # an unreadable model config reads as none (it is informative only)
+            self._cache["config"] = c if isinstance(c, dict) else {}
         return self._cache["config"]
 
     @property
     def error(self) -> dict | None:
-        if "error" not in self._f:
+        g = self._group("error", required=False)
+        if g is None:
             return None
-        a = self._f["error"].attrs
+        p, w = self.path, "/error/"
+        stack = attr_json(g, "module_stack", p, w, "[]", list) or []
+        if not all(isinstance(x, str) for x in stack):
+            raise corrupt(p, "attribute /error/module_stack is not a list of strings")
         return {
-            "type": _decode(a.get("type", "")),
-            "message": _decode(a.get("message", "")),
-            "step": int(a.get("step", -1)),
-            "module_stack": json.loads(_decode(a.get("module_stack", "[]"))),
-            "last_reshape": json.loads(_decode(a.get("last_reshape", "null"))),
-            "traceback": _decode(a.get("traceback", "")),
+            "type": attr_str(g, "type", p, w),
+            "message": attr_str(g, "message", p, w),
+            "step": attr_int(g, "step", p, w, -1),
+            "module_stack": stack,
+            "last_reshape": attr_json(g, "last_reshape", p, w, "null", dict),
+            "traceback": attr_str(g, "traceback", p, w),
         }
 
     @property
@@ -134,46 +225,74 @@ class Trace:
 
     # tables ------------------------------------------------------------------
     def _table(self, name: str) -> np.ndarray:
-        if name not in self._cache:
-            try:
-                ds = self._f[name]
-                arr = np.empty(ds.shape, ds.dtype)
-                if ds.shape[0]:
-                    ds.read_direct(arr)  # faster than ds[:] for compound types
-                self._cache[name] = arr
-            except Exception as e:  # noqa: BLE001 - the user's file is damaged (h5py raises many types): one line
-                raise TraceError(f"trace is truncated or corrupt: {self.path} ({_first_line(e)})") from None
-        return self._cache[name]
+        """A whole table, read once, its own rows checked (dtype, shape, references) but not,
+        for ``steps``, the blocks each step names (see :meth:`_step_row`)."""
+        arr = self._cache.get(name)
+        if arr is None:
+            ds, dt, _ = self._layout(name)
+            n = ds.shape[0]
+            arr = self._guard(lambda: np.empty(n, dt))
+            if name not in _ROW_TABLES:
+                if n:
+                    self._guard(lambda: ds.read_direct(arr))  # faster than ds[:] for compound types
+            else:
+                # block by block (whole chunks), each block's rows checked while they are in the
+                # CPU cache: checking the whole table afterwards would read it from memory again
+                k = self.stream_rows(name, _CHECK_BYTES)
+                for s in range(0, n, k):
+                    e = min(n, s + k)
+                    self._guard(lambda: ds.read_direct(arr, np.s_[s:e], np.s_[s:e]))
+                    check_rows(name, arr[s:e], self._sizes, self.path, base=s)
+            self._cache[name] = arr
+        return arr
 
     def table(self, name: str) -> np.ndarray:
         """A whole table (``steps``, ``events``, ``tensors``, ``reshapes``, ``probes``,
         ``modules``) or the raw ``probe_data`` bytes, read once and cached."""
         if name not in (*TABLES, "probe_data"):
             raise KeyError(f"no table {name!r} in a vlmscope trace")
+        if name == "steps":
+            return self.steps
         return self._table(name)
+
+    def check_rows(self, table: str, rows: Any, start: int = 0) -> None:
+        """Raise :class:`TraceError` unless rows ``[start, start + len(rows))`` of ``table`` (a
+        structured array, or a mapping of some of its columns) refer only to rows, strings and
+        probe bytes the trace holds (see :func:`vlmscope.trace.validate.check_rows`)."""
+        check_rows(table, rows, self._sizes, self.path, base=start)
 
     def read_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``[start, stop)`` of a table, read from the file (into ``out`` when given, which
-        must hold them), without loading or caching the whole table. For readers that stream
-        a large table block by block."""
-        try:
-            ds, dt, _ = self._layout(name)
-            n = stop - start
-            if out is None:
-                out = np.empty(n, dt)
-            if n > 0:
-                ds.read_direct(out, np.s_[start:stop], np.s_[0:n])
-            return out[:n]
-        except Exception as e:  # noqa: BLE001 - the user's file is damaged (h5py raises many types): one line
-            raise TraceError(f"trace is truncated or corrupt: {self.path} ({_first_line(e)})") from None
+        must hold them), without loading or caching the whole table, their references checked.
+        For readers that stream a large table block by block."""
+        ds, dt, _ = self._layout(name)
+        n = stop - start
+        if start < 0 or n < 0 or stop > ds.shape[0]:
+            raise IndexError(f"rows [{start}, {stop}) of /{name}, which has {ds.shape[0]}")
+        if out is None:
+            out = np.empty(n, dt)
+        if n > 0:
+            self._guard(lambda: ds.read_direct(out, np.s_[start:stop], np.s_[0:n]))
+        rows = out[:n]
+        if name in _ROW_TABLES:
+            check_rows(name, rows, self._sizes, self.path, base=start)
+        return rows
 
     def _layout(self, name: str) -> tuple[h5py.Dataset, np.dtype, int]:
-        """(dataset, row dtype, rows per chunk) of a table, looked up once (h5py's look-ups
-        cost a fraction of a millisecond each)."""
+        """(dataset, row dtype, rows per chunk) of a table (or of ``strings``, ``string_ends``,
+        ``probe_data``), looked up and checked once: a hard link to a dataset stored in this file,
+        1-D, of the row dtype of the format version, every declared row backed by stored data."""
         key = ("layout", name)
         lay = self._cache.get(key)
         if lay is None:
-            ds = self._f[name]
+            check_link(self._f, name, self.path, f"/{name}")
+            ds = self._guard(lambda: self._f[name])
+            if not isinstance(ds, h5py.Dataset):
+                raise corrupt(self.path, f"/{name} is not a dataset")
+            if name == "strings" and self._version < 2:
+                check_table(ds, None, self.path, f"/{name}", self._file_size, kind="vlen-str")
+            else:
+                check_table(ds, _DTYPES[name], self.path, f"/{name}", self._file_size)
             dt = ds.dtype
             lay = self._cache[key] = (ds, dt, (ds.chunks or (max(1, CHUNK_BYTES // dt.itemsize),))[0])
         return lay
@@ -195,10 +314,13 @@ class Trace:
     def strings(self) -> np.ndarray:
         """All interned strings as a numpy array of ``str`` (index = string id)."""
         if "strings" not in self._cache:
-            try:
-                self._cache["strings"] = read_strings(self._f)
-            except Exception as e:  # noqa: BLE001 - the user's file is damaged (h5py raises many types): one line
-                raise TraceError(f"trace is truncated or corrupt: {self.path} ({_first_line(e)})") from None
+            self._layout("strings")
+            if self._version >= 2:
+                self._layout("string_ends")
+            # a closed trace's offsets cover its bytes exactly; only a recording that died (status
+            # "recording") may have lost the offsets of its last strings
+            strict = read_attr(self._f, "status", self.path, "/", STATUS_RECORDING) != STATUS_RECORDING
+            self._cache["strings"] = self._guard(lambda: read_strings(self._f, self.path, strict=strict))
         return self._cache["strings"]
 
     def s(self, i: int) -> str:
@@ -213,11 +335,34 @@ class Trace:
 
     @property
     def steps(self) -> np.ndarray:
-        return self._table("steps")
+        """The step table. Raises :class:`TraceError` naming the first damaged step when any
+        step's row is damaged (the others stay readable through the per-step accessors)."""
+        arr = self._table("steps")
+        bad = self.damaged_steps
+        if bad:
+            s = min(bad)
+            more = f"; {len(bad) - 1} more damaged steps" if len(bad) > 1 else ""
+            raise corrupt(self.path, f"step {s}: {bad[s]}{more}")
+        return arr
+
+    @property
+    def damaged_steps(self) -> dict[int, str]:
+        """What is wrong with each damaged step row, by step (empty for a sound trace)."""
+        if "step_damage" not in self._cache:
+            self._cache["step_damage"] = step_damage(self._table("steps"), self._sizes)
+        return self._cache["step_damage"]
+
+    def _step_row(self, step: int) -> np.void:
+        """One step's row, refused in one line when that step is damaged."""
+        st = self._table("steps")[step]
+        bad = self.damaged_steps.get(int(step) % max(1, len(self._table("steps"))))
+        if bad is not None:
+            raise corrupt(self.path, f"step {int(step)}: {bad}")
+        return st
 
     @property
     def n_steps(self) -> int:
-        return int(self._f["steps"].shape[0])
+        return int(self._layout("steps")[0].shape[0])
 
     @property
     def modules(self) -> np.ndarray:
@@ -243,14 +388,16 @@ class Trace:
     def _slice(self, table: str, step: int | None) -> np.ndarray:
         if step is None:
             return self._table(table)
-        st = self.steps[step]
+        st = self._step_row(step)
         start, count = int(st[f"{table[:-1]}_start"]), int(st[f"{table[:-1]}_count"])
         if table in self._cache:
-            return self._cache[table][start:start + count]
-        try:
-            return self._f[table][start:start + count]
-        except Exception as e:  # noqa: BLE001 - the user's file is damaged (h5py raises many types): one line
-            raise TraceError(f"trace is truncated or corrupt: {self.path} ({_first_line(e)})") from None
+            rows = self._cache[table][start:start + count]
+        else:
+            ds = self._layout(table)[0]
+            rows = self._guard(lambda: ds[start:start + count])
+        check_rows(table, rows, self._sizes, self.path, base=start, step=int(st["step"]),
+                   block=(start, start + count))
+        return rows
 
     def events(self, step: int | None = None) -> np.ndarray:
         """Module-call rows (``EVENT_DTYPE``), all or one step's, in execution order."""
@@ -269,15 +416,22 @@ class Trace:
         return rows
 
     def step(self, i: int) -> StepView:
-        return StepView(self.steps[i], self.events(i), self.tensors(i), self.reshapes(i), self.probes(i))
+        return StepView(self._step_row(i), self.events(i), self.tensors(i), self.reshapes(i), self.probes(i))
 
     def event_tensors(self, event_row: int) -> np.ndarray:
         """The tensor rows of one module call (global event row)."""
-        ev = self.events()[event_row] if "events" in self._cache else self._f["events"][event_row]
+        if "events" in self._cache:
+            ev = self._cache["events"][event_row]
+        else:
+            n = self.n_rows("events")
+            r = int(event_row) + (n if int(event_row) < 0 else 0)
+            if not 0 <= r < n:
+                raise IndexError(f"event row {event_row} of {n}")
+            ev = self.read_rows("events", r, r + 1)[0]
         start, count = int(ev["tensor_start"]), int(ev["tensor_count"])
         if "tensors" in self._cache:
             return self._cache["tensors"][start:start + count]
-        return self._f["tensors"][start:start + count]
+        return self.read_rows("tensors", start, start + count)
 
     # probes ------------------------------------------------------------------
     def probe_value(self, row: np.void) -> np.ndarray | None:
@@ -286,29 +440,70 @@ class Trace:
         if enc == ENC_NONE:
             return None
         off, n = int(row["data_off"]), int(row["data_len"])
-        buf = self._cache["probe_data"] if "probe_data" in self._cache else self._f["probe_data"]
-        value = decode_probe(buf[off:off + n], enc, shape_of(row))
+        total = self.n_rows("probe_data")
+        if off < 0 or n < 0 or off + n > total:
+            raise corrupt(self.path, f"probe bytes [{off}, +{n}) lie outside /probe_data ({total:,} bytes)")
+        if "probe_data" in self._cache:
+            raw = self._cache["probe_data"][off:off + n]
+        else:
+            ds = self._layout("probe_data")[0]
+            raw = self._guard(lambda: ds[off:off + n])
+        try:
+            value = decode_probe(raw, enc, shape_of(row))
+        except ValueError as e:
+            raise corrupt(self.path, f"probe at byte {off}: {_first_line(e)}") from None
         if value is None:
             raise TraceError(f"unknown probe encoding {enc} in {self.path}")
         return value
 
     def probe_info(self, row: np.void) -> dict:
         s = self.s(int(row["info"]))
-        return json.loads(s) if s else {}
+        if not s:
+            return {}
+        try:
+            v = loads(s)
+        except ValueError as e:
+            raise corrupt(self.path, f"probe info (string {int(row['info'])}) is not valid JSON "
+                                     f"({_first_line(e)})") from None
+        if not isinstance(v, dict):
+            raise corrupt(self.path, f"probe info (string {int(row['info'])}) is not a JSON object")
+        return v
 
     # payloads ----------------------------------------------------------------
     @property
     def n_payloads(self) -> int:
-        return len(self._f["payloads"])
+        g = self._group("payloads", required=False)
+        return 0 if g is None else self._guard(lambda: len(g))
+
+    def _payload(self, i: int) -> h5py.Dataset:
+        """Payload dataset ``i``, checked on access: a hard link to a dataset stored in this file,
+        of a tensor's dtype, its size backed by stored data."""
+        key = ("payload", int(i))
+        ds = self._cache.get(key)
+        if ds is None:
+            g = self._group("payloads", required=False)
+            name = str(int(i))
+            if g is None or not self._has(g, name):
+                raise corrupt(self.path, f"no /payloads/{name}")   # a tensor row names it: the file lost it
+            where = f"/payloads/{name}"
+            check_link(g, name, self.path, where)
+            ds = self._guard(lambda: g[name])
+            if not isinstance(ds, h5py.Dataset):
+                raise corrupt(self.path, f"{where} is not a dataset")
+            check_payload(ds, self.path, where, self._file_size)
+            self._cache[key] = ds
+        return ds
 
     def payload(self, i: int, index: Any = ()) -> np.ndarray:
         """A saved tensor (or a slice of it, ``index``), read on demand."""
-        ds = self._f["payloads"][str(int(i))]
-        return ds[index] if index != () else ds[()]
+        ds = self._payload(i)
+        return self._guard(lambda: ds[index] if index != () else ds[()])
 
     def payload_attrs(self, i: int) -> dict:
-        return {k: (_decode(v) if isinstance(v, (bytes, str)) else v)
-                for k, v in self._f["payloads"][str(int(i))].attrs.items()}
+        ds = self._payload(i)
+        where = f"/payloads/{int(i)}/"
+        names = self._guard(lambda: list(ds.attrs)[:64])
+        return {k: read_attr(ds, k, self.path, where) for k in names}
 
     # convenience -------------------------------------------------------------
     def iter_steps(self) -> Iterator[StepView]:
@@ -321,6 +516,20 @@ class Trace:
     def __repr__(self) -> str:
         return f"<Trace {self.path} v{self.format_version} {self.status} steps={self.n_steps}>"
 
+
+#: Bytes per block when a whole table is read and checked (see :meth:`Trace._table`).
+_CHECK_BYTES = 8 << 20
+_ROW_TABLES = ("modules", "events", "tensors", "reshapes", "probes")
+_DTYPES = {**TABLES, "strings": np.dtype(np.uint8), "string_ends": np.dtype(np.int64),
+           "probe_data": np.dtype(np.uint8)}
+_STATUSES = (STATUS_RECORDING, STATUS_COMPLETE, STATUS_INCOMPLETE, STATUS_FAILED)
+#: Types of the run metadata fields the analyses and commands use (each may also be null).
+_META_TYPES: dict[str, type | tuple[type, ...]] = {
+    **{k: str for k in ("family", "model", "model_class", "dtype", "device", "attn_implementation",
+                        "decoder_layers", "text_model", "vision_model", "merger", "prompt", "generated_text")},
+    **{k: int for k in ("image_token_id", "num_key_value_heads", "num_attention_heads")},
+    "warnings": list, "image": dict, "generation": dict,
+}
 
 
 def open_trace(path: str | os.PathLike) -> Trace:
