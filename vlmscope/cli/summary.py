@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from vlmscope.trace import Trace, TraceError
+from vlmscope.trace.text import printable
 
 
 def _fmt_bytes(n: int) -> str:
@@ -35,22 +36,35 @@ def violations(trace: Trace) -> tuple[list[Any], str | None]:
         return list(run_checks(trace)), None
     except TraceError as e:  # the file is damaged past what the summary read: say so, not "no violations"
         return [], str(e)
+    except Exception as e:  # noqa: BLE001 - damage the reader did not catch: still no verdict, no traceback
+        return [], f"{type(e).__name__}: {e}"
 
 
-def print_summary(trace: Trace, console: Any) -> None:
-    """Print the summary: header, model line, steps table, generated text, warnings, error, violations."""
-    meta = trace.meta
+def print_summary(trace: Trace, console: Any) -> str | None:
+    """Print the summary: header, model line, steps table, generated text, warnings, error, violations.
+
+    Every string from the trace is shown as text (:func:`_t`): no markup, no escape sequences.
+    Returns why ``vlmscope check``'s rules could not run (None when they ran): then the summary
+    is not a verdict, and ``vlmscope summary`` exits 3."""
+    meta = trace.meta if isinstance(trace.meta, dict) else {}
     status = trace.status
     steps = trace.steps
     console.print(_header(trace, status, steps))
-    console.print(_model_line(meta), highlight=False)
+    console.print(_model_line(meta))
     if len(steps):
         console.print(_steps_table(steps))
     _print_output(meta, console)
     err = trace.error
     if err:
         _print_error(err, console)
-    _print_violations(trace, console)
+    return _print_violations(trace, console)
+
+
+def _t(value: Any, style: str = "") -> Any:
+    """A string from the trace as Rich text: markup is not parsed, control characters are escaped."""
+    from rich.text import Text
+
+    return Text(printable(value), style=style)
 
 
 def _header(trace: Trace, status: str, steps: np.ndarray) -> Any:
@@ -59,30 +73,31 @@ def _header(trace: Trace, status: str, steps: np.ndarray) -> Any:
 
     colour = {"complete": "green", "incomplete": "yellow", "failed": "red"}.get(status, "white")
     return Text.assemble(
-        ("trace ", "bold"), (str(trace.path), "cyan"), "  ",
-        (status, f"bold {colour}"), "  ",
+        ("trace ", "bold"), (printable(trace.path), "cyan"), "  ",
+        (printable(status), f"bold {colour}"), "  ",
         f"{len(steps)} steps, {trace.n_rows('events')} module calls, {trace.n_rows('reshapes')} reshapes, "
         f"{trace.n_rows('probes')} probes, {_fmt_bytes(trace.file_size)}",
     )
 
 
-def _model_line(meta: dict) -> str:
+def _model_line(meta: dict) -> Any:
     """Model, family, device, dtype, attention implementation and image of the run."""
     model = meta.get("model") or meta.get("model_class")
     img = meta.get("image") or {}
     line = f"model {model} ({meta.get('family') or '?'}) on {meta.get('device')} {meta.get('dtype')}"
     if meta.get("attn_implementation"):
         line += f", attn {meta['attn_implementation']}"
-    if img:
+    if isinstance(img, dict) and img:
         line += f"; image {img.get('path')} {img.get('size')}"
         if img.get("resized"):
             line += f" -> {img['resized']}"
-    return line
+    return _t(line)
 
 
 def _steps_table(steps: np.ndarray) -> Any:
     """One row per step (the first 6 and last 5 past 12 steps)."""
     from rich.table import Table
+    from rich.text import Text
 
     tbl = Table(box=None, pad_edge=False, header_style="bold")
     for col in ("step", "kind", "input", "q_len", "cache", "positions", "mask", "image tok", "calls", "ms"):
@@ -97,9 +112,11 @@ def _steps_table(steps: np.ndarray) -> Any:
         st = steps[i]
         mask = "x".join(str(int(d)) for d in st["mask_shape"][: int(st["mask_ndim"])]) or "-"
         cache = "-" if st["cache_after"] < 0 else f"{int(st['cache_before'])}->{int(st['cache_after'])}"
+        kind = Text("prefill" if st["kind"] == 0 else "decode")
+        if st["status"]:
+            kind.append(" raised", "red")
         tbl.add_row(
-            str(int(st["step"])),
-            ("prefill" if st["kind"] == 0 else "decode") + (" [red]raised[/]" if st["status"] else ""),
+            str(int(st["step"])), kind,
             str(int(st["input_len"])), str(int(st["q_len"])), cache, _pos(st), mask,
             str(int(st["image_tokens"])) if st["image_tokens"] >= 0 else "-",
             str(int(st["event_count"])), f"{float(st['wall_ms']):.0f}",
@@ -113,40 +130,45 @@ def _print_output(meta: dict, console: Any) -> None:
 
     text = meta.get("generated_text")
     if text is not None:
-        console.print(Text.assemble(("generated: ", "bold"), repr(text)))
-    for w in meta.get("warnings") or []:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        console.print(Text.assemble(("generated: ", "bold"), printable(repr(text))))
+    warnings = meta.get("warnings") or []
+    for w in warnings if isinstance(warnings, list) else [warnings]:
+        console.print(Text.assemble(("warning:", "yellow"), " ", printable(w)))
 
 
 def _print_error(err: dict, console: Any) -> None:
     """What the forward raised: the exception, the module stack and the last shape op."""
     from rich.text import Text
 
-    console.print(Text.assemble(("forward raised ", "bold red"), (f"{err['type']}: ", "red"),
-                                err["message"].splitlines()[0] if err["message"] else ""))
-    if err["module_stack"]:
-        console.print(f"  in module  {err['module_stack'][-1] or '<root>'}  (stack: "
-                      f"{' > '.join(p or '<root>' for p in err['module_stack'])})", highlight=False)
+    msg = str(err.get("message") or "")
+    console.print(Text.assemble(("forward raised ", "bold red"), (f"{printable(err.get('type'))}: ", "red"),
+                                printable(msg.splitlines()[0] if msg else "")))
+    stack = err.get("module_stack")
+    if stack and isinstance(stack, list):
+        console.print(_t(f"  in module  {stack[-1] or '<root>'}  (stack: "
+                         f"{' > '.join(str(p or '<root>') for p in stack)})"))
     lr = err.get("last_reshape")
-    if lr:
+    if isinstance(lr, dict) and lr:
         args = f" {lr['args']}" if lr.get("args") else ""
-        console.print(f"  last op  {lr.get('op')} {lr.get('in_shapes')}{args} "
-                      f"at {lr.get('site')} in {lr.get('module') or '<root>'}", highlight=False)
+        console.print(_t(f"  last op  {lr.get('op')} {lr.get('in_shapes')}{args} "
+                         f"at {lr.get('site')} in {lr.get('module') or '<root>'}"))
 
 
-def _print_violations(trace: Trace, console: Any) -> None:
-    """The invariant violations (the first 8), or why the checks could not run."""
+def _print_violations(trace: Trace, console: Any) -> str | None:
+    """The invariant violations (the first 8), or why the checks could not run (returned)."""
     from rich.text import Text
 
     vs, failed = violations(trace)
     if failed:
-        console.print(Text.assemble(("check could not run: ", "bold red"), failed))
+        console.print(Text.assemble(("check could not run: ", "bold red"), printable(failed)))
     if vs:
-        console.print(f"[bold yellow]{len(vs)} invariant violation(s)[/] (vlmscope check {trace.path}):")
+        console.print(Text.assemble((f"{len(vs)} invariant violation(s)", "bold yellow"),
+                                    f" (vlmscope check {printable(trace.path)}):"))
         for v in vs[:8]:
-            console.print(f"  {_violation_line(v)}", highlight=False, markup=False)
+            console.print(_t(f"  {_violation_line(v)}"))
         if len(vs) > 8:
-            console.print(f"  ... {len(vs) - 8} more")
+            console.print(Text(f"  ... {len(vs) - 8} more"))
+    return failed
 
 
 def _violation_line(v: Any) -> str:

@@ -11,6 +11,7 @@ from textual.binding import Binding
 
 from vlmscope.tui.analysis import prepare
 from vlmscope.tui.modals import HelpScreen
+from vlmscope.tui.safe import printable
 from vlmscope.tui.screens import MainScreen
 from vlmscope.tui.session import Session
 
@@ -46,6 +47,14 @@ class ViewerApp(App):
 
     def on_mount(self) -> None:
         self.push_screen(MainScreen(self.session))
+
+    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
+               markup: bool = True) -> None:
+        """Every notification is text: its message and title often quote the trace (module names, an
+        error message), so markup is never parsed and control characters are escaped
+        (``markup`` is accepted for the signature and ignored)."""
+        super().notify(printable(message, newlines=True), title=printable(title), severity=severity,
+                       timeout=timeout, markup=False)
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

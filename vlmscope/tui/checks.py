@@ -10,6 +10,7 @@ all (a golden-snapshot finding) stays off the tree but counts.
 
 from __future__ import annotations
 
+from vlmscope.trace.text import printable
 from vlmscope.tui.data import TraceModel
 from vlmscope.tui.items import Item, Violation
 from vlmscope.tui.navigate import locate
@@ -17,9 +18,9 @@ from vlmscope.tui.stepindex import StepIndex
 
 
 def message(row: dict) -> str:
-    """``expected X, got Y (hint)``: what a violation says."""
+    """``expected X, got Y (hint)``: what a violation says (printable: it quotes the trace)."""
     msg = f"expected {row.get('expected')}, got {row.get('actual')}"
-    return msg + (f" ({row['hint']})" if row.get("hint") else "")
+    return printable(msg + (f" ({row['hint']})" if row.get("hint") else ""))
 
 
 def place(tm: TraceModel, rows: list[dict]) -> list[Violation]:
@@ -40,6 +41,6 @@ def place(tm: TraceModel, rows: list[dict]) -> list[Violation]:
         elif tm.n_steps and step >= 0:
             item = (tm.n_steps - 1, "s", -1)
             order = (tm.n_steps - 1, -1)
-        out.append(Violation(str(row["rule"]), str(row.get("severity", "error")), step, module, seq,
+        out.append(Violation(printable(row["rule"]), str(row.get("severity", "error")), step, module, seq,
                              message(row), item, order))
     return out

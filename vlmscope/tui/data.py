@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from vlmscope.trace import ROLE_OUTPUT, Trace, open_trace
+from vlmscope.trace.text import printable, printable_data
 from vlmscope.tui.items import Violation
 from vlmscope.tui.stepindex import StepIndex
 
@@ -83,7 +84,13 @@ def match_paths(paths: np.ndarray, query: str) -> np.ndarray:
 
 
 class TraceModel:
-    """One trace, as the viewer sees it. ``load()`` and ``index()`` read HDF5: call them in workers."""
+    """One trace, as the viewer sees it. ``load()`` and ``index()`` read HDF5: call them in workers.
+
+    Names are for display: ``s``, ``module_name``, ``relative_name``, ``mod_cls``, ``probe_info``
+    and ``error`` hand out printable strings (control characters escaped, see
+    :func:`vlmscope.trace.text.printable`). ``module_path``, ``mod_paths`` and ``meta`` stay as
+    recorded: they are matched against what the analysis reports (raw), and shown only through
+    ``module_name`` or the header, which escapes them."""
 
     def __init__(self, path: str | os.PathLike, trace: Trace | None = None):
         self.path = Path(path)
@@ -103,12 +110,13 @@ class TraceModel:
         self.n_steps = len(self.steps)
         self.status = t.status
         self.meta = t.meta
-        self.error = t.error
+        self.error = printable_data(t.error, newlines=True)    # shown only
         self.strings = t.strings
         modules = t.modules
         self.modules_depth = modules["depth"].astype(np.int64) if len(modules) else np.zeros(0, np.int64)
         self.mod_paths = np.asarray(t.module_paths, dtype=object)
-        self.mod_cls = self.strings[modules["cls"]] if len(modules) else np.array([], dtype=object)
+        self.mod_cls = np.array([printable(c) for c in self.strings[modules["cls"]]], dtype=object) \
+            if len(modules) else np.array([], dtype=object)
         patterns = [module_pattern(p) for p in self.mod_paths]
         uniq: dict[str, int] = {}
         self.mod_pattern = np.array([uniq.setdefault(p, len(uniq)) for p in patterns], dtype=np.int64)
@@ -119,6 +127,11 @@ class TraceModel:
         self.trace.close()
 
     def s(self, i: int) -> str:
+        """String ``i`` of the trace, for display (printable)."""
+        return printable(self.raw_s(i))
+
+    def raw_s(self, i: int) -> str:
+        """String ``i`` as recorded (to parse or to match; never shown)."""
         i = int(i)
         return str(self.strings[i]) if 0 <= i < len(self.strings) else ""
 
@@ -179,7 +192,7 @@ class TraceModel:
         """A path for display: the root module is shown by its class."""
         p = self.module_path(module)
         if p:
-            return p
+            return printable(p)
         return str(self.mod_cls[module]) if 0 <= module < len(self.mod_cls) else "<root>"
 
     def relative_name(self, idx: StepIndex, i: int) -> str:
@@ -191,6 +204,7 @@ class TraceModel:
         ppath = self.module_path(int(idx.module[p])) if p >= 0 else ""
         if ppath and path.startswith(ppath + "."):
             path = path[len(ppath) + 1:]
+        path = printable(path)
         if int(idx.nth[i]) > 0:
             path += f" #{int(idx.nth[i]) + 1}"
         return path
@@ -211,10 +225,12 @@ class TraceModel:
         return self.trace.probe_value(row)
 
     def probe_info(self, row: np.void) -> dict:
+        """A probe's info record, its strings printable (for display)."""
         try:
-            return json.loads(self.s(int(row["info"]))) if int(row["info"]) > 0 else {}
+            info = json.loads(self.raw_s(int(row["info"]))) if int(row["info"]) > 0 else {}
         except json.JSONDecodeError:
             return {}
+        return printable_data(info) if isinstance(info, dict) else {}
 
     def step_probe(self, idx: StepIndex, kind: str, prefer: str | None = None,
                    rows: int | None = None, output: bool | None = None, last: bool = False) -> int:

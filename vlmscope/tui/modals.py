@@ -13,6 +13,7 @@ from textual.widgets import Static
 
 from vlmscope.analyze.status import Status
 from vlmscope.tui.data import TraceModel
+from vlmscope.tui.safe import printable
 from vlmscope.tui.styles import STATUS_GLYPH, STATUS_STYLE
 from vlmscope.tui.widgets.payload import PayloadView
 
@@ -50,8 +51,8 @@ class MessageScreen(Screen):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="message-box"):
-            yield Static(Text(self.title_text, "bold red"), id="message-title")
-            yield Static(Text(self.message), id="message-text")
+            yield Static(Text(printable(self.title_text), "bold red"), id="message-title")
+            yield Static(Text(printable(self.message, newlines=True)), id="message-text")
             yield Static(Text("press q to quit", "dim"))
 
 

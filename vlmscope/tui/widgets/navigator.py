@@ -16,6 +16,7 @@ from textual.widgets import Tree
 from textual.widgets.tree import TreeNode
 
 from vlmscope.tui.items import Item
+from vlmscope.tui.safe import safe_text
 
 if TYPE_CHECKING:
     from vlmscope.tui.session import Session
@@ -87,6 +88,11 @@ class Navigator(Tree[Item]):
         if hit is None:
             hit = memo[key] = super().get_component_styles(*names)
         return hit
+
+    def process_label(self, label) -> Text:
+        """A label as text: a ``str`` is never parsed as markup, and no control character of a
+        trace string gets through (the labels are built from printable names already)."""
+        return safe_text(label, newlines=False).split()[0]
 
     def get_label_width(self, node: TreeNode[Item]) -> int:
         # The default renders every label on every rebuild (thousands of step nodes): the

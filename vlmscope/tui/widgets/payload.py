@@ -12,6 +12,7 @@ from textual.worker import get_current_worker
 
 from vlmscope.semantics import fmt_shape
 from vlmscope.tui.data import TraceModel, fmt_num
+from vlmscope.tui.safe import printable
 from vlmscope.tui.ui import to_ui
 
 
@@ -69,14 +70,14 @@ class PayloadView(Static):
             values = self.tm.trace.payload(self.payload, index)
         except Exception as e:  # noqa: BLE001 - the user's file (a damaged or missing payload): shown
             if not worker.is_cancelled:
-                to_ui(self.app, self.update, Text(f"cannot read payload: {e}", "bold red"))
+                to_ui(self.app, self.update, Text(f"cannot read payload: {printable(e)}", "bold red"))
             return
         if not worker.is_cancelled:
             to_ui(self.app, self._show, lead, r0, c0, np.asarray(values))
 
     def _show(self, lead: tuple, r0: int, c0: int, values: np.ndarray) -> None:
         self.loaded_window = (lead, r0, c0)
-        title = Text.assemble((self.tensor_name, "bold"), " ", (fmt_shape(self.shape), "cyan"),
+        title = Text.assemble((printable(self.tensor_name), "bold"), " ", (fmt_shape(self.shape), "cyan"),
                               (f"  payload #{self.payload}", "dim"))
         if values.ndim == 0:
             self.update(Text.assemble(title, "\n", fmt_num(float(values))))

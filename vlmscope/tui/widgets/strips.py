@@ -15,13 +15,17 @@ from textual.geometry import Size
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from vlmscope.tui.safe import safe_lines
+
 
 def render_strips(renderable: RenderableType, width: int) -> list[Strip]:
-    """Render ``renderable`` at ``width`` columns into strips (thread-safe: a private console)."""
+    """Render ``renderable`` at ``width`` columns into strips (thread-safe: a private console).
+    The text is made printable on the way (:func:`vlmscope.tui.safe.safe_lines`): whatever string
+    of the trace got into ``renderable``, no escape sequence reaches the terminal."""
     console = Console(width=width, file=io.StringIO(), color_system="truecolor", force_terminal=True,
                       legacy_windows=False, highlight=False, emoji=False, markup=False)
     options = console.options.update(width=width, highlight=False)
-    lines = console.render_lines(renderable, options, pad=False)
+    lines = safe_lines(console.render_lines(renderable, options, pad=False))
     return [Strip(line, Segment.get_line_length(line)) for line in lines]
 
 

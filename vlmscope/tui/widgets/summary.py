@@ -6,6 +6,7 @@ from rich.text import Text
 from textual.widgets import Static
 
 from vlmscope.analyze.status import Status
+from vlmscope.tui.safe import printable
 from vlmscope.tui.styles import STATUS_GLYPH, STATUS_SHORT, STATUS_STYLE, STATUS_TEXT
 
 
@@ -15,11 +16,12 @@ class DiffSummary(Static):
 
     def show_failed(self, message: str) -> None:
         """The alignment failed: say so (the tree then shows no statuses)."""
-        self.update(Text.assemble(("alignment failed: ", "bold red"), message), layout=False)
+        self.update(Text.assemble(("alignment failed: ", "bold red"), printable(message)), layout=False)
 
     def show_unplaced(self, headline: str) -> None:
         """vlmscope diff found a divergence with no node on A's tree (e.g. a step only B has)."""
-        self.update(Text.assemble(("first divergence ", "bold"), (headline, STATUS_STYLE[Status.MISSING_A] or "bold")),
+        self.update(Text.assemble(("first divergence ", "bold"),
+                                  (printable(headline), STATUS_STYLE[Status.MISSING_A] or "bold")),
                     layout=False)
 
     def show_first(self, where: str | None, status: Status | None) -> None:
@@ -29,7 +31,7 @@ class DiffSummary(Static):
         else:
             st = status if status is not None else Status.SHAPE
             t.append("first divergence ", "bold")
-            t.append(where, STATUS_STYLE[st] or "bold")
+            t.append(printable(where), STATUS_STYLE[st] or "bold")
             t.append(f" ({STATUS_TEXT[st]})", STATUS_STYLE[st])
             t.append("  g: go", "dim")
         t.append("   ")
