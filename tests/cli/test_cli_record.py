@@ -297,7 +297,8 @@ def test_summary_of_bad_trace_files(tmp_path, qwen2_trace_path):
 
 def test_summary_says_when_check_could_not_run(tmp_path):
     """A trace whose header and step table read fine but whose probe table is damaged: summary
-    prints what it can and says that check could not run, instead of reporting no violations."""
+    prints what it can and says that check could not run, instead of reporting no violations,
+    and exits 3."""
     import shutil
 
     src = Path(__file__).resolve().parents[2] / "traces" / "examples" / "tiny-mqwen-astronaut.h5"
@@ -312,3 +313,5 @@ def test_summary_says_when_check_could_not_run(tmp_path):
     assert "Traceback" not in r.output + r.stderr
     assert "check could not run: trace is truncated or corrupt" in " ".join(r.output.split())
     assert "invariant violation" not in r.output
+    assert r.exit_code == 3, r.output           # no verdict: never the clean exit code
+    assert "check could not run" in r.stderr

@@ -26,8 +26,20 @@ def _console(stderr: bool = False):
 
 
 def _fail_trace(e: Exception) -> None:
-    click.echo(f"vlmscope: error: {e}", err=True)
+    from vlmscope.trace.text import printable
+
+    click.echo(f"vlmscope: error: {printable(e)}", err=True)
     sys.exit(EXIT_TRACE)
+
+
+def _t(value, style: str = ""):
+    """A string from a trace (or a path) as Rich text: markup is not parsed and control characters
+    are escaped (:func:`vlmscope.trace.text.printable`). Every trace string printed goes through it."""
+    from rich.text import Text
+
+    from vlmscope.trace.text import printable
+
+    return Text(printable(value), style=style)
 
 
 def _usage(msg: str) -> None:
@@ -78,8 +90,10 @@ def check(trace: Path | None, rules: tuple[str, ...], as_json: bool, golden: Pat
             _emit_json({"rules": [{"id": r.id, "description": r.description} for r in RULES.values()]})
         else:
             con = _console()
+            from rich.text import Text
+
             for r in RULES.values():
-                con.print(f"[bold]{r.id:24s}[/] {r.description}")
+                con.print(Text.assemble((f"{r.id:24s}", "bold"), " ", r.description))
         return
     if trace is None:
         _usage("missing argument TRACE")
@@ -89,9 +103,10 @@ def check(trace: Path | None, rules: tuple[str, ...], as_json: bool, golden: Pat
         raise click.BadParameter(str(e.args[0]), param_hint="--rules") from None
     if golden is not None and not golden.is_file():
         raise click.BadParameter(f"golden snapshot not found: {golden}", param_hint="--golden")
-    from vlmscope.trace import TraceError
+    from vlmscope.trace import TraceError, preflight
 
     try:
+        preflight(trace)          # a file that hangs HDF5 is refused, not read (docs/trace-format.md)
         report = run_check(trace, selected, golden=golden)
     except TraceError as e:
         _fail_trace(e)
@@ -131,10 +146,13 @@ def _print_check(report, all_steps: bool) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    from vlmscope.trace.text import printable
+
     con = _console()
     n_err, n_warn = len(report.errors), len(report.warnings)
     colour = "green" if not report.violations else ("red" if n_err else "yellow")
-    head = Text.assemble(("check ", "bold"), (report.path, "cyan"), f"  {report.status}, {report.n_steps} steps, "
+    head = Text.assemble(("check ", "bold"), _t(report.path, "cyan"),
+                         f"  {printable(report.status)}, {report.n_steps} steps, "
                          f"{len(report.rules)} rules: ",
                          (f"{n_err} error(s), {n_warn} warning(s)" if report.violations else "clean", f"bold {colour}"))
     con.print(head)
@@ -152,7 +170,7 @@ def _print_check(report, all_steps: bool) -> None:
             mod = v.module or ("<root>" if v.step >= 0 and v.rule != "snapshot.golden" else "")
             if v.also:
                 mod += f" (+{len(v.also)} more)"
-            tbl.add_row(step_s, Text(v.rule, style=sev), mod, v.expected, v.actual, v.hint)
+            tbl.add_row(step_s, _t(v.rule, sev), _t(mod), _t(v.expected), _t(v.actual), _t(v.hint))
         con.print(tbl)
     if report.golden_diff:
         _print_udiff(con, report.golden_diff)
@@ -164,9 +182,9 @@ def _print_udiff(con, text: str, limit: int = 200) -> None:
     lines = text.splitlines()
     for ln in lines[:limit]:
         style = "green" if ln.startswith("+") else "red" if ln.startswith("-") else "cyan" if ln.startswith("@@") else ""
-        con.print(Text(ln, style=style))
+        con.print(_t(ln, style))
     if len(lines) > limit:
-        con.print(f"... {len(lines) - limit} more diff lines")
+        con.print(Text(f"... {len(lines) - limit} more diff lines"))
 
 
 # ============================================================================ diff
@@ -191,7 +209,7 @@ def diff(trace_a: Path, trace_b: Path, maps: tuple[str, ...], rtol: float | None
     """
     from vlmscope.analyze.align import parse_maps
     from vlmscope.analyze.diff import diff as run_diff
-    from vlmscope.trace import TraceError
+    from vlmscope.trace import TraceError, preflight
 
     try:
         rules = parse_maps(list(maps))
@@ -201,6 +219,8 @@ def diff(trace_a: Path, trace_b: Path, maps: tuple[str, ...], rtol: float | None
         if v is not None and v < 0:
             raise click.BadParameter("must be >= 0", param_hint=name)
     try:
+        preflight(trace_a)
+        preflight(trace_b)
         report = run_diff(trace_a, trace_b, rules, rtol=rtol, atol=atol, limit=limit)
     except TraceError as e:
         _fail_trace(e)
@@ -217,7 +237,7 @@ def _print_diff(rep) -> None:
     from rich.text import Text
 
     con = _console()
-    con.print(Text.assemble(("diff ", "bold"), (rep.trace_a, "cyan"), " vs ", (rep.trace_b, "cyan"),
+    con.print(Text.assemble(("diff ", "bold"), _t(rep.trace_a, "cyan"), " vs ", _t(rep.trace_b, "cyan"),
                             f"  ({rep.n_steps[0]} / {rep.n_steps[1]} steps)"))
     c = rep.counts
     summary = ", ".join(f"{k}: {v['same']} same" + "".join(f", {v[s]} {s.replace('_', ' ')}" for s in
@@ -227,8 +247,8 @@ def _print_diff(rep) -> None:
         con.print(Text("same", style="bold green"), Text(f" within tolerance ({summary})"))
         return
     f = rep.first
-    con.print(Text.assemble(("first divergence: ", "bold red"), (f.headline() if f else "?", "")))
-    con.print(f"[dim]{rep.n_divergent} divergent node(s); {summary}[/]")
+    con.print(Text.assemble(("first divergence: ", "bold red"), _t(f.headline() if f else "?")))
+    con.print(_t(f"{rep.n_divergent} divergent node(s); {summary}", "dim"))
     if rep.divergences:
         tbl = Table(header_style="bold")
         for col, kw in (("#", {"justify": "right"}), ("step", {"justify": "right"}), ("kind", {"no_wrap": True}),
@@ -242,31 +262,46 @@ def _print_diff(rep) -> None:
                 from vlmscope.analyze.diff import _fmt_tokens
 
                 tok = f"tokens {_fmt_tokens(d.tokens)}; "
-            tbl.add_row(str(i + 1), str(d.step), f"{d.category} {d.node}", d.module or "<root>", d.what,
-                        Text(d.status, style=st_style.get(d.status, "")), d.a, d.b, tok + (d.short or d.detail))
+            tbl.add_row(str(i + 1), str(d.step), _t(f"{d.category} {d.node}"), _t(d.module or "<root>"), _t(d.what),
+                        _t(d.status, st_style.get(d.status, "")), _t(d.a), _t(d.b), _t(tok + (d.short or d.detail)))
         con.print(tbl)
         if rep.n_divergent > len(rep.divergences):
-            con.print(f"[dim]... {rep.n_divergent - len(rep.divergences)} more (use --limit or --json)[/]")
+            con.print(Text(f"... {rep.n_divergent - len(rep.divergences)} more (use --limit or --json)", "dim"))
     if rep.groups:
         g = Table(title="by module", header_style="bold")
         for col in ("table", "module", "status", "count", "steps"):
             g.add_column(col)
         for r in rep.groups[:20]:
             steps = str(r["first_step"]) if r["first_step"] == r["last_step"] else f"{r['first_step']}-{r['last_step']}"
-            g.add_row(r["table"], r["module"] or "<root>", r["status"], str(r["count"]), steps)
+            g.add_row(_t(r["table"]), _t(r["module"] or "<root>"), _t(r["status"]), str(r["count"]), steps)
         con.print(g)
         if len(rep.groups) > 20:
-            con.print(f"[dim]... {len(rep.groups) - 20} more groups[/]")
+            con.print(Text(f"... {len(rep.groups) - 20} more groups", "dim"))
     if rep.steps:
         s = Table(title="step table", header_style="bold")
         for col in ("step", "field", "A", "B"):
             s.add_column(col)
         for r in rep.steps[:20]:
-            s.add_row(str(r["step"]), r["field"], str(r["a"]), str(r["b"]))
+            s.add_row(str(r["step"]), _t(r["field"]), _t(r["a"]), _t(r["b"]))
         con.print(s)
 
 
 # ============================================================================ snapshot
+
+
+def _replaces_other_file(out: Path) -> bool:
+    """Whether writing ``out`` would replace something that is not a snapshot (a trace, an
+    image, a directory...). An existing snapshot is replaced: regenerating goldens is routine."""
+    if not (out.exists() or out.is_symlink()):
+        return False
+    if not out.is_file():
+        return True
+    try:
+        with open(out, "rb") as fh:
+            head = fh.read(64)
+    except OSError:
+        return True
+    return not head.lstrip().startswith(b"{") or b'"vlmscope_snapshot"' not in head
 
 
 @click.command("snapshot")
@@ -277,14 +312,22 @@ def _print_diff(rep) -> None:
 @click.option("--steps", type=click.IntRange(1, None), default=None, help="Only the first N steps.")
 @click.option("--compare", "golden", type=click.Path(path_type=Path), default=None,
               help="Compare with a golden snapshot instead: print a unified diff, exit 1 when it differs.")
-def snapshot(trace: Path, out: Path | None, reshapes: bool, steps: int | None, golden: Path | None) -> None:
+@click.option("--force", is_flag=True, help="Replace --out even when it is not a vlmscope snapshot.")
+def snapshot(trace: Path, out: Path | None, reshapes: bool, steps: int | None, golden: Path | None,
+             force: bool) -> None:
     """Write a reviewable golden shape snapshot (JSON, one entry per line, in execution order)."""
     from vlmscope.analyze.snapshot import compare_to_file, snapshot_text
-    from vlmscope.trace import TraceError, open_trace
+    from vlmscope.trace import TraceError, open_trace, preflight
+    from vlmscope.trace.text import json_printable, printable
 
     if golden is not None and not golden.is_file():
         raise click.BadParameter(f"golden snapshot not found: {golden}", param_hint="--compare")
+    if out is not None and not force and _replaces_other_file(out):
+        click.echo(f"vlmscope: error: {printable(out)} exists and is not a vlmscope snapshot; "
+                   f"use --force to replace it", err=True)
+        sys.exit(EXIT_USAGE)
     try:
+        preflight(trace)
         with open_trace(trace) as t:
             if golden is not None:
                 try:
@@ -294,9 +337,11 @@ def snapshot(trace: Path, out: Path | None, reshapes: bool, steps: int | None, g
                 if d:
                     _print_udiff(_console(), d, limit=10_000)
                     sys.exit(EXIT_FOUND)
-                click.echo(f"same shapes as {golden}")
+                click.echo(f"same shapes as {printable(golden)}")
                 return
-            text = snapshot_text(t, reshapes=reshapes, steps=steps)
+            # JSON lines; strings from the trace may hold raw C1/DEL characters (ensure_ascii=False):
+            # written as \uXXXX escapes, the same JSON values, safe to print
+            text = json_printable(snapshot_text(t, reshapes=reshapes, steps=steps))
     except TraceError as e:
         _fail_trace(e)
         return
@@ -307,6 +352,6 @@ def snapshot(trace: Path, out: Path | None, reshapes: bool, steps: int | None, g
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(text, encoding="utf-8")
         except OSError as e:
-            click.echo(f"vlmscope: error: cannot write {out}: {e.strerror or e}", err=True)
+            click.echo(f"vlmscope: error: cannot write {printable(out)}: {printable(e.strerror or e)}", err=True)
             sys.exit(EXIT_USAGE)
-        click.echo(f"wrote {out} ({text.count(chr(10))} lines)", err=True)
+        click.echo(f"wrote {printable(out)} ({text.count(chr(10))} lines)", err=True)

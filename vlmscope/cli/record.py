@@ -48,6 +48,20 @@ def default_out(model: str, image: str | None, root: Path = Path("traces")) -> P
     return path
 
 
+def _check_free(path: Path, force: bool) -> None:
+    """Refuse to replace an existing file (a trace, a killed run's journal, anything) without --force."""
+    if path.is_dir():
+        raise OutputError(f"output path is a directory: {path}")
+    if force:
+        return
+    partial = path.with_name(path.name + ".partial")
+    if partial.exists() or partial.is_symlink():
+        raise OutputError(f"{partial} exists: the only copy of a recording that did not finish "
+                          f"(read it with 'vlmscope summary {partial}'); use --force to replace it")
+    if path.exists() or path.is_symlink():
+        raise OutputError(f"{path} exists; use --force to replace it, or choose another -o")
+
+
 def _check_writable(path: Path) -> None:
     d = path.parent if str(path.parent) else Path(".")
     try:
@@ -84,32 +98,76 @@ def _check_writable(path: Path) -> None:
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Extra keyword option for the model factory (e.g. use_cache_quantization=true).")
 @click.option("--verbose", "-v", is_flag=True, help="Print one line per recorded step (useful in logs).")
+@click.option("--force", is_flag=True, help="Replace an existing output file (and a killed run's .partial).")
+@click.option("--fsync", is_flag=True, help="Force every finished step to the disk (survives power loss; slower).")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_implementation, seed,
-           save_tensors, max_tensor_bytes, no_reshapes, no_stats, options, verbose, debug):
+           save_tensors, max_tensor_bytes, no_reshapes, no_stats, options, verbose, force, fsync, debug):
     """Run generation on a model and record every step into an HDF5 trace."""
     from rich.console import Console
 
+    from vlmscope.trace import TraceWriteError
+    from vlmscope.trace.text import printable
+
     err = Console(stderr=True)
+    _install_signal_handlers()
     try:
         code = _record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_implementation, seed,
-                       save_tensors, max_tensor_bytes, no_reshapes, no_stats, _parse_option(options), verbose)
+                       save_tensors, max_tensor_bytes, no_reshapes, no_stats, _parse_option(options), verbose,
+                       force=force, fsync=fsync)
     except UserError as e:
         if debug:
             raise
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {printable(e)}", err=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/]")
-        sys.exit(130)
+    except TraceWriteError as e:
+        if debug:
+            raise
+        click.echo(f"error: {printable(e)}", err=True)
+        sys.exit(EXIT_WRITE_ERROR)
+    except KeyboardInterrupt as e:
+        err.print("[yellow]terminated[/]" if isinstance(e, Terminated) else "[yellow]interrupted[/]")
+        sys.exit(_interrupt_code(e))
     sys.exit(code)
 
 
+#: ``record``'s exit code when the trace cannot be written (a full disk, a quota, a file-size limit).
+EXIT_WRITE_ERROR = 4
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: finished steps are kept, the trace is marked incomplete."""
+
+
+def _interrupt_code(e: BaseException) -> int:
+    return 143 if isinstance(e, Terminated) else 130
+
+
+def _install_signal_handlers() -> None:
+    """SIGTERM stops the recording as Ctrl-C does (exit 143); SIGXFSZ (a file-size limit) becomes
+    a write error the recorder reports, instead of killing the process."""
+    import signal
+
+    def on_term(signum, frame):
+        raise Terminated()
+
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+        if hasattr(signal, "SIGXFSZ"):
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    except ValueError:   # not the main thread (an embedding application): keep its handlers
+        pass
+
+
 def _record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_implementation, seed,
-            save_tensors, max_tensor_bytes, no_reshapes, no_stats, options, verbose=False) -> int:
+            save_tensors, max_tensor_bytes, no_reshapes, no_stats, options, verbose=False, *,
+            force: bool = False, fsync: bool = False) -> int:
     """Record one generation into a trace, print its summary; returns the exit code."""
     from rich.console import Console
+    from rich.markup import escape as rich_escape
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from vlmscope.trace.text import printable
 
     console = Console(stderr=True)
     import vlmscope_models
@@ -122,13 +180,15 @@ def _record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_
         from vlmscope.recorder.inputs import load_image
 
         img, img_info = load_image(image)
+    auto_named = out is None
     out = Path(out) if out else default_out(model_spec, image)
     _check_writable(out)
+    _check_free(out, force)
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True,
                   disable=not console.is_terminal) as progress:
-        task = progress.add_task(f"loading {model_spec}", total=None)
+        task = progress.add_task(f"loading {rich_escape(printable(model_spec))}", total=None)
         model, processor, minfo, inputs, info = _load_model_and_inputs(
             model_spec, device, dtype, attn_implementation, seed, options, prompt, img, img_info)
         progress.update(task, description="recording", total=max_new_tokens, completed=0)
@@ -137,9 +197,27 @@ def _record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_
         from vlmscope.recorder import Recorder
 
         rec = Recorder(model, out, meta=meta, save_tensors=list(save_tensors), max_tensor_bytes=max_tensor_bytes,
-                       reshapes=not no_reshapes, stats=not no_stats, on_step=on_step)
+                       reshapes=not no_reshapes, stats=not no_stats, on_step=on_step, overwrite=force, fsync=fsync)
+        _start(rec, model_spec, image, auto_named)
         failure = _generate(rec, model, processor, inputs, max_new_tokens)
     return _report(rec, failure, console)
+
+
+def _start(rec, model_spec: str, image: str | None, auto_named: bool) -> None:
+    """Open the trace. Its journal is created exclusively: when a run started in the same second
+    took the default name, this one picks the next; an explicit ``-o`` that appeared meanwhile
+    is refused."""
+    for _ in range(1000):
+        try:
+            rec.start()
+            return
+        except FileExistsError as e:
+            if not auto_named:
+                raise OutputError(f"{e.filename} exists; use --force to replace it, or choose another -o") from None
+            rec.out = default_out(model_spec, image, rec.out.parent)
+        except OSError as e:
+            raise OutputError(f"cannot create the trace {rec.out}: {e.strerror or e}") from None
+    raise OutputError(f"no free trace name next to {rec.out}")
 
 
 def _disable_hf_progress_bars() -> None:
@@ -202,13 +280,21 @@ def _generate(rec, model, processor, inputs, max_new_tokens: int) -> BaseExcepti
     """Generate under the recorder; returns what interrupted or failed the run (None when it finished)."""
     from vlmscope.recorder.inputs import generate_text
 
+    from vlmscope.trace import TraceWriteError
+
     failure: BaseException | None = None
     try:
-        with rec:
+        try:
             text = generate_text(model, processor, inputs, max_new_tokens=max_new_tokens)
             rec.add_meta(generated_text=text)
-    except KeyboardInterrupt:
-        failure = KeyboardInterrupt()
+        except BaseException as e:
+            rec.stop(e)
+            raise
+        rec.stop(None)
+    except TraceWriteError:
+        raise
+    except KeyboardInterrupt as e:
+        failure = e
     except Exception as e:  # noqa: BLE001 - the model's own failure is what we report
         failure = e
     return failure
@@ -217,15 +303,19 @@ def _generate(rec, model, processor, inputs, max_new_tokens: int) -> BaseExcepti
 def _report(rec, failure: BaseException | None, console) -> int:
     """Print the recorded trace's summary; the exit code: 130 interrupted, 1 failed or broken, else 0."""
     from rich.console import Console
+    from rich.text import Text
 
     from vlmscope import open_trace
     from vlmscope.cli.summary import print_summary
+    from vlmscope.trace.text import printable
 
     with open_trace(rec.path) as t:
         print_summary(t, Console())
     if isinstance(failure, KeyboardInterrupt):
-        console.print(f"[yellow]interrupted:[/] kept {rec.n_steps} finished step(s) in {rec.path} (incomplete)")
-        return 130
+        word = "terminated:" if isinstance(failure, Terminated) else "interrupted:"
+        console.print(Text.assemble((word, "yellow"), f" kept {rec.n_steps} finished step(s) in "
+                                    f"{printable(rec.path)} (incomplete)"))
+        return _interrupt_code(failure)
     if failure is not None or rec.broken:
         return 1
     return 0
@@ -239,10 +329,17 @@ def summary(trace: Path):
 
     from vlmscope import TraceError, open_trace
     from vlmscope.cli.summary import print_summary
+    from vlmscope.trace.text import printable
+
+    from vlmscope.trace import preflight
 
     try:
+        preflight(trace)          # a file that hangs HDF5 is refused, not read (docs/trace-format.md)
         with open_trace(trace) as t:
-            print_summary(t, Console())
+            failed = print_summary(t, Console())
     except TraceError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {printable(e)}", err=True)
+        sys.exit(3)
+    if failed:   # what could be read is printed, but it is no verdict: never exit 0
+        click.echo(f"error: check could not run: {printable(failed)}", err=True)
         sys.exit(3)

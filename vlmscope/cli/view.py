@@ -29,25 +29,27 @@ def view(traces: tuple[str, ...], maps: tuple[str, ...]) -> None:
     """
     if len(traces) > 2:
         raise click.UsageError("view takes one trace, or two to diff (A B)")
-    from vlmscope.trace import TraceError, open_trace
+    from vlmscope.trace import TraceError, open_trace, preflight
+    from vlmscope.trace.text import printable
     from vlmscope.analyze.maps import parse_maps
 
     try:
         parse_maps(list(maps))
     except ValueError as e:
-        click.echo(f"vlmscope view: {e}", err=True)
+        click.echo(f"vlmscope view: {printable(e)}", err=True)
         sys.exit(2)
     if maps and len(traces) < 2:
         click.echo("vlmscope view: --map only applies when diffing two traces", err=True)
     for path in traces:
         try:
+            preflight(path)       # a file that hangs HDF5 is refused, not read (docs/trace-format.md)
             t = open_trace(path)
             t.close()
         except TraceError as e:
-            click.echo(f"vlmscope view: {e}", err=True)
+            click.echo(f"vlmscope view: {printable(e)}", err=True)
             sys.exit(EXIT_BAD_TRACE)
         except OSError as e:  # permissions and the like
-            click.echo(f"vlmscope view: cannot read {path}: {e.strerror or e}", err=True)
+            click.echo(f"vlmscope view: cannot read {printable(path)}: {printable(e.strerror or e)}", err=True)
             sys.exit(EXIT_BAD_TRACE)
 
     from vlmscope.tui.app import ViewerApp

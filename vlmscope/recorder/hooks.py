@@ -45,6 +45,12 @@ class Recorder:
     Hooks are removed on exit, even after an exception, leaving the model as it was.
     The exception (if any) propagates after the trace is closed with status
     ``failed`` (a forward raised) or ``incomplete`` (KeyboardInterrupt).
+
+    Until it is closed, the trace is a journal, ``out + ".partial"``: a process killed at any
+    point leaves it with every finished step, and ``open_trace`` reads it. ``overwrite=False``
+    refuses an existing ``out`` or ``.partial`` (``FileExistsError``); ``fsync=True`` forces
+    each step to the disk. A write error (a full disk) stops the recording, the model runs on,
+    and :class:`vlmscope.TraceWriteError` is raised on exit, naming the journal.
     """
 
     def __init__(
@@ -59,6 +65,8 @@ class Recorder:
         stats: bool = True,
         on_step: Callable[[int, "Recorder"], None] | None = None,
         image_token_id: int | None = None,
+        overwrite: bool = True,
+        fsync: bool = False,
     ):
         self.model = model
         self.out = Path(out)
@@ -70,6 +78,8 @@ class Recorder:
         self.record_reshapes = reshapes
         self.record_stats = stats
         self.on_step = on_step
+        self.overwrite = overwrite
+        self.fsync = fsync
         self.path: Path | None = None
         self.status: str | None = None
         self.warnings: list[str] = []
@@ -116,7 +126,8 @@ class Recorder:
         """Open the trace, attach the hooks and enter the reshape mode."""
         info = self.model_info
         w = self._writer = T.TraceWriter(self.out, meta=run_meta(self.model, self.meta, info),
-                                         config_json=config_json(self.model))
+                                         config_json=config_json(self.model), overwrite=self.overwrite,
+                                         fsync=self.fsync)
         w.set_modules(module_rows(w, info))
         w.end_step()
         self._probes = Probes(w, info.paths, info.decoder_prefix, info.kv_heads)
@@ -175,7 +186,12 @@ class Recorder:
         if self.warnings:
             w.update_meta(warnings=self.warnings)
         self.status = status
-        self.path = w.close(status)
+        try:
+            self.path = w.close(status)
+        except T.TraceWriteError:
+            # the disk is full (or the like): the journal keeps every committed step
+            self.status, self.path = T.STATUS_INCOMPLETE, w.partial_path
+            raise
 
     def add_meta(self, **fields: Any) -> None:
         """Add run metadata (e.g. the generated text) before the trace is closed."""
