@@ -46,7 +46,7 @@ def probes(t, step: int, kind: str, path: str | None = None):
 def test_steps_are_prefill_then_decode(qwen25_trace):
     t = qwen25_trace
     assert t.status == "complete" and t.complete
-    assert t.format_version == FORMAT_VERSION == 2
+    assert t.format_version == FORMAT_VERSION == 3
     assert list(t.steps["kind"]) == [KIND_PREFILL, KIND_DECODE, KIND_DECODE, KIND_DECODE]
     assert list(t.steps["input_len"]) == [PROMPT_LEN, 1, 1, 1]
     assert list(t.steps["q_len"]) == [PROMPT_LEN, 1, 1, 1]
