@@ -12,6 +12,12 @@ It prints medians and the ratios to untraced. Run:
 
     python bench/overhead.py               # 448x448, 5 rounds
     python bench/overhead.py --image-size 224 --rounds 7
+    python bench/overhead.py --new-tokens 64 --durability   # + the crash-safe journal's cost per step
+
+``--durability`` also times ``generate`` recorded with ``fsync=True`` (every step forced to the
+disk) and reports the time the trace writer spends per step committing the journal (records
+and a flush to the OS: what makes a killed recording keep its finished steps) and, once per
+run, converting the journal into the final HDF5 file.
 """
 
 from __future__ import annotations
@@ -79,6 +85,8 @@ def main() -> None:
                     help="hidden size of the text and vision towers (small: per-op overhead dominates)")
     ap.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"), help="attention implementation")
     ap.add_argument("--skip-generate", action="store_true")
+    ap.add_argument("--durability", action="store_true",
+                    help="time the journal: commit per step, the final conversion, and fsync per step")
     args = ap.parse_args()
 
     from transformers import model_addition_debugger_context
@@ -104,11 +112,13 @@ def main() -> None:
 
     counter = iter(range(10**6))
 
-    def under_vlmscope(fn):
+    def under_vlmscope(fn, **kw):
         def run():
-            with Recorder(model, tmp / f"r{next(counter)}.h5"):
+            with Recorder(model, tmp / f"r{next(counter)}.h5", **kw):
                 fn()
         return run
+
+    writer_time = _time_writer() if args.durability else None
 
     def under_hf(fn):
         def run():
@@ -129,11 +139,15 @@ def main() -> None:
             "generate vlmscope": under_vlmscope(generate),
             "generate hf-debugger": under_hf(generate),
         })
+        if args.durability:
+            cases["generate vlmscope+fsync"] = under_vlmscope(generate, fsync=True)
     for fn in cases.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in cases}
     for r in range(args.rounds):
         for name, fn in cases.items():
+            if writer_time is not None:
+                writer_time["case"] = name
             sync()
             t0 = time.perf_counter()
             fn()
@@ -150,6 +164,44 @@ def main() -> None:
             h = med[f"{kind} hf-debugger"] / med[f"{kind} untraced"]
             print(f"{kind}: vlmscope {v:.2f}x untraced, hf-debugger {h:.2f}x untraced, "
                   f"vlmscope/hf-debugger {med[f'{kind} vlmscope'] / med[f'{kind} hf-debugger']:.2f}")
+    if writer_time is not None and "generate vlmscope" in med:
+        steps = args.new_tokens
+        for name in ("generate vlmscope", "generate vlmscope+fsync"):
+            commit = statistics.median(writer_time["commit"][name]) * 1e3
+            conv = statistics.median(writer_time["close"][name]) * 1e3
+            print(f"{name}: journal commit {commit / steps:.3f} ms per step (median over runs of "
+                  f"{steps} steps), final conversion {conv:.1f} ms per run")
+        per_step = (med["generate vlmscope+fsync"] - med["generate vlmscope"]) / steps * 1e3
+        print(f"fsync per step adds {per_step:.2f} ms ({med['generate vlmscope+fsync'] / med['generate vlmscope']:.2f}x "
+              f"the default recording)")
+
+
+def _time_writer() -> dict:
+    """Accumulate the time TraceWriter spends in ``end_step`` (the per-step commit) and
+    ``close`` (the conversion), per benchmark case and run."""
+    from vlmscope.trace import TraceWriter
+
+    acc: dict = {"case": "", "commit": {}, "close": {}}
+    end_step, close, init = TraceWriter.end_step, TraceWriter.close, TraceWriter.__init__
+
+    def timed_init(self, *a, **k):
+        init(self, *a, **k)
+        acc["commit"].setdefault(acc["case"], []).append(0.0)
+
+    def timed_end_step(self):
+        t0 = time.perf_counter()
+        end_step(self)
+        acc["commit"][acc["case"]][-1] += time.perf_counter() - t0
+
+    def timed_close(self, *a, **k):
+        t0 = time.perf_counter()
+        try:
+            return close(self, *a, **k)
+        finally:
+            acc["close"].setdefault(acc["case"], []).append(time.perf_counter() - t0)
+
+    TraceWriter.__init__, TraceWriter.end_step, TraceWriter.close = timed_init, timed_end_step, timed_close
+    return acc
 
 
 if __name__ == "__main__":
