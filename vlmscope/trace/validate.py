@@ -225,14 +225,15 @@ def loads(s: str) -> Any:
         raise ValueError("nested too deeply") from None
 
 
-def attr_json(obj: h5py.HLObject, name: str, path: Any, where: str, default: str, want: type | None = None) -> Any:
-    """An attribute holding JSON (of type ``want`` when given), decoded."""
+def attr_json(obj: h5py.HLObject, name: str, path: Any, where: str, default: str, want: type | None = None,
+              null_ok: bool = True) -> Any:
+    """An attribute holding JSON (of type ``want`` when given; ``null`` only when ``null_ok``), decoded."""
     s = attr_str(obj, name, path, where, default)
     try:
         v = loads(s)
     except ValueError as e:
         raise corrupt(path, f"attribute {where}{name} is not valid JSON ({_first_line(e)})") from None
-    if want is not None and v is not None and not isinstance(v, want):
+    if want is not None and (v is not None or not null_ok) and not isinstance(v, want):
         raise corrupt(path, f"attribute {where}{name} holds a JSON {type(v).__name__}, not a {want.__name__}")
     return v
 
@@ -384,11 +385,16 @@ def check_rows(table: str, rows: Any, sizes: Sizes, path: Any, base: int = 0, st
             in_range(nd, 0, most + 1, f"0..{most} dimensions")
     for s, c, target in BLOCK_FIELDS.get(table, ()):
         if s in names and c in names:
-            st, ct = rows[s], rows[c]
+            st, ct = rows[s].astype(np.int64), rows[c].astype(np.int64)
             total = sizes[target]
-            if st.min() < 0 or ct.min() < 0 or (st + ct).max() > total:
-                bad = (st < 0) | (ct < 0) | (st + ct > total)
+            # compared without adding: start + count can overflow int64 and wrap negative
+            if st.min() < 0 or ct.min() < 0 or st.max() > total or (ct > total - st).any():
+                bad = (st < 0) | (ct < 0) | (st > total) | (ct > total - np.minimum(st, total))
                 fail(bad, lambda i: f"rows [{int(st[i])}, +{int(ct[i])}) lie outside /{target} ({total:,} rows)")
+    if table == "events" and "seq" in names and "end_seq" in names:
+        sq, es = rows["seq"], rows["end_seq"]
+        if sq.min() < 0 or (es < sq).any():     # execution order: a call ends after it starts
+            fail((sq < 0) | (es < sq), lambda i: f"seq {int(sq[i])} / end_seq {int(es[i])} are not an order")
     # (a tensor's ``payload`` is checked when it is read: Trace.payload names a missing one)
     if table == "probes" and "data_off" in names:
         _check_probes(rows, sizes, fail)
@@ -437,7 +443,7 @@ def step_damage(steps: np.ndarray, sizes: Sizes) -> dict[int, str]:
     for s, c, target in STEP_BLOCKS:
         st, ct = steps[s].astype(np.int64), steps[c].astype(np.int64)
         total = sizes[target]
-        note((st < 0) | (ct < 0) | (st + ct > total),
+        note((st < 0) | (ct < 0) | (st > total) | (ct > total - np.minimum(st, total)),   # no overflowing sum
              lambda i, st=st, ct=ct, target=target, total=total:
              f"its {target} rows [{int(st[i])}, +{int(ct[i])}) lie outside /{target} ({total:,} rows)")
     for f, hi in (("pos_rows", 3), ("mask_ndim", 4)):
@@ -560,3 +566,24 @@ def preflight(path: str | os.PathLike, timeout: float | None = None) -> None:
                          f"metadata after {timeout:g} s): {p}")
     if os.WIFSIGNALED(status):
         raise TraceError(f"trace is corrupt: reading it crashes HDF5 (signal {os.WTERMSIG(status)}): {p}")
+
+
+def check_tensor_shapes(rows: Any, path: Any, where: str = "tensors") -> None:
+    """Tensor rows whose shape and ``numel`` disagree (a recorded tensor always has
+    ``numel == prod(shape)``), or with a negative dimension: a damaged or doctored row. Checked
+    where shapes are shown (snapshot entries, diff's divergent rows), not on whole tables."""
+    rows = np.atleast_1d(np.asarray(rows))
+    if not len(rows):
+        return
+    nd = np.asarray(rows["ndim"]).astype(np.int64)
+    shape = np.asarray(rows["shape"]).reshape(len(nd), -1)
+    k = shape.shape[1]
+    used = np.arange(k)[None, :] < np.clip(nd, 0, k)[:, None]
+    dims = np.where(used, shape, 1)
+    prod = np.prod(dims.astype(np.float64), axis=1)
+    numel = np.asarray(rows["numel"]).astype(np.float64)
+    bad = (dims < 0).any(axis=1) | ((nd <= k) & (prod != numel)) | (prod > 2.0 ** 62)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise corrupt(path, f"{where} row {i}: shape {[int(d) for d in shape[i][:max(int(nd[i]), 0)]]} does not "
+                            f"hold its {int(rows['numel'][i]):,} elements")
