@@ -12,9 +12,11 @@ from vlmscope._version import __version__
 
 from vlmscope.trace import Trace, TraceError, TraceWriteError, open_trace  # noqa: E402  (h5py, hdf5plugin, numpy only)
 
-__all__ = ["__version__", "Trace", "TraceError", "TraceWriteError", "open_trace", "record", "Recorder", "expect"]
+__all__ = ["__version__", "Trace", "TraceError", "TraceWriteError", "open_trace", "record", "Recorder", "expect",
+           "plot"]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from vlmscope.analyze import plot
     from vlmscope.analyze.expect import expect
     from vlmscope.recorder import Recorder, record
 
@@ -29,4 +31,8 @@ def __getattr__(name: str) -> Any:
         from vlmscope.analyze.expect import expect
 
         return expect
+    if name == "plot":   # figures of a step (matplotlib, optional, imported when one is drawn)
+        from vlmscope.analyze import plot
+
+        return plot
     raise AttributeError(f"module 'vlmscope' has no attribute {name!r}")

@@ -9,6 +9,7 @@ pulls in torch, textual or the analysis code. The layout is documented in
 - :mod:`.writer`: :class:`TraceWriter` (and :class:`TraceWriteError`);
 - :mod:`.journal`: the append-only journal a recording writes until it is closed;
 - :mod:`.reader`: :func:`open_trace`, :class:`Trace`;
+- :mod:`.notebook`: the readable reprs of a trace, a step and ``Trace.view(...)`` (pandas optional);
 - :mod:`.validate`: the checks that let the reader take a trace file as untrusted input, and
   :func:`preflight` (a killable walk of the file's metadata, for files that hang HDF5).
 """

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import h5py
 import numpy as np
 
+from . import notebook
 from .journal import is_journal, replay_in_memory
 from .format import (
     _CACHE_BYTES, CHUNK_BYTES, ENC_NONE, FORMAT_NAME, FORMAT_VERSION, STATUS_COMPLETE, STATUS_FAILED, STATUS_INCOMPLETE,
@@ -32,6 +33,13 @@ class StepView:
     tensors: np.ndarray
     reshapes: np.ndarray
     probes: np.ndarray
+    trace: "Trace | None" = field(default=None, repr=False, compare=False)   # resolves strings in the repr
+
+    def __repr__(self) -> str:
+        return notebook.step_repr(self)
+
+    def _repr_html_(self) -> str:
+        return notebook.step_html(self)
 
 
 class Trace:
@@ -183,7 +191,7 @@ class Trace:
             g = self._group("meta")
             if not self._guard(lambda: h5py.h5a.exists(g.id, b"run_json")):
                 raise corrupt(self.path, "no /meta run_json")     # every recording writes it
-            m = attr_json(g, "run_json", self.path, "/meta/", "{}", dict) or {}
+            m = attr_json(g, "run_json", self.path, "/meta/", "{}", dict, null_ok=False)
             for key, types in _META_TYPES.items():
                 v = m.get(key)
                 if v is not None and (isinstance(v, bool) or not isinstance(v, types)):
@@ -416,7 +424,7 @@ class Trace:
         return rows
 
     def step(self, i: int) -> StepView:
-        return StepView(self._step_row(i), self.events(i), self.tensors(i), self.reshapes(i), self.probes(i))
+        return StepView(self._step_row(i), self.events(i), self.tensors(i), self.reshapes(i), self.probes(i), self)
 
     def event_tensors(self, event_row: int) -> np.ndarray:
         """The tensor rows of one module call (global event row)."""
@@ -513,8 +521,21 @@ class Trace:
     def event_path(self, row: np.void) -> str:
         return self.module_path(int(row["module"]))
 
+    # notebooks and the REPL (vlmscope/trace/notebook.py) ----------------------------
+    def view(self, table: str = "steps", step: int | None = None, kind: str | None = None,
+             max_rows: int = notebook.MAX_ROWS) -> notebook.TableView:
+        """A readable view of a table (``steps``, ``events``, ``tensors``, ``reshapes``, ``probes``,
+        ``modules``), of one step's rows with ``step=``, of the probes of one ``kind=``: strings
+        resolved, a bounded ``repr`` and ``_repr_html_``, ``.rows`` (the numpy array the accessor
+        returns) and ``.to_pandas()`` (pandas optional)."""
+        return notebook.TableView(self, table, step=step, kind=kind, max_rows=max_rows)
+
     def __repr__(self) -> str:
-        return f"<Trace {self.path} v{self.format_version} {self.status} steps={self.n_steps}>"
+        """Path, format, status, model, table sizes and the first steps (never raises)."""
+        return notebook.trace_repr(self)
+
+    def _repr_html_(self) -> str:
+        return notebook.trace_html(self)
 
 
 #: Bytes per block when a whole table is read and checked (see :meth:`Trace._table`).
