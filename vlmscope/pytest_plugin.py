@@ -14,12 +14,21 @@ Fixtures:
 ``vlmscope_golden``
     ``vlmscope_golden.check(trace, name=None)`` compares the trace's shape snapshot with the
     golden file stored next to the test, ``<test dir>/__vlmscope__/<test file>/<test>[.<name>].json``,
-    and fails with a unified diff on mismatch (``vlmscope_golden.assert_match`` is an alias).
+    and fails on mismatch with a summary line (how many entries differ, in which steps and
+    modules), then the first lines of the unified diff and the ``vlmscope snapshot ... --compare``
+    command that prints all of it (``vlmscope_golden.assert_match`` is an alias).
     A missing golden file fails with a hint; ``pytest --vlmscope-update`` (re)writes the
     golden files instead of comparing. ``vlmscope_golden.path(name=None)`` gives the path;
     ``vlmscope_golden.use(path)`` compares with an explicit file instead (e.g. ``traces/golden/``).
 
+A failing :func:`vlmscope.expect` is reported in a few lines (the test's line, then what was
+expected, what was found, where and which dim differs) rather than a traceback through the
+analysis code; ``--tb=long`` (or any explicit ``--tb``) and ``--fulltrace`` keep pytest's own.
+
 Example::
+
+    import vlmscope
+    import vlmscope_models
 
     def test_shapes(vlmscope_record, vlmscope_golden):
         model, processor = vlmscope_models.load_embedded("tiny-qwen2-vl")
@@ -30,14 +39,20 @@ Example::
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
 import re
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 GOLDEN_DIR = "__vlmscope__"
+#: lines of the unified diff a golden mismatch shows (the summary line comes first)
+DIFF_LINES = 40
 
 
 def pytest_addoption(parser: Any) -> None:
@@ -48,6 +63,36 @@ def pytest_addoption(parser: Any) -> None:
 
 def pytest_configure(config: Any) -> None:
     config.addinivalue_line("markers", "vlmscope: a test that records or compares vlmscope traces")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: Any, call: Any):
+    """Report a failing ``vlmscope.expect`` in pytest's short style: the test's own line and the
+    assertion's message (expected, found, where, which dim), no frames of the analysis code.
+    Only under the default ``--tb=auto``; ``--fulltrace``, ``--showlocals`` and an explicit ``--tb``
+    keep pytest's report (the analysis code's frames stay hidden by ``__tracebackhide__``)."""
+    outcome = yield
+    rep = outcome.get_result()
+    exc = call.excinfo
+    if exc is None or rep.when != "call" or not rep.failed or not _is_shape_mismatch(exc.value):
+        return
+    cfg = item.config
+    if cfg.getoption("tbstyle", "auto") != "auto" or cfg.getoption("fulltrace", False) \
+            or cfg.getoption("showlocals", False):
+        return
+    short = getattr(item, "_repr_failure_py", None)
+    if short is None:
+        return
+    try:
+        rep.longrepr = short(exc, style="short")
+    except Exception:  # noqa: BLE001 - a reporting nicety: pytest's own report stays when it fails
+        pass
+
+
+def _is_shape_mismatch(e: BaseException) -> bool:
+    # without importing the analysis code: a ShapeMismatch can only come from a loaded module
+    mod = sys.modules.get("vlmscope.analyze.expect")
+    return mod is not None and isinstance(e, mod.ShapeMismatch)
 
 
 def _safe(name: str) -> str:
@@ -108,7 +153,8 @@ class GoldenSnapshot:
         return self
 
     def check(self, trace: Any, name: str | None = None, *, reshapes: bool = False) -> None:
-        """Compare ``trace`` (a Trace or a path) with the golden snapshot; fail with a unified diff."""
+        """Compare ``trace`` (a Trace or a path) with the golden snapshot; fail with a summary line
+        and a bounded unified diff (:func:`mismatch_message`)."""
         from vlmscope.analyze.snapshot import compare_snapshots, load_snapshot, snapshot, write_snapshot
 
         gp = self.path(name)
@@ -121,14 +167,107 @@ class GoldenSnapshot:
                         pytrace=False)
         golden = load_snapshot(gp)
         actual = snapshot(trace, reshapes=bool(golden.get("reshapes", reshapes)))
-        d = compare_snapshots(golden, actual, fromfile=str(gp), tofile=str(getattr(trace, "path", trace)))
+        tpath = str(getattr(trace, "path", trace))
+        d = compare_snapshots(golden, actual, fromfile=str(gp), tofile=tpath)
         if d:
-            lines = d.splitlines()
-            shown = "\n".join(lines[:400]) + (f"\n... {len(lines) - 400} more lines" if len(lines) > 400 else "")
-            pytest.fail(f"shapes differ from the golden snapshot {gp} "
-                        f"(pytest --vlmscope-update rewrites it if the change is intended):\n{shown}", pytrace=False)
+            pytest.fail(mismatch_message(golden, actual, d, gp, tpath), pytrace=False)
 
     assert_match = check
+
+
+def mismatch_message(golden: dict, actual: dict, diff: str, golden_path: Any, trace_path: Any,
+                     max_lines: int = DIFF_LINES) -> str:
+    """A golden mismatch in a few lines: a summary line first (how many entries differ, in which
+    steps and modules), where the golden file is, what else differs, then the first
+    ``max_lines`` lines of the unified ``diff`` and the command that prints all of it."""
+    try:
+        s = summarize(golden, actual)
+    except Exception:  # noqa: BLE001 - a hand-edited golden file may hold anything; the diff still shows
+        s = {"entries": 0, "changed": 0, "added": 0, "removed": 0, "steps": [], "modules": [], "headers": [],
+             "n_steps": 0}
+    steps, mods = s["steps"], s["modules"]
+    what = f"{s['entries']} entr{'y differs' if s['entries'] == 1 else 'ies differ'}"
+    if s["added"] or s["removed"]:
+        what += f" ({s['changed']} changed, {s['added']} added, {s['removed']} removed)"
+    where = []
+    if steps:
+        where.append(f"{len(steps)} of {s['n_steps']} step{'s' if s['n_steps'] != 1 else ''} ({_few(steps, 8)})")
+    if mods:
+        where.append(f"{len(mods)} module{'s' if len(mods) != 1 else ''} ({_few(mods, 3)})")
+    head = f"shapes differ from the golden snapshot: {what}" + (" in " + ", ".join(where) if where else "")
+    also = _few(s["headers"], 4, sep="; ")
+    if not s["entries"] and also:
+        head, also = f"shapes differ from the golden snapshot: {also}", ""
+    lines = [head, f"  golden: {golden_path} (pytest --vlmscope-update rewrites it if the change is intended)"]
+    if also:
+        lines.append(f"  also:   {also}")
+    dl = diff.splitlines()
+    lines += dl[:max_lines]
+    if len(dl) > max_lines:
+        lines.append(f"... {len(dl) - max_lines} more lines; run `vlmscope snapshot {shlex.quote(str(trace_path))} "
+                     f"--compare {shlex.quote(str(golden_path))}` for all")
+    return "\n".join(lines)
+
+
+def summarize(golden: dict, actual: dict) -> dict:
+    """What differs between two snapshots, entry by entry: ``entries`` (``changed`` + ``added`` +
+    ``removed``), the ``steps`` and ``modules`` they are in (execution order), ``headers`` (run or
+    step fields that differ, e.g. ``"step 1 q_len 88 -> 89"``) and ``n_steps``."""
+    out: dict[str, Any] = {"changed": 0, "added": 0, "removed": 0, "steps": [], "modules": [], "headers": []}
+    mods: dict[str, None] = {}
+    skip = ("steps", "model")        # the model's name is not compared (vlmscope.analyze.snapshot)
+    for k in [k for k in golden if k not in skip] + [k for k in actual if k not in golden and k not in skip]:
+        if golden.get(k) != actual.get(k):
+            out["headers"].append(f"{k} {_short(golden.get(k))} -> {_short(actual.get(k))}")
+    gs = {int(st.get("step", i)): st for i, st in enumerate(golden.get("steps") or [])}
+    as_ = {int(st.get("step", i)): st for i, st in enumerate(actual.get("steps") or [])}
+    for n in sorted(set(gs) | set(as_)):
+        g, a = gs.get(n), as_.get(n)
+        gc, ac = list((g or {}).get("calls") or []), list((a or {}).get("calls") or [])
+        if g is not None and a is not None:
+            for k in [k for k in g if k != "calls"]:
+                if g.get(k) != a.get(k):
+                    out["headers"].append(f"step {n} {k} {_short(g.get(k))} -> {_short(a.get(k))}")
+        elif g is None:
+            out["headers"].append(f"step {n} is new")
+        else:
+            out["headers"].append(f"step {n} is missing")
+        before = out["changed"] + out["added"] + out["removed"]
+        sm = difflib.SequenceMatcher(None, [_key(e) for e in gc], [_key(e) for e in ac], autojunk=False)
+        for tag, i1, i2, j1, j2 in sm.get_opcodes():
+            if tag == "equal":
+                continue
+            ni, nj = i2 - i1, j2 - j1
+            out["changed"] += min(ni, nj)
+            out["removed"] += max(0, ni - nj)
+            out["added"] += max(0, nj - ni)
+            for e in gc[i1:i2] + ac[j1:j2]:
+                mods.setdefault(_module_of(e), None)
+        if out["changed"] + out["added"] + out["removed"] > before or g is None or a is None:
+            out["steps"].append(n)
+    out["entries"] = out["changed"] + out["added"] + out["removed"]
+    out["modules"] = list(mods)
+    out["n_steps"] = max(len(gs), len(as_))
+    return out
+
+
+def _key(entry: Any) -> str:
+    return json.dumps(entry, sort_keys=True, ensure_ascii=False)
+
+
+def _module_of(entry: Any) -> str:
+    m = entry[0] if isinstance(entry, list) and entry else None
+    return "<root>" if m == "" else str(m)
+
+
+def _short(v: Any, n: int = 40) -> str:
+    s = json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def _few(items: list, n: int, sep: str = ", ") -> str:
+    shown = sep.join(str(x) for x in items[:n])
+    return shown + (f"{sep}+{len(items) - n} more" if len(items) > n else "")
 
 
 @pytest.fixture

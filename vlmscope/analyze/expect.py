@@ -113,6 +113,7 @@ def glob_to_regex(pattern: str) -> re.Pattern:
 def expect(trace: Trace | str | os.PathLike, pattern: str, output: Any = None, inputs: Any = None, *,
            step: int | None = None, bind: str = "step", **known: int) -> ExpectResult:
     """Assert the shapes of every call of the modules matching ``pattern`` (see the module docstring)."""
+    __tracebackhide__ = True   # pytest: a failure shows the test's line and this message, not our frames
     own = not isinstance(trace, Trace)
     t = open_trace(trace) if own else trace
     try:
@@ -135,6 +136,7 @@ def _call_repr(pattern: str, output: Any, inputs: Any, known: dict) -> str:
 def _expect(ix: TraceIndex, pattern: str, output: Any, inputs: Any, step: int | None, bind: str,
             known: dict) -> ExpectResult:
     """Check every call of the modules matching ``pattern``; raise the earliest failure in execution order."""
+    __tracebackhide__ = True
     if output is None and inputs is None:
         raise ValueError("expect() needs output= and/or inputs=")
     if bind not in ("step", "trace"):
@@ -169,6 +171,7 @@ def _expect(ix: TraceIndex, pattern: str, output: Any, inputs: Any, step: int | 
 
 def _matching_modules(ix: TraceIndex, pattern: str, call: str) -> np.ndarray:
     """Indices of the modules whose path matches the glob ``pattern`` (raises when none does)."""
+    __tracebackhide__ = True
     rx = glob_to_regex(pattern)
     mods = np.array([i for i, p in enumerate(ix.module_paths) if rx.match(str(p))], np.int64)
     if not len(mods):
@@ -178,6 +181,7 @@ def _matching_modules(ix: TraceIndex, pattern: str, call: str) -> np.ndarray:
 
 def _called_events(ix: TraceIndex, mods: np.ndarray, step: int | None, call: str) -> np.ndarray:
     """Event rows of the calls of ``mods`` (in ``step`` when given); raises when there are none."""
+    __tracebackhide__ = True
     ev = ix.events
     sel_ev = np.isin(ev["module"], mods)
     if step is not None:
@@ -371,7 +375,7 @@ def _failure(ix: TraceIndex, call: str, failures: list, bindings: dict, known: d
         src_mod = ix.module_path(int(ix.events["module"][int(te["event"][src])]))
         lines.append(f"  reason:   {d['symbol']} is bound to {d['bound']} (by {src_mod}, "
                      f"{'step ' + str(int(te['step'][src])) if bind == 'step' else 'first match'}) "
-                     f"but is {_sym_value(actual, toks, d['symbol'])} here")
+                     f"but is {_sym_value(actual, toks, d['symbol'], d['bound'])}")
     elif kind in ("literal", "known"):
         lines.append("  reason:   " + "; ".join(_literal_reasons(actual, toks, known)))
     if len(failures) > 1:
@@ -389,15 +393,25 @@ def _dims_for(actual: tuple, toks: list) -> list[tuple[Any, int]]:
     return list(zip(toks, actual))
 
 
-def _sym_value(actual: tuple, toks: list, sym: str) -> str:
-    vals = [v for t, v in _dims_for(actual, toks) if t == sym]
-    return str(vals[0]) if vals else "?"
+def _sym_value(actual: tuple, toks: list, sym: str, bound: int) -> str:
+    """The value ``sym`` has in ``actual`` where it conflicts, and its dim: ``"1 here (dim 1)"``."""
+    dims = [(i, v) for i, (t, v) in enumerate(_dims_for(actual, toks)) if t == sym]
+    dims = [d for d in dims if d[1] != bound] or dims
+    return f"{dims[0][1]} here (dim {_dim_index(actual, toks, dims[0][0])})" if dims else "? here"
+
+
+def _dim_index(actual: tuple, toks: list, k: int) -> int:
+    """The dim of ``actual`` that the ``k``-th entry of :func:`_dims_for` is (after a ``...``, from the end)."""
+    if "..." in toks and k >= toks.index("..."):
+        return len(actual) - (len(toks) - 1 - k)
+    return k
 
 
 def _literal_reasons(actual: tuple, toks: list, known: dict) -> list[str]:
     out = []
     dims = _dims_for(actual, toks)
-    for i, (t, v) in enumerate(dims):
+    for k, (t, v) in enumerate(dims):
+        i = _dim_index(actual, toks, k)
         if isinstance(t, int) and t != v:
             out.append(f"dim {i}: expected {t}, got {v}")
         elif isinstance(t, str) and t in known and int(known[t]) != v:
