@@ -35,11 +35,11 @@ def one_line_error(result, *needles: str, code: int = 2) -> str:
     err = result.stderr.strip()
     assert "Traceback" not in result.output + result.stderr
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 or lines[0].startswith("error:"), err
+    assert len(lines) == 1 or lines[0].startswith("vlmscope: error:"), err
     text = " ".join(err.split())
     for n in needles:
         assert n in text, (n, text)
-    assert text.startswith("error:")
+    assert text.startswith("vlmscope: error:")
     return text
 
 
@@ -232,7 +232,7 @@ def test_cli_subprocess_bad_image_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-P", "-m", "vlmscope.cli", "record", "--image", str(tmp_path / "x.png")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"error: image not found: {tmp_path / 'x.png'}"]
+    assert r.stderr.strip().splitlines() == [f"vlmscope: error: image not found: {tmp_path / 'x.png'}"]
 
 
 def test_failed_forward_exits_1_and_prints_the_failure(tmp_path):

@@ -223,7 +223,7 @@ def test_summary_is_no_verdict_when_check_cannot_run(tmp_path):
     assert "check could not run: trace is truncated or corrupt" in text
     assert "invariant violation" not in text
     err = " ".join(r.err.split())
-    assert err.startswith("error: check could not run") and "Traceback" not in r.err
+    assert err.startswith("vlmscope: error: check could not run") and "Traceback" not in r.err
     # the intact example runs the rules and exits 0: the 3 is about the damage
     ok = vlmscope("summary", str(MQWEN))
     assert ok.returncode == 0, ok.err

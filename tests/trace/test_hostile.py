@@ -56,7 +56,7 @@ def _every_accessor(t) -> None:
 
 
 def _cli(*args: str, timeout: float = 60, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'model'}", **(env_extra or {}))
+    env = dict(os.environ, **(env_extra or {}))      # the installed vlmscope (-P: not the checkout)
     return subprocess.run([sys.executable, "-P", "-m", "vlmscope.cli", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=ROOT)
 
@@ -392,3 +392,18 @@ def test_a_trace_that_hangs_hdf5_is_refused_by_preflight_and_the_commands(tmp_pa
         r = _cli(*cmd, str(p), timeout=40, env_extra={"VLMSCOPE_PREFLIGHT_TIMEOUT": "2"})
         assert r.returncode == 3 and "reading it does not finish" in r.stderr, (cmd, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and time.monotonic() - t0 < 30
+
+
+def test_a_tensor_row_whose_shape_does_not_hold_its_elements_is_refused_where_shown(tmp_path):
+    """A doctored row (checksums rewritten by h5py, so no chunk is damaged) claims a shape of
+    2^31-1 in every dimension: snapshot and diff refuse it in one line rather than print or
+    range over it."""
+    p = _copy(tmp_path)
+    with h5py.File(p, "r+") as f:
+        te = f["tensors"][:]
+        te["shape"][5, :3] = 2**31 - 1
+        f["tensors"][:] = te
+    r = _cli("snapshot", str(p))
+    assert r.returncode == 3 and "does not hold" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = _cli("diff", str(EXAMPLE), str(p))
+    assert r.returncode == 3 and "does not hold" in r.stderr and "Traceback" not in r.stderr, r.stderr

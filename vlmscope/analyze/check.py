@@ -37,11 +37,11 @@ def check(trace: Trace | str | os.PathLike, rules: Iterable[str] | str | None = 
             out += RULES[rid].fn(ix)
         golden_diff = None
         if golden is not None:
-            from .snapshot import compare_to_file
+            from .snapshot import compare_golden
 
-            golden_diff = compare_to_file(t, golden)
+            golden_summary, golden_diff = compare_golden(t, golden)
             if golden_diff:
-                out.append(_golden_violation(golden, golden_diff))
+                out.append(_golden_violation(golden, golden_summary))
         out.sort(key=lambda v: (v.step, v.seq if v.seq >= 0 else 1 << 40, v.rule))
         return CheckReport(str(t.path), ids, out, t.status, t.n_steps, golden_diff)
     finally:
@@ -49,12 +49,12 @@ def check(trace: Trace | str | os.PathLike, rules: Iterable[str] | str | None = 
             t.close()
 
 
-def _golden_violation(golden: str | os.PathLike, golden_diff: str) -> Violation:
-    """The shapes differ from the golden snapshot: one violation counting the differing lines."""
-    n = sum(1 for ln in golden_diff.splitlines() if ln[:1] in "+-" and ln[:3] not in ("+++", "---"))
-    return Violation("snapshot.golden", -1, "", f"shapes as in {os.fspath(golden)}", f"{n} differing lines",
-                     "the shapes changed; see the unified diff (rewrite the golden file with `vlmscope snapshot` "
-                     "if intended)")
+def _golden_violation(golden: str | os.PathLike, summary: str) -> Violation:
+    """The shapes differ from the golden snapshot: one violation, its one-line summary as ``actual``
+    (``golden has 4 steps, trace has 8``, ``12 differing lines, first at step 0: ...``)."""
+    return Violation("snapshot.golden", -1, "", f"shapes as in {os.fspath(golden)}", summary,
+                     "the shapes changed: record as many steps as the golden has (-n) and see the unified "
+                     "diff; rewrite the golden file with `vlmscope snapshot -o` if the change is intended")
 
 
 def run_checks(trace: Trace | str | os.PathLike, rules: Iterable[str] | str | None = None) -> list[Violation]:

@@ -36,8 +36,9 @@ from .diff_render import Divergence, fmt_tokens, render
 from .maps import MapRules
 from .status import DRIFT, MISSING_A, MISSING_B, SAME, SHAPE, STATUS_NAMES  # noqa: F401  (re-exported)
 
-_STEP_FIELDS = ("kind", "status", "input_len", "q_len", "cache_before", "cache_after", "pos_rows", "pos_min",
-                "pos_max", "mask_ndim", "mask_shape", "image_tokens")
+_STEP_FIELDS = ("kind", "status", "input_len", "q_len", "cache_before", "cache_after", "pos_min", "pos_max",
+                "mask_shape", "image_tokens")
+_KINDS = {0: "prefill", 1: "decode"}
 _fmt_tokens = fmt_tokens   # the CLI imports it under this name
 
 
@@ -145,8 +146,8 @@ def _report(al: Alignment, limit: int, rtol, atol, maps) -> DiffReport:
     first = divs[0] if divs else None
     if first is None and steps:
         s0 = steps[0]
-        first = Divergence("semantic", "step", "drift", s0["step"], "", s0["field"], str(s0["a"]), str(s0["b"]),
-                           "step table differs")
+        first = Divergence("semantic", "step", "drift", s0["step"], "", s0["field"], show_value(s0["a"]),
+                           show_value(s0["b"]), "step table differs")
     if first is None and A.n_steps != B.n_steps:
         first = Divergence("structural", "step", "missing_in_b" if A.n_steps > B.n_steps else "missing_in_a",
                            min(A.n_steps, B.n_steps), "", "steps", f"{A.n_steps} steps", f"{B.n_steps} steps",
@@ -217,22 +218,52 @@ def _node_modules(A: TraceIndex, B: TraceIndex, table: str, a: np.ndarray, b: np
     return mod
 
 
+def show_value(v) -> str:
+    """A step-table value as shown: None (not recorded, no mask) is "-"."""
+    if v is None:
+        return "-"
+    if isinstance(v, list):
+        return "[" + ", ".join(show_value(x) for x in v) + "]"
+    return str(v)
+
+
 def _step_diffs(A: TraceIndex, B: TraceIndex, limit: int = 200) -> list[dict]:
+    """The step-table fields that differ, with their real values only: the positions' ranges of the
+    rows used (``pos_min`` / ``pos_max``, one value per position row), the mask's shape without
+    its padding (None when the step has no mask), None for a count not recorded (-1)."""
     n = min(A.n_steps, B.n_steps)
     if not n:
         return []
     sa, sb = A.steps[:n], B.steps[:n]
     out = []
-    for f in _STEP_FIELDS:
-        x, y = sa[f], sb[f]
-        d = (x != y) if x.ndim == 1 else (x != y).any(axis=1)
-        for s in np.nonzero(d)[0][:limit]:
-            xv, yv = x[s], y[s]
-            out.append({"step": int(s), "field": f,
-                        "a": xv.tolist() if hasattr(xv, "tolist") else xv,
-                        "b": yv.tolist() if hasattr(yv, "tolist") else yv})
-    out.sort(key=lambda r: (r["step"], _STEP_FIELDS.index(r["field"])))
-    return out[:limit]
+    for s in range(n):
+        ra, rb = _step_values(sa[s]), _step_values(sb[s])
+        for f in _STEP_FIELDS:
+            if ra[f] != rb[f]:
+                out.append({"step": s, "field": f, "a": ra[f], "b": rb[f]})
+                if len(out) >= limit:
+                    return out
+    return out
+
+
+def _step_values(st: np.void) -> dict:
+    """One step row's fields as shown: padding stripped, unused rows omitted, -1 as None."""
+    rows = max(int(st["pos_rows"]), 0)
+    md = int(st["mask_ndim"])
+
+    def opt(k: str) -> int | None:
+        v = int(st[k])
+        return v if v >= 0 else None
+
+    return {
+        "kind": _KINDS.get(int(st["kind"]), int(st["kind"])), "status": int(st["status"]),
+        "input_len": opt("input_len"), "q_len": opt("q_len"),
+        "cache_before": opt("cache_before"), "cache_after": opt("cache_after"),
+        "pos_min": [int(x) for x in st["pos_min"][:rows]] or None,
+        "pos_max": [int(x) for x in st["pos_max"][:rows]] or None,
+        "mask_shape": [int(d) for d in st["mask_shape"][:md]] if md > 0 else None,
+        "image_tokens": opt("image_tokens"),
+    }
 
 
 __all__ = ["diff", "DiffReport", "Divergence", "SAME", "SHAPE", "DRIFT", "MISSING_A", "MISSING_B"]

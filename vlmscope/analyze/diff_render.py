@@ -13,6 +13,7 @@ import numpy as np
 
 from vlmscope.semantics import fmt_shape
 from vlmscope.trace import ROLE_NAMES, ROLE_OUTPUT
+from vlmscope.trace.validate import check_tensor_shapes
 
 from ._index import TraceIndex
 from .aligned import Alignment
@@ -118,6 +119,8 @@ def _render_tensor(al: Alignment, i: int, a: int, b: int, st: int, step: int) ->
                           seq_a=seq_a, seq_b=seq_b, module_b=mod_b, origin=origin)
     da, db = _tensor_desc(A, a), _tensor_desc(B, b)
     if st == SHAPE:
+        check_tensor_shapes(ra, A.trace.path, "a tensor")     # the shapes shown as the divergence
+        check_tensor_shapes(rb, B.trace.path, "a tensor")
         sa = tuple(int(d) for d in ra["shape"][: ra["ndim"]])
         sb = tuple(int(d) for d in rb["shape"][: rb["ndim"]])
         detail, tokens = _shape_detail(A, step, sa, sb)
@@ -292,11 +295,27 @@ def _render_probe(al: Alignment, a: int, b: int, st: int, step: int) -> Divergen
                       tokens, seq_a, seq_b, mod_b)
 
 
+def _show(v) -> str:
+    """A value as shown: None (not recorded) is "-"."""
+    if v is None:
+        return "-"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_show(x) for x in v) + "]"
+    return str(v)
+
+
+def _info_detail(ia: dict, ib: dict) -> str:
+    """What the probes' info records say differently: only the keys that differ, real values
+    (None shown as "-"), e.g. ``fill - -> -3.4e+38``."""
+    keys = [k for k in dict.fromkeys([*ia, *ib]) if k != "lengths" and ia.get(k) != ib.get(k)]
+    if not keys:
+        return "values differ"
+    return "; ".join(f"{k} {_show(ia.get(k))} -> {_show(ib.get(k))}" for k in keys)
+
+
 def _value_detail(kind: str, va, vb, cb: int, ia: dict, ib: dict):
     if va is None or vb is None or va.shape != vb.shape:
-        ka = {k: v for k, v in ia.items() if k != "lengths"}
-        kb = {k: v for k, v in ib.items() if k != "lengths"}
-        return f"info {ka} -> {kb}", None, "", ""
+        return _info_detail(ia, ib), None, "", ""
     ne = va != vb
     if kind == "attention_mask":
         q_axis = va.ndim - 2 if va.ndim >= 2 else 0

@@ -12,7 +12,14 @@ An entry is ``[module path, nth call, "in" | "out" | "call", argument, shape, dt
 without tensors is ``[path, nth, "call"]``). With ``reshapes=True`` the shape-changing ops
 are listed too: ``[path, nth call, "reshape", "op#k", "in shapes", out shape, out dtype]``.
 
-Comparison re-renders both sides canonically and returns a unified diff ('' when equal).
+``model`` is the model's name as the user would write it, however the model was loaded: an
+embedded model's name (``tiny-qwen2.5-vl``, also for ``vlmscope_models/tiny-qwen2.5-vl``), a
+checkpoint directory's basename, else the model type (see :func:`model_name`). A comparison
+ignores it: goldens do not depend on how the model was named.
+
+Comparison re-renders both sides canonically and returns a unified diff ('' when equal), with a
+one-line summary (:func:`golden_summary`): ``golden has 4 steps, trace has 8`` (then there is no
+line-by-line diff: the diff is that line), ``12 differing lines, first at step 0: ...``.
 It serves ``vlmscope snapshot``, ``vlmscope check --golden`` and the pytest plugin.
 """
 
@@ -21,12 +28,14 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
 
 from vlmscope.trace import ROLE_OUTPUT, Trace, open_trace
+from vlmscope.trace.validate import check_tensor_shapes
 
 from ._index import index_of
 
@@ -57,10 +66,32 @@ def _snapshot(t: Trace, with_reshapes: bool, steps: Any) -> dict:
     out_steps = [_step_snapshot(ix, s, with_reshapes) for s in wanted]
     return {
         "vlmscope_snapshot": SNAPSHOT_VERSION,
-        "model": meta.get("model"), "family": meta.get("family"), "dtype": meta.get("dtype"),
+        "model": model_name(meta), "family": meta.get("family"), "dtype": meta.get("dtype"),
         "decoder_layers": meta.get("decoder_layers"), "reshapes": bool(with_reshapes),
         "n_steps": len(out_steps), "steps": out_steps,
     }
+
+
+_EMBEDDED_PREFIX = "vlmscope_models/"
+
+
+def model_name(meta: dict) -> Any:
+    """The model's name as a snapshot records it, independent of how the model was loaded: an
+    embedded model's name (``vlmscope_models/tiny-qwen2.5-vl`` -> ``tiny-qwen2.5-vl``), a
+    checkpoint directory's basename (``/models/Qwen2.5-VL-3B/`` -> ``Qwen2.5-VL-3B``), the model
+    type when the recorder only knew the class (``MQwenForCausalLM`` -> ``mqwen``)."""
+    name = meta.get("model")
+    if not isinstance(name, str) or not name:
+        return meta.get("family") or name
+    if name.startswith(_EMBEDDED_PREFIX):
+        return name[len(_EMBEDDED_PREFIX):] or name
+    if name == meta.get("model_class") and isinstance(meta.get("family"), str) and meta.get("family"):
+        return meta["family"]
+    if meta.get("model_kind") == "checkpoint" or name.startswith(("/", "~", "./", "../", ".\\", "..\\")) \
+            or re.match(r"[A-Za-z]:[\\/]", name):
+        base = (PureWindowsPath if "\\" in name else PurePosixPath)(name.rstrip("/\\")).name
+        return base or name
+    return name
 
 
 def _wanted_steps(steps: Any, n: int) -> Any:
@@ -101,6 +132,7 @@ def _tensor_entries(ix: Any, evs: np.ndarray, tes: np.ndarray, e0: int) -> tuple
     has_tensor = np.zeros(ne, bool)
     if not nt:
         return items, has_tensor
+    check_tensor_shapes(tes, ix.trace.path, "a tensor")     # the shapes this snapshot is about to show
     loc = tes["event"].astype(np.int64) - e0
     valid = (loc >= 0) & (loc < ne)
     has_tensor[loc[valid]] = True
@@ -195,15 +227,77 @@ def load_snapshot(path: str | os.PathLike) -> dict:
     return snap
 
 
+def _as_dict(snap: dict | str) -> dict:
+    return json.loads(snap) if isinstance(snap, str) else snap
+
+
 def compare_snapshots(expected: dict | str, actual: dict | str, *, fromfile: str = "golden",
                       tofile: str = "actual", context: int = 3) -> str:
-    """Unified diff between two snapshots (dicts or texts), '' when they are equal."""
-    ea = snapshot_text(json.loads(expected) if isinstance(expected, str) else expected)
-    aa = snapshot_text(json.loads(actual) if isinstance(actual, str) else actual)
+    """Unified diff between two snapshots (dicts or texts), '' when they are equal.
+
+    The model's name is not compared. When the numbers of steps differ, the steps are not diffed
+    line by line (every line would differ): the result is the one line of :func:`golden_summary`."""
+    return _compare(_as_dict(expected), _as_dict(actual), fromfile, tofile, context)[1]
+
+
+def golden_summary(expected: dict | str, actual: dict | str) -> str:
+    """One line saying how two snapshots differ ('' when they are equal): ``golden has 4 steps,
+    trace has 8``, ``golden is qwen2_vl float32, trace is qwen2_5_vl float32``, or ``N differing
+    lines, first at step S: MODULE``."""
+    return _compare(_as_dict(expected), _as_dict(actual), "golden", "actual", 0)[0]
+
+
+def _compare(exp: dict, act: dict, fromfile: str, tofile: str, context: int) -> tuple[str, str]:
+    """(one-line summary, unified diff); both '' when the snapshots are equal."""
+    act = {**act, "model": exp.get("model")}     # goldens do not depend on how the model was named
+    ea, aa = snapshot_text(exp), snapshot_text(act)
     if ea == aa:
-        return ""
-    return "".join(difflib.unified_diff(ea.splitlines(True), aa.splitlines(True), fromfile=fromfile,
+        return "", ""
+    ns_e, ns_a = len(exp.get("steps") or []), len(act.get("steps") or [])
+    if ns_e != ns_a:
+        line = f"golden has {ns_e} step{'s' * (ns_e != 1)}, trace has {ns_a}"
+        return line, line + "\n"
+    diff = "".join(difflib.unified_diff(ea.splitlines(True), aa.splitlines(True), fromfile=fromfile,
                                         tofile=tofile, n=context))
+    return _diff_summary(exp, act, diff), diff
+
+
+def _diff_summary(exp: dict, act: dict, diff: str) -> str:
+    n = sum(1 for ln in diff.splitlines() if ln[:1] in "+-" and ln[:3] not in ("+++", "---"))
+    head = [k for k in ("family", "dtype", "decoder_layers", "reshapes") if exp.get(k) != act.get(k)]
+    if head:
+        return "; ".join(f"golden {k} {_dump(exp.get(k))}, trace {_dump(act.get(k))}" for k in head) + \
+            f" ({n} differing lines)"
+    for se, sa in zip(exp.get("steps") or [], act.get("steps") or []):
+        if se == sa:
+            continue
+        step = se.get("step", "?")
+        hdr = [k for k in se if k != "calls" and se.get(k) != sa.get(k)]
+        if hdr:
+            k = hdr[0]
+            return f"{n} differing lines, first at step {step}: {k} {_dump(se.get(k))} in the golden, " \
+                   f"{_dump(sa.get(k))} in the trace"
+        ce, ca = se.get("calls") or [], sa.get("calls") or []
+        for x, y in zip(ce, ca):
+            if x != y:
+                return f"{n} differing lines, first at step {step}: {_entry(x)} in the golden, {_entry(y)} in the trace"
+        extra, side = (ce[len(ca):], "the golden") if len(ce) > len(ca) else (ca[len(ce):], "the trace")
+        return f"{n} differing lines, first at step {step}: {_entry(extra[0])} only in {side}"
+    return f"{n} differing lines"
+
+
+def _entry(e: Any) -> str:
+    if isinstance(e, list) and len(e) >= 3:
+        return " ".join(str(x) if not isinstance(x, list) else _dump(x) for x in e)
+    return _dump(e)
+
+
+def compare_golden(trace: Trace | str | os.PathLike, golden: str | os.PathLike) -> tuple[str, str]:
+    """(one-line summary, unified diff) of ``trace``'s snapshot against the golden file; both ''
+    when equal. As :func:`compare_to_file`."""
+    g = load_snapshot(golden)
+    snap = snapshot(trace, reshapes=bool(g.get("reshapes", False)))
+    return _compare(g, snap, os.fspath(golden), str(getattr(trace, "path", trace)), 3)
 
 
 def compare_to_file(trace: Trace | str | os.PathLike, golden: str | os.PathLike) -> str:
@@ -212,6 +306,4 @@ def compare_to_file(trace: Trace | str | os.PathLike, golden: str | os.PathLike)
     The trace is snapshotted with the golden file's own options (``reshapes``). Raises
     ``FileNotFoundError`` when the golden file is missing, ``ValueError`` when it is not a snapshot.
     """
-    g = load_snapshot(golden)
-    snap = snapshot(trace, reshapes=bool(g.get("reshapes", False)))
-    return compare_snapshots(g, snap, fromfile=os.fspath(golden), tofile=str(getattr(trace, "path", trace)))
+    return compare_golden(trace, golden)[1]

@@ -12,6 +12,7 @@ import importlib
 import click
 
 from vlmscope._version import __version__
+from vlmscope.cli.output import OneLineErrors
 
 COMMANDS = {
     "record": "vlmscope.cli.record:record",
@@ -23,7 +24,7 @@ COMMANDS = {
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(OneLineErrors, click.Group):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         ctx.meta["vlmscope.argv"] = ["vlmscope", *args]  # recorded in trace metadata
         return super().parse_args(ctx, args)

@@ -10,15 +10,19 @@ from pathlib import Path
 
 import click
 
+from vlmscope.cli.output import Command, fail, format_options, resolve_format
 from vlmscope.errors import OutputError, UserError
 
 
 def _parse_option(values: tuple[str, ...]) -> dict:
     out: dict = {}
     for item in values:
-        if "=" not in item:
+        k, eq, v = item.partition("=")
+        if not eq or not k.strip():
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--option")
-        k, v = item.split("=", 1)
+        k = k.strip()
+        if not k.isidentifier():
+            raise click.BadParameter(f"{k!r} is not an option name", param_hint="--option")
         low = v.lower()
         if low in ("true", "false"):
             out[k] = low == "true"
@@ -31,6 +35,14 @@ def _parse_option(values: tuple[str, ...]) -> dict:
                 except ValueError:
                     out[k] = v
     return out
+
+
+def _check_text(value: str, what: str) -> None:
+    """A command-line string that is not valid UTF-8 (bytes in argv decode to lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{what} is not valid UTF-8") from None
 
 
 def default_out(model: str, image: str | None, root: Path = Path("traces")) -> Path:
@@ -74,7 +86,15 @@ def _check_writable(path: Path) -> None:
         raise OutputError(f"output path is a directory: {path}")
 
 
-@click.command()
+def _check_max_new_tokens(ctx, param, value: int) -> int:
+    if value < 1:
+        raise click.BadParameter(f"{value}: must be at least 1 (-n 1 records only the prefill)", ctx, param)
+    if value > 100_000:
+        raise click.BadParameter(f"{value} is more than 100000", ctx, param)
+    return value
+
+
+@click.command(cls=Command)
 @click.option("--model", "-m", "model_spec", default=None, metavar="NAME|DIR|MODULE:FACTORY",
               help="Embedded model name (default tiny-qwen2.5-vl), a local checkpoint directory, "
                    "or package.module:factory returning (model, processor).")
@@ -83,15 +103,17 @@ def _check_writable(path: Path) -> None:
 @click.option("--prompt", "-p", default="Describe this image.", show_default=True)
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
               help="Trace path (default: a unique name under traces/).")
-@click.option("--max-new-tokens", "-n", type=click.IntRange(0, 100_000), default=8, show_default=True)
+@click.option("--max-new-tokens", "-n", type=int, default=8, show_default=True, callback=_check_max_new_tokens,
+              help="New tokens to generate: one step each (the first is the prefill; -n 1 records only the prefill).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64", "auto"]), default=None,
               help="Model dtype (default: the model's own).")
 @click.option("--attn-implementation", type=str, default=None, help="eager, sdpa, flash_attention_2, ...")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for weights of embedded models and torch.")
+@click.option("--seed", type=click.IntRange(-(2**63), 2**64 - 1), default=0, show_default=True,
+              help="Seed for weights of embedded models and torch (torch's range: -2^63 to 2^64-1).")
 @click.option("--save-tensors", multiple=True, metavar="GLOB",
               help="Save full outputs of modules whose path matches GLOB (repeatable).")
-@click.option("--max-tensor-bytes", type=int, default=256 * 1024 * 1024, show_default=True,
+@click.option("--max-tensor-bytes", type=click.IntRange(0, None), default=256 * 1024 * 1024, show_default=True,
               help="Cap on saved tensor payload bytes; past it only stats are kept.")
 @click.option("--no-reshapes", is_flag=True, help="Do not record reshape events.")
 @click.option("--no-stats", is_flag=True, help="Do not compute tensor stats.")
@@ -100,31 +122,39 @@ def _check_writable(path: Path) -> None:
 @click.option("--verbose", "-v", is_flag=True, help="Print one line per recorded step (useful in logs).")
 @click.option("--force", is_flag=True, help="Replace an existing output file (and a killed run's .partial).")
 @click.option("--fsync", is_flag=True, help="Force every finished step to the disk (survives power loss; slower).")
+@format_options
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_implementation, seed,
-           save_tensors, max_tensor_bytes, no_reshapes, no_stats, options, verbose, force, fsync, debug):
-    """Run generation on a model and record every step into an HDF5 trace."""
+           save_tensors, max_tensor_bytes, no_reshapes, no_stats, options, verbose, force, fsync, fmt, as_json,
+           debug):
+    """Run generation on a model and record every step into an HDF5 trace.
+
+    Exit status: 0 recorded, 1 the forward raised (the trace is kept), 2 bad input,
+    4 the trace could not be written, 130 interrupted, 143 terminated.
+    """
     from rich.console import Console
 
     from vlmscope.trace import TraceWriteError
-    from vlmscope.trace.text import printable
 
     err = Console(stderr=True)
+    mode = resolve_format(fmt, as_json)
+    opts = _parse_option(options)
     _install_signal_handlers()
     try:
+        _check_text(prompt, "--prompt")
+        if image is not None:
+            _check_text(image, "--image")
         code = _record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_implementation, seed,
-                       save_tensors, max_tensor_bytes, no_reshapes, no_stats, _parse_option(options), verbose,
-                       force=force, fsync=fsync)
+                       save_tensors, max_tensor_bytes, no_reshapes, no_stats, opts, verbose,
+                       force=force, fsync=fsync, mode=mode)
     except UserError as e:
         if debug:
             raise
-        click.echo(f"error: {printable(e)}", err=True)
-        sys.exit(e.exit_code)
+        fail(e, e.exit_code)
     except TraceWriteError as e:
         if debug:
             raise
-        click.echo(f"error: {printable(e)}", err=True)
-        sys.exit(EXIT_WRITE_ERROR)
+        fail(e, EXIT_WRITE_ERROR)
     except KeyboardInterrupt as e:
         err.print("[yellow]terminated[/]" if isinstance(e, Terminated) else "[yellow]interrupted[/]")
         sys.exit(_interrupt_code(e))
@@ -161,7 +191,7 @@ def _install_signal_handlers() -> None:
 
 def _record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_implementation, seed,
             save_tensors, max_tensor_bytes, no_reshapes, no_stats, options, verbose=False, *,
-            force: bool = False, fsync: bool = False) -> int:
+            force: bool = False, fsync: bool = False, mode: str = "rich") -> int:
     """Record one generation into a trace, print its summary; returns the exit code."""
     from rich.console import Console
     from rich.markup import escape as rich_escape
@@ -185,7 +215,7 @@ def _record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_
     _check_writable(out)
     _check_free(out, force)
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), _steps_column(),
                   TimeElapsedColumn(), console=console, transient=True,
                   disable=not console.is_terminal) as progress:
         task = progress.add_task(f"loading {rich_escape(printable(model_spec))}", total=None)
@@ -200,7 +230,22 @@ def _record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_
                        reshapes=not no_reshapes, stats=not no_stats, on_step=on_step, overwrite=force, fsync=fsync)
         _start(rec, model_spec, image, auto_named)
         failure = _generate(rec, model, processor, inputs, max_new_tokens)
-    return _report(rec, failure, console)
+    return _report(rec, failure, console, mode)
+
+
+def _steps_column():
+    """The progress bar's ``done/total`` column: empty while the total is unknown (loading the
+    model), never ``0/None``."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class _StepsColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            if task.total is None:
+                return Text("")
+            return Text(f"{int(task.completed)}/{int(task.total)}")
+
+    return _StepsColumn()
 
 
 def _start(rec, model_spec: str, image: str | None, auto_named: bool) -> None:
@@ -238,6 +283,10 @@ def _load_model_and_inputs(model_spec, device, dtype, attn_implementation, seed,
     from vlmscope.recorder.inputs import build_inputs
     from vlmscope.recorder.loader import load_model
 
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
     torch.manual_seed(seed)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} requested but CUDA is not available")
@@ -245,7 +294,8 @@ def _load_model_and_inputs(model_spec, device, dtype, attn_implementation, seed,
         options = {"seed": seed, **options}
     model, processor, minfo = load_model(model_spec, device=device, dtype=dtype,
                                          attn_implementation=attn_implementation, options=options)
-    inputs, info = build_inputs(model, processor, prompt=prompt, image=img)
+    inputs, info = build_inputs(model, processor, prompt=prompt, image=img,
+                                image_name=img_info.get("path") if img_info else None)
     if img_info is not None:
         img_info["resized"] = info.get("image", {}).get("resized")
         info["image"] = img_info
@@ -300,17 +350,15 @@ def _generate(rec, model, processor, inputs, max_new_tokens: int) -> BaseExcepti
     return failure
 
 
-def _report(rec, failure: BaseException | None, console) -> int:
+def _report(rec, failure: BaseException | None, console, mode: str = "rich") -> int:
     """Print the recorded trace's summary; the exit code: 130 interrupted, 1 failed or broken, else 0."""
-    from rich.console import Console
     from rich.text import Text
 
     from vlmscope import open_trace
-    from vlmscope.cli.summary import print_summary
     from vlmscope.trace.text import printable
 
     with open_trace(rec.path) as t:
-        print_summary(t, Console())
+        _print_summary(t, mode)
     if isinstance(failure, KeyboardInterrupt):
         word = "terminated:" if isinstance(failure, Terminated) else "interrupted:"
         console.print(Text.assemble((word, "yellow"), f" kept {rec.n_steps} finished step(s) in "
@@ -321,25 +369,35 @@ def _report(rec, failure: BaseException | None, console) -> int:
     return 0
 
 
-@click.command()
+def _print_summary(t, mode: str) -> str | None:
+    """The summary of an open trace in ``mode`` (plain, rich or json); why the rules could not run."""
+    from vlmscope.cli.output import Out, emit_json
+    from vlmscope.cli.summary import print_summary, summary_dict
+
+    if mode == "json":
+        data, failed = summary_dict(t)
+        emit_json(data)
+        return failed
+    return print_summary(t, Out(mode))
+
+
+@click.command(cls=Command)
 @click.argument("trace", type=click.Path(path_type=Path))
-def summary(trace: Path):
-    """Print the summary of a trace: steps, events, size, generated text, broken invariants."""
-    from rich.console import Console
+@format_options
+def summary(trace: Path, fmt: str, as_json: bool):
+    """Print the summary of a trace: steps, events, size, generated text, broken invariants.
 
+    Exit status: 0 summarised, 2 usage, 3 unreadable trace (or the checks could not run on it).
+    """
     from vlmscope import TraceError, open_trace
-    from vlmscope.cli.summary import print_summary
-    from vlmscope.trace.text import printable
-
     from vlmscope.trace import preflight
 
+    mode = resolve_format(fmt, as_json)
     try:
         preflight(trace)          # a file that hangs HDF5 is refused, not read (docs/trace-format.md)
         with open_trace(trace) as t:
-            failed = print_summary(t, Console())
+            failed = _print_summary(t, mode)
     except TraceError as e:
-        click.echo(f"error: {printable(e)}", err=True)
-        sys.exit(3)
+        fail(e, 3)
     if failed:   # what could be read is printed, but it is no verdict: never exit 0
-        click.echo(f"error: check could not run: {printable(failed)}", err=True)
-        sys.exit(3)
+        fail(f"check could not run: {failed}", 3)

@@ -47,8 +47,13 @@ def _is_text_only(model: Any) -> bool:
     return getattr(cfg, "vision_config", None) is None and image_token_id_of(cfg) is None
 
 
-def build_inputs(model: Any, processor: Any, *, prompt: str, image: Any = None) -> tuple[dict, dict]:
+def build_inputs(model: Any, processor: Any, *, prompt: str, image: Any = None,
+                 image_name: str | None = None) -> tuple[dict, dict]:
     """Chat-template the prompt (with an image item when given) and run the processor.
+
+    ``image_name`` names an image given as an object in error messages (a path names itself).
+    An input the processor rejects (an image's aspect ratio, say) raises :class:`ImageError` /
+    :class:`UserError`, one line.
 
     Returns (inputs moved to the model's device, metadata about the image/prompt).
     """
@@ -74,16 +79,17 @@ def build_inputs(model: Any, processor: Any, *, prompt: str, image: Any = None) 
             # text-only: plain string content is what every chat template accepts
             messages = [{"role": "user", "content": prompt}]
         text = template_owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if img is not None:
-        inputs = processor(text=[text], images=[img], return_tensors="pt")
-    elif processor is not tok and hasattr(processor, "__call__"):
-        try:
-            inputs = processor(text=[text], return_tensors="pt")
-        except TypeError:
-            inputs = tok([text], return_tensors="pt")
-    else:
-        inputs = tok([text], return_tensors="pt")
-    inputs = dict(inputs)
+    try:
+        inputs = dict(_process(processor, tok, text, img))
+    except Exception as e:  # noqa: BLE001 - the model's processor rejects this input: the user's input
+        msg = str(e).strip()
+        why = f"{type(e).__name__}: {msg.splitlines()[0]}" if msg else type(e).__name__
+        if img is not None:
+            where = (info.get("image") or {}).get("path") or image_name
+            size = "x".join(str(d) for d in getattr(img, "size", ()))
+            raise ImageError(f"the processor rejected the image{' ' + str(where) if where else ''}"
+                             f"{f' ({size})' if size else ''}: {why}") from e
+        raise UserError(f"the processor rejected the prompt: {why}") from e
     if img is not None and "image" in info:
         info["image"]["resized"] = _resized_size(model, processor, inputs)
     p = next(iter(model.parameters()), None)
@@ -97,6 +103,18 @@ def build_inputs(model: Any, processor: Any, *, prompt: str, image: Any = None) 
                 v = v.to(dtype)
         out[k] = v
     return out, info
+
+
+def _process(processor: Any, tok: Any, text: str, img: Any) -> Any:
+    """Run the model's processor (or its tokenizer, for a text-only model) on the text and image."""
+    if img is not None:
+        return processor(text=[text], images=[img], return_tensors="pt")
+    if processor is not tok and hasattr(processor, "__call__"):
+        try:
+            return processor(text=[text], return_tensors="pt")
+        except TypeError:
+            return tok([text], return_tensors="pt")
+    return tok([text], return_tensors="pt")
 
 
 def _resized_size(model: Any, processor: Any, inputs: dict) -> list[int] | None:

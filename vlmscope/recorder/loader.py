@@ -47,11 +47,22 @@ def _call_factory(factory, options: dict) -> tuple[Any, Any]:
             options = {k: v for k, v in options.items() if k in sig.parameters}
     except (TypeError, ValueError):
         pass
-    result = factory(**options)
+    try:
+        result = factory(**options)
+    except Exception as e:  # noqa: BLE001 - the factory refused its options (--option, --device, --attn-implementation)
+        name = getattr(factory, "__qualname__", None) or type(factory).__name__
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items() if v is not None)
+        raise ModelLoadError(f"cannot build the model ({name} with {given or 'no options'}): "
+                             f"{_first_line(e)}") from e
     if not (isinstance(result, tuple) and len(result) == 2):
         raise ModelLoadError(f"factory {getattr(factory, '__qualname__', factory)} must return (model, processor), "
                              f"got {type(result).__name__}")
     return result
+
+
+def _first_line(e: BaseException) -> str:
+    msg = str(e).strip()
+    return f"{type(e).__name__}: {msg.splitlines()[0]}" if msg else type(e).__name__
 
 
 def family_of(model: Any) -> str | None:
@@ -135,8 +146,10 @@ def _load_checkpoint(path: Path, opts: dict) -> tuple[Any, Any]:
             model = transformers.AutoModelForCausalLM.from_pretrained(path, **kw)
             proc = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - the user's checkpoint: its weights or processor files fail to load
-        raise ModelLoadError(f"cannot load model from {path}: {type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
-    model.to(opts.get("device") or "cpu")
+        raise ModelLoadError(f"cannot load model from {path}: {_first_line(e)}") from e
+    try:
+        model.to(opts.get("device") or "cpu")
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ModelLoadError(f"cannot move the model to {opts.get('device')!r}: {_first_line(e)}") from e
     model.eval()
     return model, proc
