@@ -227,11 +227,12 @@ def test_first_screen_shows_header_tree_and_detail(trace_a):
 
 def test_every_key_of_the_help_screen_is_bound(trace_a):
     bound = {b.key for b in MainScreen.BINDINGS} | {b.key for b in ViewerApp.BINDINGS}
-    for key in ("n", "N", "right_square_bracket", "left_square_bracket", "slash", "f", "c", "g", "e", "p", "q",
-                "question_mark"):
+    for key in ("n", "N", "right_square_bracket", "left_square_bracket", "colon", "home", "end", "G", "slash", "f",
+                "c", "g", "e", "p", "q", "question_mark", "S"):
         assert key in bound
-    assert [k for k, _ in KEYS] == ["j k / ↑ ↓", "enter / click", "n N", "] [", "/", "f", "c", "g", "e", "p", "tab",
-                                    "?", "q"]
+    assert ViewerApp.ENABLE_COMMAND_PALETTE and ViewerApp.COMMAND_PALETTE_BINDING == "ctrl+p"
+    assert [k for k, _ in KEYS] == ["j k / ↑ ↓", "enter / click", "n N", "] [", ":", "Home End G", "/", "f", "c", "g",
+                                    "e", "p", "tab", "S", "ctrl+p", "?", "q"]
 
 
 # --------------------------------------------------------------------------- keys
@@ -620,7 +621,8 @@ def test_mouse_click_selects_a_node(trace_a):
             await settle(pilot)
             scr = app.screen
             target = scr.nav.get_node_at_line(2)
-            await pilot.click("#navigator", offset=(6, 2))
+            top = scr.nav.content_region.y - scr.nav.region.y      # the panel's border
+            await pilot.click("#navigator", offset=(6, 2 + top))
             await settle(pilot)
             assert scr.nav.current == target.data and scr.detail.shown == target.data
     run(go())
@@ -831,7 +833,7 @@ def test_cli_bad_files_give_one_line_and_exit_3(tmp_path):
         assert res.exit_code == 3, (name, res.output)
         err = res.stderr.strip()
         assert len(err.splitlines()) == 1 and "Traceback" not in err, (name, err)
-        assert err.startswith("vlmscope view: ")
+        assert err.startswith("vlmscope: error: ")
     res = runner.invoke(view, [str(tmp_path / "good.h5"), "--map", "oops"])
     assert res.exit_code == 2
 

@@ -18,7 +18,7 @@ from textual.worker import get_current_worker
 
 from vlmscope.analyze.status import Status
 from vlmscope.trace import TraceError
-from vlmscope.tui import navigate
+from vlmscope.tui import checks, navigate
 from vlmscope.tui.analysis import Cancelled
 from vlmscope.tui.items import B_KINDS, FILTER_LABELS, Item
 from vlmscope.tui.modals import KEYS, HelpScreen, MessageScreen, PayloadScreen
@@ -28,7 +28,7 @@ from vlmscope.tui.widgets.context import ContextPanel
 from vlmscope.tui.widgets.detail import DetailPanel
 from vlmscope.tui.widgets.header import TraceHeader
 from vlmscope.tui.widgets.navigator import Navigator
-from vlmscope.tui.widgets.search import SearchBar
+from vlmscope.tui.widgets.search import GotoBar, SearchBar
 from vlmscope.tui.widgets.strips import render_strips
 from vlmscope.tui.widgets.summary import DiffSummary
 
@@ -41,6 +41,10 @@ class MainScreen(Screen):
         Binding("N", "layer(-1)", "prev layer", show=False),
         Binding("right_square_bracket", "step(1)", "step", key_display="]"),
         Binding("left_square_bracket", "step(-1)", "step", show=False, key_display="["),
+        Binding("colon", "goto", "go to step", show=False, key_display=":"),
+        Binding("home", "step_to(0)", "first step", show=False),
+        Binding("end", "step_to(-1)", "last step", show=False),
+        Binding("G", "step_to(-1)", "last step", show=False),
         Binding("slash", "search", "search", key_display="/"),
         Binding("f", "filter", "filter"),
         Binding("c", "context", "context"),
@@ -55,6 +59,10 @@ class MainScreen(Screen):
         self.step = 0
         self.query_text = ""
         self.opened = False
+        # The last requested place whose step is still loading: (step, item), item None for "the
+        # same module in that step" (] [ : Home End). A newer request replaces it; ] counts from it.
+        self.pending: tuple[int, Item | None] | None = None
+        self._fetching: int | None = None     # the step the request worker is loading
 
     # layout --------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -66,6 +74,7 @@ class MainScreen(Screen):
             yield DetailPanel(self.session, id="detail")
         yield ContextPanel(self.session, id="context")
         yield SearchBar(id="search")
+        yield GotoBar(id="goto")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -75,13 +84,14 @@ class MainScreen(Screen):
         self.query_one(TraceHeader).show_loading([p.name for p in self.session.paths])
         self.context.display = False
         self.query_one(SearchBar).display = False
+        self.query_one(GotoBar).display = False
         if self.session.diff_mode:
             self.query_one(DiffSummary).show_pending()
         self.nav.focus()
         self._open()
 
     # opening (worker) -------------------------------------------------------------------
-    @work(thread=True, exit_on_error=False, group="open")
+    @work(thread=True, group="open")
     def _open(self) -> None:
         try:
             self.session.open()
@@ -112,6 +122,8 @@ class MainScreen(Screen):
             self.detail.set_strips(render_strips(
                 Text("this trace has no complete step" + (f" ({a.status})" if a.status != "complete" else ""),
                      "bold yellow"), 60))
+        if self.session.checks:
+            self.query_one(TraceHeader).checks_started()    # "checking… 3s" until _checks_done
         self._checks()
         if self.session.diff_mode:
             self._first_divergence()
@@ -120,7 +132,7 @@ class MainScreen(Screen):
             self.call_after_refresh(gc.freeze)
 
     # analysis (workers waiting on vlmscope.analyze processes) -------------------------------
-    @work(thread=True, exit_on_error=False, group="checks")
+    @work(thread=True, group="checks")
     def _checks(self) -> None:
         worker = get_current_worker()
         try:
@@ -131,13 +143,18 @@ class MainScreen(Screen):
             to_ui(self.app, self._checks_done)
 
     def _checks_done(self) -> None:
+        self.query_one(TraceHeader).checks_finished()
         if self.session.check_error:
             self.notify(f"checks failed: {self.session.check_error}", severity="error", timeout=10)
             self._header()
+        elif self.session.checks:
+            text, severity = checks.done_message(self.session.violations)
+            self.notify(text, severity=severity, timeout=5)
         self.nav.relabel()
         self.detail.redraw()
+        self.context.show_step(self.step, force=True)    # expected values beside failing positions
 
-    @work(thread=True, exit_on_error=False, group="diff")
+    @work(thread=True, group="diff")
     def _first_divergence(self) -> None:
         worker = get_current_worker()
         try:
@@ -177,7 +194,7 @@ class MainScreen(Screen):
                 where += f" {tm.s(int(r['op']))}"
         return where
 
-    @work(thread=True, exit_on_error=False, group="prefetch", exclusive=True)
+    @work(thread=True, group="prefetch", exclusive=True)
     def _prefetch(self, step: int) -> None:
         """Index the steps around ``step`` (next first) so that ] and [ find them ready."""
         a = self.session.a
@@ -185,35 +202,86 @@ class MainScreen(Screen):
         for s in (step, step + 1, step - 2):
             if worker.is_cancelled:
                 return
-            if a is not None and 0 <= s < a.n_steps and not self.session.ready(s):
+            if a is not None and 0 <= s < a.n_steps and not self.session.ready(s) \
+                    and self.session.step_error(s) is None:
                 try:
                     self.session.ensure_step(s)
-                except Exception:  # noqa: BLE001 - a damaged step of the user's file: opening it shows the error
-                    return
+                except TraceError:      # a damaged step: noted by the session, shown when visited
+                    continue
                 to_ui(self.app, self._prefetched, s)
 
     def _prefetched(self, step: int) -> None:
-        self.nav.step_ready(step)
+        self._arrived(step)
         if self.detail.shown is not None and self.detail.shown == self.detail.wanted:
             self._warm_neighbours(self.detail.shown)
 
-    @work(thread=True, exit_on_error=False, group="load")
-    def _load_step(self, step: int, then: Item | None) -> None:
+    def _arrived(self, step: int) -> None:
+        """Step ``step`` got indexed (or turned out damaged): fill what waited for it."""
+        self.nav.step_ready(step)
+        self.detail.step_ready(step)
+
+    @work(thread=True, group="load")
+    def _load_step(self, step: int) -> None:
+        """Index a step the tree or the detail panel waits for (a node expanded, a click)."""
         try:
             self.session.ensure_step(step)
         except TraceError as e:
-            to_ui(self.app, self.notify, str(e), severity="error")
+            to_ui(self.app, self._step_failed, step, str(e))
             return
-        to_ui(self.app, self._step_loaded, step, then)
+        to_ui(self.app, self._arrived, step)
 
-    def _step_loaded(self, step: int, then: Item | None) -> None:
-        self.nav.step_ready(step)
-        if then is not None:
-            self._reveal(then)
+    def _step_failed(self, step: int, message: str) -> None:
+        self._arrived(step)
+        self._damaged(step)
+
+    def _damaged(self, step: int) -> None:
+        error = self.session.step_error(step)
+        if error is not None:
+            self.notify(f"step {step}: {error}", severity="error", timeout=6)
 
     @on(Navigator.NeedStep)
     def _need_step(self, message: Navigator.NeedStep) -> None:
-        self._load_step(message.step, message.then)
+        if message.then is not None:
+            self._request(message.step, message.then)
+        elif self.session.step_error(message.step) is None:
+            self._load_step(message.step)
+
+    # requests: the last one wins ------------------------------------------------------
+    def _request(self, step: int, item: Item | None) -> None:
+        """Go to ``item`` (None: the same module in ``step``) once ``step`` is indexed. One worker
+        loads requested steps, one at a time: when it finishes, only the latest request is
+        carried out, and the worker goes on to its step if that is not indexed yet."""
+        self.pending = (step, item)
+        if self._fetching is None:
+            self._fetching = step
+            self._fetch(step)
+
+    @work(thread=True, group="request")
+    def _fetch(self, step: int) -> None:
+        try:
+            self.session.ensure_step(step)
+        except TraceError:      # the session keeps why; the step's node shows it
+            pass
+        to_ui(self.app, self._fetched, step)
+
+    def _fetched(self, step: int) -> None:
+        self._fetching = None
+        self._arrived(step)
+        pending = self.pending
+        if pending is None:
+            return
+        if pending[0] != step and not self._settled(pending[0]):
+            self._request(*pending)         # a newer request: load its step now
+            return
+        self.pending = None
+        if pending[1] is None:
+            self._go_step(self._from_item(), pending[0])
+        else:
+            self._reveal(pending[1])
+
+    def _settled(self, step: int) -> bool:
+        """Whether ``step`` is indexed, or known to be damaged (nothing more to wait for)."""
+        return self.session.ready(step) or self.session.step_error(step) is not None
 
     # cursor ---------------------------------------------------------------------------
     @on(Navigator.NodeHighlighted)
@@ -225,6 +293,8 @@ class MainScreen(Screen):
         if item[1] == "g":
             self.detail.show(item)
             return
+        if not self._settled(item[0]) and self._fetching != item[0]:
+            self._load_step(item[0])
         if item[0] != self.step:
             self.step = item[0]
             self._header()
@@ -266,10 +336,15 @@ class MainScreen(Screen):
         return self.nav.current
 
     def _reveal(self, item: Item) -> bool:
-        """Show ``item`` in the tree (switching the filter to "all" when it hides the item)."""
+        """Show ``item`` in the tree (switching the filter to "all" when it hides the item). An item
+        of a step not indexed yet is requested (:meth:`_request`): shown when its step arrives."""
         if not self.session.ready(item[0]):
-            self._load_step(item[0], item)
-            return True
+            if self.session.step_error(item[0]) is None:
+                self._request(item[0], item)
+                return True
+            item = (item[0], "s", -1)       # a damaged step: its node says why
+            self._damaged(item[0])
+        self.pending = None
         if not self.session.visible(item):
             self.session.filter = "all"
             self.nav.reset()
@@ -291,34 +366,65 @@ class MainScreen(Screen):
             return
         self._reveal(target)
 
+    def _from_item(self) -> Item:
+        """The item a step key starts from: the cursor's (a group node stands for its step)."""
+        cur = self.current or (self.step, "s", -1)
+        return (self.step, "s", -1) if cur[1] == "g" else cur
+
     def action_step(self, direction: int) -> None:
+        """] and [: counted from the last requested step (quick presses all land), not from the
+        step shown while the requested one still loads."""
         a = self.session.a
         if a is None or not a.n_steps:
             return
-        cur = self.current or (self.step, "s", -1)
-        if cur[1] == "g":
-            cur = (self.step, "s", -1)
-        t = cur[0] + direction
+        base = self.pending[0] if self.pending is not None else self._from_item()[0]
+        t = base + direction
         if not 0 <= t < a.n_steps:
             self.notify("no " + ("next" if direction > 0 else "previous") + " step", timeout=2)
             return
-        if not self.session.ready(t):
-            self._load_step_then_go(cur, t)
-            return
-        self._go_step(cur, t)
+        self.step_to(t)
 
-    @work(thread=True, exit_on_error=False, group="load")
-    def _load_step_then_go(self, cur: Item, t: int) -> None:
-        try:
-            self.session.ensure_step(t)
-        except TraceError as e:
-            to_ui(self.app, self.notify, str(e), severity="error")
+    def action_step_to(self, step: int) -> None:
+        """Home (0), End and G (-1: the last step)."""
+        a = self.session.a
+        if a is None or not a.n_steps:
             return
-        to_ui(self.app, self._go_step_loaded, cur, t)
+        self.step_to(step if step >= 0 else a.n_steps + step)
 
-    def _go_step_loaded(self, cur: Item, t: int) -> None:
-        self.nav.step_ready(t)
-        self._go_step(cur, t)
+    def step_to(self, t: int) -> None:
+        """Go to step ``t``, the same module selected (as ] does), now or once the step is indexed."""
+        a = self.session.a
+        if a is None or not 0 <= t < a.n_steps:
+            return
+        if self._settled(t):
+            self.pending = None
+            self._go_step(self._from_item(), t)
+        else:
+            self._request(t, None)
+
+    def action_goto(self) -> None:
+        a = self.session.a
+        if a is None or not a.n_steps:
+            return
+        bar = self.query_one(GotoBar)
+        bar.open(a.n_steps)
+        self.call_after_refresh(bar.focus)
+
+    @on(GotoBar.Goto)
+    def _goto(self, message: GotoBar.Goto) -> None:
+        a = self.session.a
+        if a is None:
+            return
+        if not 0 <= message.step < a.n_steps:
+            self.notify(f"no step {message.step}: this trace has steps 0..{a.n_steps - 1}", severity="warning",
+                        timeout=3)
+            return
+        self.step_to(message.step)
+
+    @on(GotoBar.Closed)
+    def _goto_closed(self) -> None:
+        self.query_one(GotoBar).display = False
+        self.nav.focus()
 
     def _go_step(self, cur: Item, t: int) -> None:
         a = self.session.a
@@ -328,11 +434,15 @@ class MainScreen(Screen):
             anc = self.session.ancestors(cur)
             src_item = next((x for x in reversed(anc) if x[1] in ("s", "e")), (cur[0], "s", -1))
         src, dst = a.cached(src_item[0]), a.cached(t)
-        if src is None or dst is None:
-            return
-        target = navigate.same_in_step(a, src, src_item, dst)
+        if dst is None:                 # a damaged step: its node, which says why
+            target: Item = (t, "s", -1)
+            self._damaged(t)
+        elif src is None:
+            target = (t, "s", -1)
+        else:
+            target = navigate.same_in_step(a, src, src_item, dst)
         # keep the filter: climb to the nearest visible ancestor
-        while not self.session.visible(target):
+        while dst is not None and not self.session.visible(target):
             anc = dst.ancestors(target)
             target = anc[-1] if anc else (t, "s", -1)
         old_node = self.nav.nodes.get((cur[0], "s", -1))

@@ -15,6 +15,7 @@ from typing import Callable
 from rich.text import Text
 
 from vlmscope.analyze.status import Status
+from vlmscope.trace import TraceError, preflight
 from vlmscope.tui import analysis, checks
 from vlmscope.tui.data import TraceModel
 from vlmscope.tui.diffdata import DiffModel
@@ -38,6 +39,7 @@ class Session:
         self.checks_done = False
         self.check_error: str | None = None      # why the checks failed (shown, never hidden)
         self.violations: list[Violation] = []
+        self.step_errors: dict[int, str] = {}    # steps that cannot be read: why (one line)
         self.closed = False
         self._jobs: set[analysis.Job] = set()
 
@@ -47,23 +49,38 @@ class Session:
 
     # loading (worker) ------------------------------------------------------------
     def open(self) -> None:
-        """Open and index the first step of each trace. Raises TraceError (one line)."""
+        """Open and index the first step of each trace. Raises TraceError (one line) when a trace
+        cannot be opened; a damaged first step is only noted (:meth:`step_error`)."""
+        for p in self.paths:
+            preflight(p)        # a file that would hang HDF5 is refused, not read (docs/trace-format.md)
         self.a = TraceModel(self.paths[0]).load()
         if self.diff_mode:
             self.b = TraceModel(self.paths[1]).load()
             self.diff = DiffModel(self.a, self.b, self.maps)
         if self.a.n_steps:
-            self.ensure_step(0)
+            try:
+                self.ensure_step(0)
+            except TraceError:
+                pass            # noted: the tree opens, the step shows why it cannot be read
 
     def ensure_step(self, step: int) -> None:
-        """Index ``step`` of each trace: reads HDF5, call from a worker."""
+        """Index ``step`` of each trace: reads HDF5, call from a worker. Raises TraceError (one
+        line, also kept for :meth:`step_error`) when the step is damaged."""
         assert self.a is not None
-        if 0 <= step < self.a.n_steps:
-            self.a.index(step)
-        if self.b is not None and 0 <= step < self.b.n_steps:
-            self.b.index(step)
-        if self.diff is not None:
-            self.diff.cached(step)      # slice the alignment for the step here, not on the UI thread
+        try:
+            if 0 <= step < self.a.n_steps:
+                self.a.index(step)
+            if self.b is not None and 0 <= step < self.b.n_steps:
+                self.b.index(step)
+            if self.diff is not None:
+                self.diff.cached(step)      # slice the alignment for the step here, not on the UI thread
+        except TraceError as e:
+            self.step_errors[step] = str(e)
+            raise
+
+    def step_error(self, step: int) -> str | None:
+        """Why ``step`` cannot be read (None when it can, or was not tried)."""
+        return self.step_errors.get(step)
 
     def ready(self, step: int) -> bool:
         if self.a is None or self.a.cached(step) is None:

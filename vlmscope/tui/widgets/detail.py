@@ -166,6 +166,9 @@ def build(session: "Session", item: Item, width: int) -> RenderableType:
         return Text.assemble(("decode steps ", "bold"), f"{item[2]}..{last}", ("  (enter expands)", DIM))
     tm, idx = session.model_for(item)
     if idx is None:
+        error = session.step_error(item[0])
+        if error is not None:
+            return Text(f"cannot read step {item[0]}: {error}", "bold red")
         return Text("loading …", DIM)
     if item[1] in B_KINDS:
         only_b = Status.MISSING_A
@@ -227,6 +230,7 @@ class DetailPanel(StripView):
         self.renderable: RenderableType = Text("")
         self._cache: OrderedDict[tuple, tuple] = OrderedDict()
         self.generation = 0     # bumped when checks or the alignment change what a node shows
+        self.placeholder = False    # what is shown waits for its step ("loading …"): see step_ready
 
     def on_mount(self) -> None:
         self.set_strips(render_strips(Text("opening …", DIM), 20))
@@ -245,6 +249,19 @@ class DetailPanel(StripView):
             self._set(item, None, hit, False)
             return
         self._load(item, width)
+
+    def waiting(self, item: Item) -> bool:
+        """Whether ``item``'s detail can only say "loading …" now (its step is not indexed)."""
+        if item[1] in ("g", "m"):
+            return False
+        return self.session.model_for(item)[1] is None
+
+    def step_ready(self, step: int) -> None:
+        """Step ``step`` got indexed (or failed): a node of it shown as "loading …" is built now."""
+        item = self.wanted
+        if item is not None and item[0] == step and self.placeholder:
+            self.wanted = None
+            self.show(item)
 
     def redraw(self) -> None:
         """Rebuild the shown node (its checks or diff status changed)."""
@@ -265,12 +282,14 @@ class DetailPanel(StripView):
         if todo:
             self._warm(todo, width, self.generation)
 
-    @work(thread=True, exit_on_error=False, exclusive=True, group="warm")
+    @work(thread=True, exclusive=True, group="warm")
     def _warm(self, items: list[Item], width: int, generation: int) -> None:
         worker = get_current_worker()
         for item in items:
             if worker.is_cancelled:
                 return
+            if self.waiting(item):
+                continue
             try:
                 content = build(self.session, item, width)
                 strips = render_strips(content, width)
@@ -285,9 +304,10 @@ class DetailPanel(StripView):
             while len(self._cache) > self.CACHE:
                 self._cache.popitem(last=False)
 
-    @work(thread=True, exit_on_error=False, exclusive=True, group="detail")
+    @work(thread=True, exclusive=True, group="detail")
     def _load(self, item: Item, width: int, keep_scroll: bool = False) -> None:
         worker = get_current_worker()
+        placeholder = self.waiting(item)    # "loading …" (or why the step cannot be read): never cached
         try:
             content = build(self.session, item, width)
             strips = render_strips(content, width)
@@ -296,10 +316,11 @@ class DetailPanel(StripView):
                            "bold red")
             strips = render_strips(content, width)
         if not worker.is_cancelled:
-            to_ui(self.app, self._set, item, content, strips, keep_scroll, width)
+            to_ui(self.app, self._set, item, content, strips, keep_scroll, None if placeholder else width,
+                  placeholder)
 
     def _set(self, item: Item, content: RenderableType | None, strips, keep_scroll: bool,
-             width: int | None = None) -> None:
+             width: int | None = None, placeholder: bool = False) -> None:
         if width is not None:
             self._store((item, width, self.generation), strips)
         if item != self.wanted:
@@ -308,4 +329,9 @@ class DetailPanel(StripView):
             self.renderable = content
         self.set_strips(strips, keep_scroll)
         self.shown = item
+        self.placeholder = placeholder
+        if placeholder and not self.waiting(item):     # the step arrived while this was built
+            self.wanted = None
+            self.show(item)
+            return
         self.post_message(self.Shown(item))

@@ -31,6 +31,9 @@ class Navigator(Tree[Item]):
     BINDINGS = [
         Binding("j", "cursor_down", "Down", show=False),
         Binding("k", "cursor_up", "Up", show=False),
+        # the first and last step (the screen's keys; a tree would scroll to its top and bottom)
+        Binding("home", "screen.step_to(0)", "first step", show=False),
+        Binding("end", "screen.step_to(-1)", "last step", show=False),
     ]
 
     class NeedStep(Message):

@@ -31,6 +31,15 @@ class PayloadView(Static):
     def on_mount(self) -> None:
         self.reload()
 
+    def show_tensor(self, payload: int, name: str, shape: tuple) -> None:
+        """Show another saved tensor, from its first window."""
+        self.payload, self.tensor_name, self.shape = payload, name, tuple(shape)
+        self.lead = [0] * max(0, len(self.shape) - 2)
+        self.r0 = self.c0 = 0
+        self.loaded_window = None
+        self.update(Text("loading …", "dim"))
+        self.reload()
+
     @property
     def n_rows(self) -> int:
         return self.shape[-2] if len(self.shape) >= 2 else 1
@@ -54,12 +63,12 @@ class PayloadView(Static):
         self.reload()
 
     def reload(self) -> None:
-        self._load(tuple(self.lead), self.r0, self.c0)
+        self._load(self.payload, self.shape, tuple(self.lead), self.r0, self.c0)
 
-    @work(thread=True, exit_on_error=False, exclusive=True, group="payload")
-    def _load(self, lead: tuple, r0: int, c0: int) -> None:
+    @work(thread=True, exclusive=True, group="payload")
+    def _load(self, payload: int, shape: tuple, lead: tuple, r0: int, c0: int) -> None:
         worker = get_current_worker()
-        nd = len(self.shape)
+        nd = len(shape)
         try:
             if nd == 0:
                 index = ()
@@ -67,15 +76,17 @@ class PayloadView(Static):
                 index = (slice(c0, c0 + self.COLS * 4),)
             else:
                 index = tuple(lead) + (slice(r0, r0 + self.ROWS), slice(c0, c0 + self.COLS))
-            values = self.tm.trace.payload(self.payload, index)
+            values = self.tm.trace.payload(payload, index)
         except Exception as e:  # noqa: BLE001 - the user's file (a damaged or missing payload): shown
             if not worker.is_cancelled:
                 to_ui(self.app, self.update, Text(f"cannot read payload: {printable(e)}", "bold red"))
             return
         if not worker.is_cancelled:
-            to_ui(self.app, self._show, lead, r0, c0, np.asarray(values))
+            to_ui(self.app, self._show, payload, lead, r0, c0, np.asarray(values))
 
-    def _show(self, lead: tuple, r0: int, c0: int, values: np.ndarray) -> None:
+    def _show(self, payload: int, lead: tuple, r0: int, c0: int, values: np.ndarray) -> None:
+        if payload != self.payload:     # a window of the tensor shown before
+            return
         self.loaded_window = (lead, r0, c0)
         title = Text.assemble((printable(self.tensor_name), "bold"), " ", (fmt_shape(self.shape), "cyan"),
                               (f"  payload #{self.payload}", "dim"))
