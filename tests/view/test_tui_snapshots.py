@@ -46,6 +46,8 @@ def keys_then_settle(*keys: str):
         for k in keys:
             await pilot.press(k)
             await settle(pilot)
+        pilot.app.clear_notifications()    # "checks done: …" stays 5 s: not in the picture, whatever the timing
+        await pilot.pause()
     return run_before
 
 

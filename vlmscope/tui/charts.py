@@ -14,7 +14,8 @@ import numpy as np
 from rich.text import Text
 
 from vlmscope.semantics import image_spans
-from vlmscope.tui.styles import DIM, IMAGE_STYLE
+from vlmscope.tui.styles import (ATTEND_RGB, BLOCKED_RGB, CURRENT_STYLE, DIM, IMAGE_RGB, IMAGE_STYLE, SHAPE_STYLE,
+                                  TEXT_TOKEN_STYLE)
 
 
 def row_names(n: int) -> list[str]:
@@ -43,7 +44,7 @@ def in_spans(lo: int, hi: int, spans: Sequence[tuple[int, int]]) -> bool:
 def token_strip(ids: np.ndarray, spans: Sequence[tuple[int, int]], current: tuple[int, int], width: int,
                 image_token_id: int | None = None) -> Text:
     """One cell per token (several for short sequences, one per bin for long ones): text ░,
-    image █ (magenta), this step's tokens ▄ (green); a ruler marks 0, the image span and the end.
+    image █ (``IMAGE_STYLE``), this step's tokens ▄ (green); a ruler marks 0, the image span and the end.
     Without ``spans``, the image spans are the runs of ``image_token_id`` in ``ids``."""
     n = len(ids)
     width = max(8, width)
@@ -58,7 +59,7 @@ def token_strip(ids: np.ndarray, spans: Sequence[tuple[int, int]], current: tupl
         img = in_spans(a, b, spans)
         cur = current[0] < b and a < current[1]
         ch = "█" if img else "▄" if cur else "░"
-        style = IMAGE_STYLE if img else "bold green" if cur else "grey50"
+        style = IMAGE_STYLE if img else CURRENT_STYLE if cur else TEXT_TOKEN_STYLE
         t.append(ch * rep, style)
     t.append("\n")
     # ruler: 0, span bounds, n
@@ -86,16 +87,17 @@ def _lerp(c0: tuple[int, int, int], c1: tuple[int, int, int], f: float) -> str:
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
-_OFF = (38, 38, 38)
-_ON = (95, 175, 95)
-_ON_IMG = (215, 95, 215)
+_OFF = BLOCKED_RGB
+_ON = ATTEND_RGB
+_ON_IMG = IMAGE_RGB
 
 
 def mask_heatmap(mask: np.ndarray, spans: Sequence[tuple[int, int]], width: int, max_rows: int = 12,
                  q_offset: int = 0) -> Text:
     """The allowed-to-attend matrix (query rows × key columns), downsampled with half blocks.
 
-    Key columns in the image span are drawn magenta; a left margin marks query rows in it."""
+    Key columns in the image span are drawn in the image colour (``IMAGE_RGB``); a left margin
+    marks query rows in it."""
     m = np.asarray(mask, dtype=bool)
     while m.ndim > 2:
         m = m[0]
@@ -170,7 +172,7 @@ def position_plot(pos: np.ndarray, spans: Sequence[tuple[int, int]], width: int)
         for a, b in zip(edges[:-1], edges[1:]):
             v = float(row[a:b].max()) if b > a else lo
             level = 1 + int(round((v - lo) / span * 7)) if S > 1 or hi > lo else 8
-            t.append(_BLOCKS[min(8, max(1, level))], IMAGE_STYLE if in_spans(a, b, spans) else "cyan")
+            t.append(_BLOCKS[min(8, max(1, level))], IMAGE_STYLE if in_spans(a, b, spans) else SHAPE_STYLE)
         t.append(f" {int(row.min())}..{int(row.max())}\n", DIM)
     t.rstrip()
     return t

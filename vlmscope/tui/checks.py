@@ -10,11 +10,22 @@ all (a golden-snapshot finding) stays off the tree but counts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from vlmscope.trace.text import printable
 from vlmscope.tui.data import TraceModel
 from vlmscope.tui.items import Item, Violation
 from vlmscope.tui.navigate import locate
 from vlmscope.tui.stepindex import StepIndex
+
+
+@dataclass
+class CheckViolation(Violation):
+    """A placed violation that also keeps what the check expected and what the trace recorded
+    (printable), for the pictures that show them side by side (the step context)."""
+
+    expected: str = ""
+    actual: str = ""
 
 
 def message(row: dict) -> str:
@@ -41,6 +52,24 @@ def place(tm: TraceModel, rows: list[dict]) -> list[Violation]:
         elif tm.n_steps and step >= 0:
             item = (tm.n_steps - 1, "s", -1)
             order = (tm.n_steps - 1, -1)
-        out.append(Violation(printable(row["rule"]), str(row.get("severity", "error")), step, module, seq,
-                             message(row), item, order))
+        out.append(CheckViolation(printable(row["rule"]), str(row.get("severity", "error")), step, module, seq,
+                                  message(row), item, order, expected=printable(str(row.get("expected", ""))),
+                                  actual=printable(str(row.get("actual", "")))))
     return out
+
+
+def done_message(violations: list[Violation]) -> tuple[str, str]:
+    """The notification when the checks finish, and its severity: ``checks done: 3 violations``."""
+    n = len(violations)
+    if not n:
+        return "checks done: no violations", "information"
+    errors = sum(v.severity == "error" for v in violations)
+    text = f"checks done: {n} violation{'s' if n != 1 else ''}"
+    if errors != n:
+        text += f" ({errors} error{'s' if errors != 1 else ''})"
+    return text, "warning"
+
+
+def in_step(violations: list[Violation], step: int, family: str) -> list[Violation]:
+    """The violations of rules ``family.*`` that name ``step``."""
+    return [v for v in violations if v.step == step and v.rule.startswith(family + ".")]

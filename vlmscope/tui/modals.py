@@ -14,7 +14,7 @@ from textual.widgets import Static
 from vlmscope.analyze.status import Status
 from vlmscope.tui.data import TraceModel
 from vlmscope.tui.safe import printable
-from vlmscope.tui.styles import STATUS_GLYPH, STATUS_STYLE
+from vlmscope.tui.styles import DIM, ERROR_STYLE, IMAGE_STYLE, PROBE_STYLE, STATUS_GLYPH, STATUS_STYLE
 from vlmscope.tui.widgets.payload import PayloadView
 
 #: every key, as the help screen lists it
@@ -23,13 +23,17 @@ KEYS: list[tuple[str, str]] = [
     ("enter / click", "expand or collapse"),
     ("n N", "next / previous module at the same depth (next layer)"),
     ("] [", "next / previous step, same module selected"),
+    (":", "go to step: type its number (0 is the prefill), enter"),
+    ("Home End G", "first / last step (End and G: the last), same module selected"),
     ("/", "search a module path: glob or substring; enter: next"),
     ("f", "filter: all, modules, reshapes, probes, failing checks"),
-    ("c", "toggle the step context (tokens, mask, positions, cache)"),
+    ("c", "toggle the step context (positions, cache, tokens, mask)"),
     ("g", "go to the first divergence (diff mode)"),
     ("e", "next check violation"),
     ("p", "values of the selected module's saved tensor"),
-    ("tab", "next panel (arrows scroll it)"),
+    ("tab", "next panel: its border lights up; arrows and page keys scroll it"),
+    ("S", "save a screenshot (SVG, in the current directory)"),
+    ("ctrl+p", "commands (save screenshot, theme, keys, quit)"),
     ("?", "this help (esc closes)"),
     ("q", "quit"),
 ]
@@ -51,7 +55,7 @@ class MessageScreen(Screen):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="message-box"):
-            yield Static(Text(printable(self.title_text), "bold red"), id="message-title")
+            yield Static(Text(printable(self.title_text), ERROR_STYLE), id="message-title")
             yield Static(Text(printable(self.message, newlines=True)), id="message-text")
             yield Static(Text("press q to quit", "dim"))
 
@@ -67,8 +71,8 @@ class HelpScreen(ModalScreen):
         for key, what in KEYS:
             tab.add_row(key, what)
         legend = Text.assemble(
-            ("tree  ", "bold"), ("✗", "bold red"), " failing check  ", ("↳", "dim"), " reshape  ",
-            ("◆", "magenta"), " probe\n", ("diff  ", "bold"),
+            ("tree  ", "bold"), ("✗", ERROR_STYLE), " failing check  ", ("↳", DIM), " reshape  ",
+            ("◆", PROBE_STYLE), " probe  ", ("█", IMAGE_STYLE), " image span\n", ("diff  ", "bold"),
             *[part for st, word in HELP_WORDS.items()
               for part in ((STATUS_GLYPH[st], STATUS_STYLE[st]), f" {word}" + ("" if st == Status.MISSING_A else "  "))])
         with VerticalScroll(id="help-box"):
@@ -106,7 +110,4 @@ class PayloadScreen(ModalScreen):
     def action_next_tensor(self) -> None:
         self.k = (self.k + 1) % len(self.payloads)
         pid, name, shape = self.payloads[self.k]
-        old = self.query_one(PayloadView)
-        box = self.query_one("#payload-box")
-        old.remove()
-        box.mount(PayloadView(self.tm, pid, name, shape, id="payload-view"), before=0)
+        self.query_one(PayloadView).show_tensor(pid, name, shape)    # in place: no remount

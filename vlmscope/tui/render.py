@@ -24,7 +24,8 @@ from vlmscope.tui.charts import row_names
 from vlmscope.tui.data import TraceModel, fmt_num, short_site
 from vlmscope.tui.items import Item
 from vlmscope.tui.stepindex import StepIndex
-from vlmscope.tui.styles import DIM, IMAGE_STYLE, OP_STYLE, PROBE_STYLE, SHAPE_STYLE, STATUS_GLYPH, STATUS_STYLE
+from vlmscope.tui.styles import (DIM, ERROR_STYLE, IMAGE_STYLE, OP_STYLE, PROBE_STYLE, SHAPE_STYLE, STATUS_GLYPH,
+                                  STATUS_STYLE)
 
 #: detail sections are cut at these many rows (the tree has them all)
 MAX_TENSORS, MAX_RESHAPES, MAX_PROBES = 40, 60, 30
@@ -88,7 +89,7 @@ def node_label(tm: TraceModel, idx: StepIndex, item: Item, status: Status | None
         if shp is not None:
             t.append(" " + fmt_shape(shp, compact=True), SHAPE_STYLE)
         if int(idx.status[i]) != 0:
-            t.append(" raised", "bold red")
+            t.append(" raised", ERROR_STYLE)
     elif kind == "r":
         failing = bool(idx.failing_rs[i])
         r = idx.reshapes[i]
@@ -96,7 +97,7 @@ def node_label(tm: TraceModel, idx: StepIndex, item: Item, status: Status | None
         t.append(tm.s(int(r["op"])), OP_STYLE)
         t.append(" " + compact_shapes(tm.s(int(r["in_shapes"]))) + " -> ")
         if int(r["status"]) != 0:
-            t.append("raised", "bold red")
+            t.append("raised", ERROR_STYLE)
         else:
             t.append(fmt_shape(shape_of_row(r, "out_shape", "out_ndim"), compact=True), SHAPE_STYLE)
         site = tm.s(int(r["site_file"]))
@@ -112,7 +113,7 @@ def node_label(tm: TraceModel, idx: StepIndex, item: Item, status: Status | None
         if summ:
             t.append(" " + summ, DIM)
     if failing:
-        t.append(" ✗", "bold red")
+        t.append(" ✗", ERROR_STYLE)
     return t
 
 
@@ -130,9 +131,9 @@ def step_label(tm: TraceModel, s: int, status: Status | None = None) -> Text:
     if ca >= 0:
         t.append(f" kv {max(cb, 0)}→{ca}", DIM)
     if int(st["status"]) != 0:
-        t.append(" raised", "bold red")
+        t.append(" raised", ERROR_STYLE)
     if s in tm.failing_steps:
-        t.append(" ✗", "bold red")
+        t.append(" ✗", ERROR_STYLE)
     return t
 
 
@@ -174,9 +175,9 @@ def _tensor_cells(tm: TraceModel, r: np.void) -> tuple:
     shape = Text(fmt_shape(shape_of_row(r)), SHAPE_STYLE)
     extra = Text()
     if int(r["nan"]):
-        extra.append(f"nan {int(r['nan'])} ", "bold red")
+        extra.append(f"nan {int(r['nan'])} ", ERROR_STYLE)
     if int(r["inf"]):
-        extra.append(f"inf {int(r['inf'])} ", "bold red")
+        extra.append(f"inf {int(r['inf'])} ", ERROR_STYLE)
     if int(r["payload"]) >= 0:
         extra.append("[saved: p]", "underline green")
     return (tm.s(int(r["name"])), shape, tm.s(int(r["dtype"])), tm.s(int(r["device"])),
@@ -234,7 +235,7 @@ def reshape_line(tm: TraceModel, r: np.void, n: int | None = None) -> Text:
     t.append(tm.s(int(r["op"])), OP_STYLE + " bold")
     t.append(" " + tm.s(int(r["in_shapes"])) + " -> ")
     if int(r["status"]) != 0:
-        t.append("raised", "bold red")
+        t.append("raised", ERROR_STYLE)
     else:
         t.append(fmt_shape(shape_of_row(r, "out_shape", "out_ndim")), SHAPE_STYLE)
         if int(r["n_out"]) > 1:
@@ -291,7 +292,7 @@ def event_detail(tm: TraceModel, idx: StepIndex, i: int, wide: bool) -> list[Ren
                        f" · {float(ev['dur_us']) / 1000:.2f} ms", DIM)),
     ]
     if int(ev["status"]) != 0:
-        out.append(Text("this call raised", "bold red"))
+        out.append(Text("this call raised", ERROR_STYLE))
     out += tensor_lines(tm, idx.event_tensors(tm, i), wide)
     probes = [idx.probes[k] for k in np.nonzero(idx.p_event == i)[0]]
     if probes:
@@ -323,7 +324,7 @@ def reshape_detail(tm: TraceModel, idx: StepIndex, i: int) -> list[RenderableTyp
         Text.assemble(("in   ", DIM), (tm.s(int(r["in_shapes"])), SHAPE_STYLE), "  ", (tm.s(int(r["in_dtypes"])), DIM)),
     ]
     if int(r["status"]) != 0:
-        out.append(Text("out  the op raised", "bold red"))
+        out.append(Text("out  the op raised", ERROR_STYLE))
     else:
         out.append(Text.assemble(("out  ", DIM), (fmt_shape(shape_of_row(r, "out_shape", "out_ndim")), SHAPE_STYLE),
                                  (f" ×{int(r['n_out'])}" if int(r["n_out"]) > 1 else "", DIM), "  ",
@@ -399,7 +400,7 @@ def step_detail(tm: TraceModel, idx: StepIndex, wide: bool) -> list[RenderableTy
     grid.add_row("image tokens", "?" if it < 0 else str(it))
     grid.add_row("calls", f"{idx.n} modules · {len(idx.reshapes)} reshapes · {len(idx.probes)} probes")
     if int(st["status"]) != 0:
-        grid.add_row("status", Text("the forward raised in this step", "bold red"))
+        grid.add_row("status", Text("the forward raised in this step", ERROR_STYLE))
     out.append(grid)
     if tm.error and int(tm.error.get("step", -1)) == s:
         out += error_lines(tm.error)
@@ -411,7 +412,7 @@ def step_detail(tm: TraceModel, idx: StepIndex, wide: bool) -> list[RenderableTy
 
 def error_lines(err: dict) -> list[RenderableType]:
     out: list[RenderableType] = [section("error"),
-                                 Text.assemble((err.get("type", "") + ": ", "bold red"), err.get("message", ""))]
+                                 Text.assemble((err.get("type", "") + ": ", ERROR_STYLE), err.get("message", ""))]
     stack = err.get("module_stack") or []
     if stack:
         out.append(Text.assemble(("in ", DIM), " > ".join(p or "<root>" for p in stack[-4:])))

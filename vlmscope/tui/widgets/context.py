@@ -1,8 +1,11 @@
 """The step-context panel (toggled with ``c``): what the current step fed the text model.
 
-A token strip with the image span, the attention mask as a heatmap (downsampled, image
-span highlighted), position ids against token index (one line per M-RoPE row) and the
-cache length per layer. Probe values are read and drawn in a worker.
+Position ids against token index (one line per M-RoPE row; when a ``positions.*`` check fails
+in the step, what it expected beside what was recorded), the cache length per layer, a token
+strip with the image span, and the attention mask as a heatmap (downsampled, image span
+highlighted, fewer rows on a short panel). Positions and cache come first, so that they are in
+view on an 80x24 terminal; the panel takes the focus (``tab``) and scrolls with the arrow and
+page keys. Probe values are read and drawn in a worker.
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ from textual import work
 from textual.worker import get_current_worker
 
 from vlmscope.semantics import fmt_shape, image_spans
+from vlmscope.tui import checks
 from vlmscope.tui.charts import cache_bars, mask_heatmap, position_plot, token_strip
 from vlmscope.tui.data import TraceModel
+from vlmscope.tui.items import Violation
 from vlmscope.tui.render import shape_of_row
 from vlmscope.tui.stepindex import StepIndex
-from vlmscope.tui.styles import DIM, IMAGE_STYLE
+from vlmscope.tui.styles import (ATTEND_RGB, BLOCKED_RGB, CURRENT_STYLE, DIM, ERROR_STYLE, EXPECTED_STYLE, IMAGE_STYLE,
+                                 SHAPE_STYLE, hex_of)
 from vlmscope.tui.ui import to_ui
 from vlmscope.tui.widgets.strips import StripView, render_strips
 
@@ -29,6 +35,13 @@ if TYPE_CHECKING:
 
 #: masks with more elements than this are not unpacked to draw
 MAX_MASK_ELEMENTS = 64_000_000
+
+
+def _title(*parts) -> Text:
+    """A chart's title line: cut with an ellipsis rather than wrapped (the charts stay in view)."""
+    t = Text.assemble(*parts)
+    t.no_wrap, t.overflow = True, "ellipsis"
+    return t
 
 
 def prefill_image_spans(tm: TraceModel) -> tuple[list[tuple[int, int]], int | None]:
@@ -56,14 +69,15 @@ def _tokens(tm: TraceModel, step: int, spans: list[tuple[int, int]], w: int) -> 
     total = int(np.clip(lens, 0, None).sum())
     cur = (total - max(int(st["input_len"]), 0), total)
     n_img = sum(b - a for a, b in spans)
-    head = Text.assemble(("tokens ", "bold"), (f"{total}", ""),
+    head = _title(("tokens ", "bold"), (f"{total}", ""),
                          (f"  image {', '.join(f'[{a}, {b})' for a, b in spans)} = {n_img}" if spans else "  no image",
                           IMAGE_STYLE if spans else DIM),
-                         (f"  this step [{cur[0]}, {cur[1]})", "green"))
+                         (f"  this step [{cur[0]}, {cur[1]})", CURRENT_STYLE.replace("bold ", "")))
     return [head, token_strip(np.zeros(total, dtype=np.int64), spans, cur, w)], cur
 
 
-def _mask(tm: TraceModel, idx: StepIndex, spans: list[tuple[int, int]], w: int) -> list[RenderableType]:
+def _mask(tm: TraceModel, idx: StepIndex, spans: list[tuple[int, int]], w: int,
+          max_rows: int = 12) -> list[RenderableType]:
     """The attention mask that reached the decoder layers (the step's mask shape), as a heatmap."""
     st = tm.steps[idx.step]
     k = tm.step_probe(idx, "attention_mask", prefer=tm.meta.get("decoder_layers"), rows=None)
@@ -75,12 +89,12 @@ def _mask(tm: TraceModel, idx: StepIndex, spans: list[tuple[int, int]], w: int) 
         if cands:
             k = int(cands[0])
     if k < 0:
-        return [Text.assemble(("attention mask ", "bold"), ("none reached the decoder layers (e.g. SDPA is_causal)", DIM))]
+        return [_title(("attention mask ", "bold"), ("none reached the decoder layers (e.g. SDPA is_causal)", DIM))]
     p = idx.probes[k]
     shape = shape_of_row(p)
     info = tm.probe_info(p)
     out: list[RenderableType] = [
-        Text.assemble(("attention mask ", "bold"), (fmt_shape(shape), "cyan"),
+        _title(("attention mask ", "bold"), (fmt_shape(shape), SHAPE_STYLE),
                       (f" {info.get('style', '')} {info.get('dtype', '')}", ""),
                       ("  at " + (tm.module_name(int(p["module"]))), DIM))]
     if int(np.prod(shape)) > MAX_MASK_ELEMENTS:
@@ -88,31 +102,60 @@ def _mask(tm: TraceModel, idx: StepIndex, spans: list[tuple[int, int]], w: int) 
     m = tm.probe_value(p)
     if m is not None:
         q_off = max(int(st["cache_before"]), 0) if m.ndim >= 2 and m.shape[-2] < m.shape[-1] else 0
-        out.append(mask_heatmap(m, spans, w, max_rows=12, q_offset=q_off))
-        out.append(Text.assemble(("▀", "#5faf5f"), (" may attend  ", DIM), ("▀", "#d75fd7"),
-                                 (" image span  ", DIM), ("▀", "#262626"), (" blocked   rows: queries,"
-                                                                           " columns: keys", DIM)))
+        out.append(mask_heatmap(m, spans, w, max_rows=max_rows, q_offset=q_off))
+        out.append(Text.assemble(("▀", hex_of(ATTEND_RGB)), (" may attend  ", DIM), ("▀", IMAGE_STYLE),
+                                 (" image span  ", DIM), ("▀", hex_of(BLOCKED_RGB)), (" blocked   rows: queries,"
+                                                                                   " columns: keys", DIM)))
+    return out
+
+
+def _strip_common(expected: str, actual: str) -> tuple[str, str]:
+    """``position_ids 279 (...)``, ``position_ids 4`` -> ``279 (...)``, ``4`` (their shared first word)."""
+    e, a = expected.split(" ", 1), actual.split(" ", 1)
+    if len(e) == 2 and len(a) == 2 and e[0] == a[0]:
+        return e[1], a[1]
+    return expected, actual
+
+
+def expected_lines(violations: list[Violation], width: int = 80, limit: int = 3) -> list[RenderableType]:
+    """Per failing positions check, what was recorded beside what the check expected: one line
+    (``✗ recorded 4  expected 279 (…)  rule at module``), or two when that does not fit."""
+    out: list[RenderableType] = []
+    for v in violations[:limit]:
+        exp, act = _strip_common(getattr(v, "expected", ""), getattr(v, "actual", ""))
+        where = Text(f"  {v.rule}" + (f" at {v.module}" if v.module else ""), DIM)
+        recorded = Text.assemble(("✗ ", ERROR_STYLE), ("recorded ", DIM), (act or "?", ERROR_STYLE))
+        expected = Text.assemble(("  expected ", DIM), (exp or v.message, EXPECTED_STYLE))
+        one = Text.assemble(recorded, expected, where)
+        lines = [one] if one.cell_len <= width else [Text.assemble(recorded, where), Text.assemble(" ", expected)]
+        for t in lines:
+            t.no_wrap, t.overflow = True, "ellipsis"
+        out += lines
+    if len(violations) > limit:
+        out.append(Text(f"… {len(violations) - limit} more failing position checks (e: next ✗)", DIM))
     return out
 
 
 def _positions(tm: TraceModel, idx: StepIndex, spans: list[tuple[int, int]], cur: tuple[int, int],
                w: int) -> list[RenderableType]:
-    """Position ids against token index, one line per M-RoPE row."""
+    """Position ids against token index, one line per M-RoPE row, then what the failing
+    ``positions.*`` checks of the step expected."""
+    failing = checks.in_step(tm.violations, idx.step, "positions")
     st = tm.steps[idx.step]
     k = tm.step_probe(idx, "position_ids", prefer=tm.meta.get("text_model"),
                       rows=int(st["pos_rows"]) if int(st["pos_rows"]) > 1 else None)
     if k < 0:
-        return [Text.assemble(("position ids ", "bold"), ("not recorded", DIM))]
+        return [Text.assemble(("position ids ", "bold"), ("not recorded", DIM))] + expected_lines(failing, w)
     p = idx.probes[k]
     out: list[RenderableType] = [
-        Text.assemble(("position ids ", "bold"), (fmt_shape(shape_of_row(p)), "cyan"),
+        _title(("position ids ", "bold"), (fmt_shape(shape_of_row(p)), SHAPE_STYLE),
                       ("  at " + tm.module_name(int(p["module"])) + "  vs token index", DIM))]
     pos = tm.probe_value(p)
     if pos is not None and pos.size:
         off = cur[0] if pos.shape[-1] == cur[1] - cur[0] else 0
         local_spans = [(a - off, b - off) for a, b in spans if b - off > 0]
         out.append(position_plot(pos, local_spans, w))
-    return out
+    return out + expected_lines(failing, w)
 
 
 def _cache(tm: TraceModel, idx: StepIndex, w: int) -> list[RenderableType]:
@@ -130,22 +173,35 @@ def _cache(tm: TraceModel, idx: StepIndex, w: int) -> list[RenderableType]:
         lengths = [int(x) for x in v.ravel()] if v is not None else []
     name = tm.s(int(p["name"]))
     when = "after the step" if name.startswith("out") else f"as {tm.module_name(int(p['module']))} received it"
-    return [Text.assemble(("cache length per layer ", "bold"),
-                          (f"{info.get('type', '?')} {info.get('layout', '?')}  {when}", DIM)),
-            cache_bars(lengths, w)]
+    about = Text(f"  {info.get('type', '?')} {info.get('layout', '?')}  {when}", DIM)
+    if lengths and min(lengths) == max(lengths):     # one line: the length is in view with its title
+        head = Text.assemble(("cache length per layer ", "bold"), cache_bars(lengths, w), about)
+        head.no_wrap, head.overflow = True, "ellipsis"
+        return [head]
+    head = Text.assemble(("cache length per layer", "bold"), about)
+    head.no_wrap, head.overflow = True, "ellipsis"
+    return [head, cache_bars(lengths, w)]
 
 
-def build(session: "Session", step: int, width: int) -> RenderableType:
-    """All four charts for ``step`` of trace A (reads probe data: worker)."""
+def mask_rows(height: int) -> int:
+    """Text rows of the mask heatmap on a panel ``height`` lines high: a compact picture on a
+    short panel (it comes last, below what must be in view)."""
+    return 12 if height >= 24 else max(3, min(12, height // 3))
+
+
+def build(session: "Session", step: int, width: int, height: int = 40) -> RenderableType:
+    """All four charts for ``step`` of trace A, positions and cache first (reads probe data: worker)."""
     tm = session.a
     assert tm is not None
     idx = tm.cached(step) or tm.index(step)
     w = max(20, width - 2)
     spans, _ = prefill_image_spans(tm)
-    parts, cur = _tokens(tm, step, spans, w)
-    parts += [Text("")] + _mask(tm, idx, spans, w)
-    parts += [Text("")] + _positions(tm, idx, spans, cur, w)
-    parts += [Text("")] + _cache(tm, idx, w)
+    tokens, cur = _tokens(tm, step, spans, w)
+    gap = [Text("")] if height >= 16 else []      # a short panel spends no line on spacing
+    parts = _positions(tm, idx, spans, cur, w)
+    parts += gap + _cache(tm, idx, w)
+    parts += gap + tokens
+    parts += gap + _mask(tm, idx, spans, w, max_rows=mask_rows(height))
     return Group(*parts)
 
 
@@ -159,32 +215,38 @@ class ContextPanel(StripView):
         self.shown: int | None = None
         self.renderable: RenderableType = Text("")
         self._width = 0
+        self._height = 0
 
     def _content_width(self) -> int:
-        return max(20, self.scrollable_content_region.width or self.size.width or 80)
+        """The width to draw at: the content region less the vertical scrollbar, whether or not it
+        shows yet (it appears once the content is taller than the panel, which does not resize it)."""
+        reserve = self.styles.scrollbar_size_vertical
+        shown = reserve if self.show_vertical_scrollbar else 0
+        return max(20, (self.scrollable_content_region.width + shown - reserve) or self.size.width or 80)
 
     def show_step(self, step: int, force: bool = False) -> None:
         if not self.display:
             self.step = step
             return
         width = self._content_width()
-        if step == self.shown and width == self._width and not force:
+        height = self.scrollable_content_region.height or self.size.height or 24
+        if step == self.shown and width == self._width and height == self._height and not force:
             return
         self.step = step
-        self._width = width
-        self._load(step, width)
+        self._width, self._height = width, height
+        self._load(step, width, height)
 
     def on_resize(self) -> None:
         if self.display and self.step is not None:
             self.show_step(self.step)
 
     @work(thread=True, exit_on_error=False, exclusive=True, group="context")
-    def _load(self, step: int, width: int) -> None:
+    def _load(self, step: int, width: int, height: int = 40) -> None:
         worker = get_current_worker()
         try:
-            content = build(self.session, step, width)
+            content = build(self.session, step, width, height)
         except Exception as e:  # noqa: BLE001 - the user's file (damaged probes): a message, not a traceback
-            content = Text(f"cannot draw the step context: {type(e).__name__}: {e}", "bold red")
+            content = Text(f"cannot draw the step context: {type(e).__name__}: {e}", ERROR_STYLE)
         strips = render_strips(content, width)
         if not worker.is_cancelled:
             to_ui(self.app, self._set, step, content, strips)

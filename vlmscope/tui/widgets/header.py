@@ -1,23 +1,68 @@
-"""The header: model, prompt, device and dtype, the current step and the trace status."""
+"""The header: model, prompt, device and dtype, the current step, the trace status, and
+whether the checks are still running (with their elapsed time)."""
 
 from __future__ import annotations
 
+import time
+
 from rich.text import Text
+from textual.timer import Timer
 from textual.widgets import Static
 
 from vlmscope.tui.data import TraceModel
 from vlmscope.tui.items import FILTER_LABELS
 from vlmscope.tui.safe import printable, safe_text
+from vlmscope.tui.styles import ERROR_STYLE, OK_STYLE, WARN_STYLE
 
-STATUS_STYLE = {"complete": "bold green", "incomplete": "bold yellow", "failed": "bold red"}
+STATUS_STYLE = {"complete": OK_STYLE, "incomplete": WARN_STYLE, "failed": ERROR_STYLE}
+#: the style of the "checking…" indicator
+CHECKING_STYLE = "bold #87afd7"
 
 
 def _status(tm: TraceModel) -> Text:
-    return Text(printable(tm.status), STATUS_STYLE.get(tm.status, "bold yellow"))
+    return Text(printable(tm.status), STATUS_STYLE.get(tm.status, WARN_STYLE))
+
+
+def elapsed(seconds: float) -> str:
+    """``7s``, ``1m05s``."""
+    s = max(0, int(seconds))
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s"
 
 
 class TraceHeader(Static):
-    """Two lines: what was recorded, and where the viewer stands."""
+    """Two lines: what was recorded, and where the viewer stands. While the checks run
+    (:meth:`checks_started` .. :meth:`checks_finished`) the second line says ``checking… 12s``,
+    updated every second."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.checking_since: float | None = None
+        self._timer: Timer | None = None
+        self._last: tuple | None = None
+
+    def checks_started(self) -> None:
+        self.checking_since = time.monotonic()
+        if self._timer is None:
+            self._timer = self.set_interval(1.0, self._tick)
+        self._tick()
+
+    def checks_finished(self) -> None:
+        self.checking_since = None
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer = None
+        self._tick()
+
+    def checking_text(self) -> str:
+        """What the indicator says now ("" when no check runs)."""
+        if self.checking_since is None:
+            return ""
+        return f"checking… {elapsed(time.monotonic() - self.checking_since)}"
+
+    def _tick(self) -> None:
+        if self._last is not None:
+            args, kwargs = self._last
+            self.show(*args, **kwargs)
 
     def show_loading(self, names: list[str]) -> None:
         self.update(Text.assemble(("vlmscope ", "bold"),
@@ -26,6 +71,7 @@ class TraceHeader(Static):
     def show(self, a: TraceModel, step: int, filt: str, b: TraceModel | None = None, query: str = "",
              checks_failed: bool = False) -> None:
         """Every string of the trace (model, prompt, names) is shown as text: escaped, no markup."""
+        self._last = ((a, step, filt, b, query), {"checks_failed": checks_failed})
         meta = a.meta if isinstance(a.meta, dict) else {}
         model = printable(meta.get("model") or meta.get("model_class") or "model ?")
         line1 = Text(no_wrap=True, overflow="ellipsis")
@@ -56,7 +102,10 @@ class TraceHeader(Static):
         line2.append("  filter ", "dim")
         line2.append(FILTER_LABELS.get(filt, filt), "bold" if filt != "all" else "")
         if checks_failed:
-            line2.append("  checks failed", "bold red")
+            line2.append("  checks failed", ERROR_STYLE)
+        checking = self.checking_text()
+        if checking:
+            line2.append("  " + checking, CHECKING_STYLE)
         if query:
             line2.append("  search ", "dim")
             line2.append(printable(query))
