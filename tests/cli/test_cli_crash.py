@@ -3,20 +3,17 @@ finished steps are kept, nothing is overwritten, every failure is one line."""
 
 from __future__ import annotations
 
-import os
 import resource
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 import vlmscope
-from vlmscope import trace as T
 
 IMAGE = Path(__file__).resolve().parents[2] / "examples" / "astronaut.png"
 

@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 
 import pytest
-from textual.worker import WorkerState
 
 from vlmscope.tui.app import ViewerApp
 from vlmscope.tui.modals import MessageScreen, PayloadScreen
@@ -21,6 +20,7 @@ from vlmscope.tui.screens import MainScreen
 from vlmscope.tui.widgets.context import ContextPanel
 from vlmscope.tui.widgets.header import TraceHeader
 from vlmscope.tui.widgets.summary import DiffSummary
+from vlmscope.tui.pilot import press as _press, settle as _settle
 
 _spec = importlib.util.spec_from_file_location(
     "hostile_traces", Path(__file__).resolve().parents[1] / "cli" / "test_hostile_text.py")
@@ -37,27 +37,16 @@ def hostile(tmp_path_factory) -> tuple[Path, Path]:
     return H.hostile_trace(d / "a.h5", "a"), H.hostile_trace(d / "b.h5", "b")
 
 
-def run(coro):
-    return asyncio.run(coro)
-
-
 async def settle(pilot, timeout: float = 60.0) -> None:
-    app = pilot.app
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    for _ in range(2):
-        await pilot.pause()
-        while any(w.state in (WorkerState.PENDING, WorkerState.RUNNING) for w in app.workers):
-            if loop.time() > end:
-                raise TimeoutError("workers did not finish")
-            await asyncio.sleep(0.01)
-        await pilot.pause()
+    await _settle(pilot, timeout)
 
 
 async def press(pilot, *keys: str) -> None:
-    for k in keys:
-        await pilot.press(k)
-        await settle(pilot)
+    await _press(pilot, *keys, timeout=60.0)
+
+
+def run(coro):
+    return asyncio.run(coro)
 
 
 def screen_text(app) -> str:

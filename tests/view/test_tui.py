@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from rich.console import Console
-from textual.worker import WorkerState
 
 from vlmscope.analyze.maps import parse_maps
 from vlmscope.analyze.status import Status
@@ -42,6 +41,7 @@ from vlmscope.tui.widgets.detail import WIDE
 from vlmscope.tui.widgets.header import TraceHeader
 from vlmscope.tui.widgets.summary import DiffSummary
 from vlmscope.trace import read_strings, write_strings
+from vlmscope.tui.pilot import press, settle
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = ROOT / "examples" / "astronaut.png"
@@ -98,26 +98,6 @@ def trace_b(view_traces) -> Path:
 
 def run(coro):
     return asyncio.run(coro)
-
-
-async def settle(pilot, timeout: float = 30.0) -> None:
-    """Let workers finish (cancelled ones included) and the screen catch up."""
-    app = pilot.app
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    for _ in range(2):
-        await pilot.pause()
-        while any(w.state in (WorkerState.PENDING, WorkerState.RUNNING) for w in app.workers):
-            if loop.time() > end:
-                raise TimeoutError("workers did not finish")
-            await asyncio.sleep(0.01)
-        await pilot.pause()
-
-
-async def press(pilot, *keys: str) -> None:
-    for k in keys:
-        await pilot.press(k)
-        await settle(pilot)
 
 
 async def press_no_wait(pilot, *keys: str) -> None:

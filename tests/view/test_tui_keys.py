@@ -26,7 +26,6 @@ import h5py
 import numpy as np
 import pytest
 from rich.console import Console
-from textual.worker import WorkerState
 
 from vlmscope.testing import make_trace, write_demo_trace
 from vlmscope.tui.app import EXIT_CRASH, ViewerApp
@@ -37,6 +36,7 @@ from vlmscope.tui.screens import MainScreen
 from vlmscope.tui.session import Session
 from vlmscope.tui.widgets.navigator import Navigator
 from vlmscope.tui.widgets.payload import PayloadView
+from vlmscope.tui.pilot import press, settle
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "traces" / "examples"
@@ -79,26 +79,6 @@ def slow_steps(monkeypatch) -> list[int]:
 
 def run(coro):
     return asyncio.run(coro)
-
-
-async def settle(pilot, timeout: float = 30.0) -> None:
-    """Let the workers finish and the screen catch up."""
-    app = pilot.app
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    for _ in range(2):
-        await pilot.pause()
-        while any(w.state in (WorkerState.PENDING, WorkerState.RUNNING) for w in app.workers):
-            if loop.time() > end:
-                raise TimeoutError("workers did not finish")
-            await asyncio.sleep(0.01)
-        await pilot.pause()
-
-
-async def press(pilot, *keys: str) -> None:
-    for k in keys:
-        await pilot.press(k)
-        await settle(pilot)
 
 
 async def quick(pilot, key: str, n: int) -> None:

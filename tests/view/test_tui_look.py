@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 from rich.style import Style
 from rich.text import Text
-from textual.worker import WorkerState
 
 from vlmscope.tui import analysis
 from vlmscope.tui.app import ViewerApp
@@ -31,33 +30,23 @@ from vlmscope.tui.widgets.context import ContextPanel
 from vlmscope.tui.widgets.detail import DetailPanel
 from vlmscope.tui.widgets.header import TraceHeader
 from vlmscope.tui.widgets.navigator import Navigator
+from vlmscope.tui.pilot import press as _press, settle as _settle
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "traces" / "examples"
 MQWEN, QWEN25 = EXAMPLES / "tiny-mqwen-astronaut.h5", EXAMPLES / "tiny-qwen2.5-vl-astronaut.h5"
 
 
-def run(coro):
-    return asyncio.run(coro)
-
-
 async def settle(pilot, timeout: float = 60.0) -> None:
-    app = pilot.app
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    for _ in range(2):
-        await pilot.pause()
-        while any(w.state in (WorkerState.PENDING, WorkerState.RUNNING) for w in app.workers):
-            if loop.time() > end:
-                raise TimeoutError("workers did not finish")
-            await asyncio.sleep(0.01)
-        await pilot.pause()
+    await _settle(pilot, timeout)
 
 
 async def press(pilot, *keys: str) -> None:
-    for k in keys:
-        await pilot.press(k)
-        await settle(pilot)
+    await _press(pilot, *keys, timeout=60.0)
+
+
+def run(coro):
+    return asyncio.run(coro)
 
 
 async def wait_until(pilot, cond, timeout: float = 30.0) -> None:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping
 import h5py
 import numpy as np
 
-from .format import ENC_BITS, ENC_FLOAT64, ENC_INT64, ENC_NONE, MAX_DIMS, TABLES, TraceError, _first_line
+from .format import ENC_BITS, ENC_FLOAT64, ENC_NONE, MAX_DIMS, TraceError, _first_line
 
 #: A table (or payload) may declare at most this many bytes per byte it stores...
 MAX_EXPANSION = 1024

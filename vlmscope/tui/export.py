@@ -89,19 +89,13 @@ def _title(app: "ViewerApp") -> str:
 
 
 async def _settle(pilot, timeout: float) -> None:
-    """Wait until no worker runs (checks, alignment, step loads, the context's drawing)."""
-    from textual.worker import WorkerState
+    """Wait until the viewer is idle (``pilot.settle``); a timeout is a ScreenshotError."""
+    from vlmscope.tui.pilot import settle
 
-    app = pilot.app
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    for _ in range(2):
-        await pilot.pause()
-        while any(w.state in (WorkerState.PENDING, WorkerState.RUNNING) for w in app.workers):
-            if loop.time() > end:
-                raise ScreenshotError(f"the viewer was still busy after {timeout:.0f} s")
-            await asyncio.sleep(0.02)
-        await pilot.pause()
+    try:
+        await settle(pilot, timeout)
+    except TimeoutError as e:
+        raise ScreenshotError(str(e)) from None
 
 
 async def arrange(pilot, step: int | None = None, select: str | None = None, context: bool = False,
