@@ -36,6 +36,7 @@ from vlmscope.tui.screens import MainScreen
 from vlmscope.tui.session import Session
 from vlmscope.tui.widgets.navigator import Navigator
 from vlmscope.tui.widgets.payload import PayloadView
+from vlmscope.tui.widgets.search import SearchBar
 from vlmscope.tui.pilot import press, settle
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -522,3 +523,30 @@ def test_damaged_traces_show_a_message_never_hang_or_crash(tmp_path):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["fuzz"]:
         _fuzz_main(Path(sys.argv[2]))
+
+
+def test_a_burst_of_keys_after_colon_or_slash_lands_in_the_bar(tmp_path):
+    """A terminal hands ':7<enter>' or '/lm_head<enter>' to the app in one read: every key is
+    queued before the first one's action runs. The bar must get the keys typed after the one
+    that opened it (they used to go to the tree: ':7<enter>' stayed on the prefill)."""
+    from textual import events
+
+    path = write_demo_trace(tmp_path / "d.h5", n_decode=9)
+
+    def burst(app, keys):
+        for key, ch in keys:
+            app.post_message(events.Key(key, ch))
+
+    async def go():
+        app = ViewerApp([path], checks=False)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await settle(pilot)
+            scr = app.screen
+            burst(app, [("colon", ":"), ("7", "7"), ("enter", "\r")])
+            await settle(pilot)
+            assert scr.step == 7
+            burst(app, [("slash", "/"), *[(c if c != "_" else "underscore", c) for c in "lm_head"], ("enter", "\r")])
+            await settle(pilot)
+            assert scr.query_one(SearchBar).value == "lm_head"
+            assert scr.nav.current is not None and scr.nav.current[0] == 7   # the search ran in step 7
+    run(go())

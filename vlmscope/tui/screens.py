@@ -13,7 +13,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
-from textual.widgets import Footer
+from textual.widgets import Footer, Input
 from textual.worker import get_current_worker
 
 from vlmscope.analyze.status import Status
@@ -41,11 +41,13 @@ class MainScreen(Screen):
         Binding("N", "layer(-1)", "prev layer", show=False),
         Binding("right_square_bracket", "step(1)", "step", key_display="]"),
         Binding("left_square_bracket", "step(-1)", "step", show=False, key_display="["),
-        Binding("colon", "goto", "go to step", show=False, key_display=":"),
+        # priority: run before the next key is handed to the focused widget, so ':7<enter>' or
+        # '/merger' typed in one burst lands in the bar the key opens
+        Binding("colon", "goto", "go to step", show=False, key_display=":", priority=True),
         Binding("home", "step_to(0)", "first step", show=False),
         Binding("end", "step_to(-1)", "last step", show=False),
         Binding("G", "step_to(-1)", "last step", show=False),
-        Binding("slash", "search", "search", key_display="/"),
+        Binding("slash", "search", "search", key_display="/", priority=True),
         Binding("f", "filter", "filter"),
         Binding("c", "context", "context"),
         Binding("g", "first_divergence", "1st diff", show=False),
@@ -402,13 +404,22 @@ class MainScreen(Screen):
         else:
             self._request(t, None)
 
+    def _typing(self, char: str) -> bool:
+        """A priority key pressed while a text bar has the focus is text: type it there."""
+        if isinstance(self.focused, Input):
+            self.focused.insert_text_at_cursor(char)
+            return True
+        return False
+
     def action_goto(self) -> None:
+        if self._typing(":"):
+            return
         a = self.session.a
         if a is None or not a.n_steps:
             return
         bar = self.query_one(GotoBar)
         bar.open(a.n_steps)
-        self.call_after_refresh(bar.focus)
+        self.set_focus(bar)     # now, not after a refresh: keys typed right after ':' go to the bar
 
     @on(GotoBar.Goto)
     def _goto(self, message: GotoBar.Goto) -> None:
@@ -456,9 +467,11 @@ class MainScreen(Screen):
                 node.expand()
 
     def action_search(self) -> None:
+        if self._typing("/"):
+            return
         bar = self.query_one(SearchBar)
         bar.display = True
-        self.call_after_refresh(bar.focus)
+        self.set_focus(bar)     # now, not after a refresh: '/merger' typed fast keeps its letters
 
     @on(SearchBar.Search)
     def _search(self, message: SearchBar.Search) -> None:
