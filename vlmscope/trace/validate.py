@@ -506,9 +506,17 @@ def preflight(path: str | os.PathLike, timeout: float | None = None) -> None:
     if that walk does not finish within ``timeout`` seconds or crashes the process. Some damaged
     files make HDF5 loop forever inside its C code, where neither a timeout nor Ctrl-C can stop
     the reading process; the child can be killed. Errors the walk meets are left to the reader.
-    Where ``fork`` is missing, nothing is checked."""
+    Where ``fork`` is missing, nothing is checked. A file that passed is not walked again in this
+    process (or its forked children) while it is unchanged (same inode, size and mtime)."""
     p = os.fspath(path)
     if not hasattr(os, "fork") or not os.path.isfile(p):
+        return
+    try:
+        st = os.stat(p)
+    except OSError:
+        return                   # the reader reports it
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _PASSED:
         return
     if timeout is None:
         try:
@@ -566,6 +574,11 @@ def preflight(path: str | os.PathLike, timeout: float | None = None) -> None:
                          f"metadata after {timeout:g} s): {p}")
     if os.WIFSIGNALED(status):
         raise TraceError(f"trace is corrupt: reading it crashes HDF5 (signal {os.WTERMSIG(status)}): {p}")
+    _PASSED.add(key)
+
+
+#: (device, inode, size, mtime) of the files ``preflight`` walked to the end in this process
+_PASSED: set[tuple[int, int, int, int]] = set()
 
 
 def check_tensor_shapes(rows: Any, path: Any, where: str = "tensors") -> None:
