@@ -175,6 +175,28 @@ def segments(row: np.ndarray, image_token_id: int) -> list[list]:
     return [["image" if img[a] else "text", a, b] for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
+# ---------------------------------------------------------------------------- position ids
+
+
+def position_rows(pos: np.ndarray) -> np.ndarray:
+    """Position ids as ``[rows, tokens]`` for the first batch row: M-RoPE's ``[R, B, S]`` (3 rows
+    t/h/w, 4 with Qwen3-VL's text row), 1-D RoPE's ``[B, S]`` or a bare ``[S]``."""
+    p = np.asarray(pos)
+    if p.ndim == 3:
+        return p[:, 0, :]
+    if p.ndim == 2:
+        return p[:1, :]
+    if p.ndim == 1:
+        return p[None, :]
+    return p
+
+
+def position_row_names(n: int) -> list[str]:
+    """What each row of ``position_rows`` is: ``pos`` (1-D RoPE), ``t h w`` (M-RoPE),
+    ``text t h w`` (Qwen3-VL), else ``r0 r1 ...``."""
+    return {1: ["pos"], 3: ["t", "h", "w"], 4: ["text", "t", "h", "w"]}.get(n, [f"r{k}" for k in range(n)])
+
+
 # ---------------------------------------------------------------------------- shapes
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmscope.semantics import fmt_shape, image_spans
+from vlmscope.semantics import fmt_shape, image_spans, position_row_names, position_rows
 from vlmscope.trace import Trace, open_trace
 from vlmscope.trace.notebook import require
 
@@ -28,8 +28,7 @@ __all__ = ["mask", "positions", "pick_probe"]
 
 #: a mask with more elements than this is drawn strided (every k-th query and key)
 MAX_DRAWN = 4_000_000
-_ROW_NAMES = {1: ["pos"], 3: ["t", "h", "w"], 4: ["text", "t", "h", "w"]}
-_IMAGE = "#d75fd7"      # the viewer's image-span magenta
+_IMAGE = "#ffd75f"      # the viewer's image-span gold (tui/styles.py IMAGE_RGB; analyze cannot import the viewer)
 
 
 def pick_probe(t: Trace, step: int, kind: str, prefer: str | None = None, rows: int | None = None,
@@ -148,20 +147,14 @@ def positions(trace: Trace | str | os.PathLike, step: int = 0, *, ax: Any = None
         pos = t.probe_value(p)
         if pos is None or not pos.size:
             raise ValueError(f"step {step}: the position ids' values were not recorded")
-        pos = np.asarray(pos)
-        if pos.ndim == 3:       # [R, B, S]
-            pos = pos[:, 0, :]
-        elif pos.ndim == 2:     # [B, S]
-            pos = pos[:1, :]
-        elif pos.ndim == 1:
-            pos = pos[None, :]
+        pos = position_rows(pos)
         # token index: where this step's tokens sit among every token fed so far
         lens = np.clip(steps["input_len"][: step + 1].astype(np.int64), 0, None)
         total = int(lens.sum())
         first = total - int(lens[-1])
         off = first if pos.shape[-1] == total - first else 0
         x = off + np.arange(pos.shape[-1])
-        names = _ROW_NAMES.get(len(pos), [f"r{i}" for i in range(len(pos))])
+        names = position_row_names(len(pos))
         marker = "o" if pos.shape[-1] <= 8 else None
         for name, row in zip(names, pos):
             ax.plot(x, row, label=name, marker=marker, lw=1.2)

@@ -13,19 +13,9 @@ from typing import Sequence
 import numpy as np
 from rich.text import Text
 
-from vlmscope.semantics import image_spans
+from vlmscope.semantics import image_spans, position_row_names, position_rows
 from vlmscope.tui.styles import (ATTEND_RGB, BLOCKED_RGB, CURRENT_STYLE, DIM, IMAGE_RGB, IMAGE_STYLE, SHAPE_STYLE,
                                   TEXT_TOKEN_STYLE)
-
-
-def row_names(n: int) -> list[str]:
-    if n == 3:
-        return ["t", "h", "w"]
-    if n == 4:
-        return ["text", "t", "h", "w"]
-    if n == 1:
-        return ["pos"]
-    return [f"r{k}" for k in range(n)]
 
 
 _BLOCKS = " ▁▂▃▄▅▆▇█"
@@ -150,15 +140,9 @@ def mask_heatmap(mask: np.ndarray, spans: Sequence[tuple[int, int]], width: int,
 
 def position_plot(pos: np.ndarray, spans: Sequence[tuple[int, int]], width: int) -> Text:
     """Position ids against token index: one sparkline per row (M-RoPE t/h/w), one shared scale."""
-    p = np.asarray(pos)
-    if p.ndim == 3:       # [R, B, S]
-        p = p[:, 0, :]
-    elif p.ndim == 2:     # [B, S]
-        p = p[:1, :]
-    elif p.ndim == 1:
-        p = p[None, :]
+    p = position_rows(pos)
     R, S = p.shape
-    names = row_names(R)
+    names = position_row_names(R)
     label_w = max(len(nm) for nm in names) + 1
     rng_w = len(f"{int(p.min())}..{int(p.max())}") + 1
     plot_w = max(8, width - label_w - rng_w - 2)

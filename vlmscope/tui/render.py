@@ -18,9 +18,8 @@ from rich.table import Table
 from rich.text import Text
 
 from vlmscope.analyze.status import Status
-from vlmscope.semantics import fmt_shape
+from vlmscope.semantics import fmt_shape, position_row_names
 from vlmscope.trace import ROLE_INPUT, ROLE_KWARG, ROLE_OUTPUT
-from vlmscope.tui.charts import row_names
 from vlmscope.tui.data import TraceModel, fmt_num, short_site
 from vlmscope.tui.items import Item
 from vlmscope.tui.stepindex import StepIndex
@@ -199,7 +198,7 @@ def probe_lines(tm: TraceModel, rows: Iterable[np.void]) -> list[RenderableType]
         out.append(head)
         body = Text("  ")
         if kind in ("position_ids", "rope_positions") and info.get("rows"):
-            names = row_names(len(info["rows"]))
+            names = position_row_names(len(info["rows"]))
             for nm, (a, b) in zip(names, info["rows"]):
                 body.append(f"{nm} ", DIM)
                 body.append(f"{a}..{b}  ")
@@ -391,7 +390,7 @@ def step_detail(tm: TraceModel, idx: StepIndex, wide: bool) -> list[RenderableTy
     grid.add_row("cache", "none" if cb < 0 and ca < 0 else f"{cb} -> {ca}")
     pr = int(st["pos_rows"])
     if pr:
-        names = row_names(pr)
+        names = position_row_names(pr)
         grid.add_row("positions", "  ".join(f"{names[k]} {int(st['pos_min'][k])}..{int(st['pos_max'][k])}"
                                             for k in range(min(pr, 3))))
     md = int(st["mask_ndim"])
