@@ -40,7 +40,7 @@ import numpy as np
 
 from .format import (
     _CACHE_BYTES, CHUNK_BYTES, COMPRESSION, FORMAT_NAME, FORMAT_VERSION, STATUS_INCOMPLETE, STATUS_RECORDING, TABLES,
-    TraceError,
+    TraceError, _first_line,
 )
 
 MAGIC = b"VLMSCOPE-JOURNAL"
@@ -339,9 +339,7 @@ def replay_in_memory(journal: str | os.PathLike) -> h5py.File:
         raise
     except Exception as e:  # noqa: BLE001 - h5py and numpy raise many types on odd input: one line
         f.close()
-        msg = str(e).strip().splitlines()
-        raise TraceError(f"trace is truncated or corrupt (journal: {msg[0] if msg else type(e).__name__}): "
-                         f"{journal}") from None
+        raise TraceError(f"trace is truncated or corrupt (journal: {_first_line(e)}): {journal}") from None
     except BaseException:
         f.close()
         raise

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 
 from . import journal as J
-from .format import _CACHE_BYTES, STATUS_COMPLETE, TABLES, _encode_strings, _jsonable
+from .format import _CACHE_BYTES, STATUS_COMPLETE, TABLES, _encode_strings, _first_line, _jsonable
 
 
 class TraceWriteError(OSError):
@@ -37,9 +37,8 @@ def _bytes(a: np.ndarray) -> memoryview:
 
 
 def _reason(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    """What failed, in a few words: the OS's reason (``No space left on device``), else the first line."""
+    return e.strerror if isinstance(e, OSError) and e.strerror else _first_line(e)
 
 
 class TraceWriter:
@@ -102,11 +101,13 @@ class TraceWriter:
         except (OSError, ValueError) as e:   # ValueError: the file object was closed under us
             self._fail(e)
 
-    def _fail(self, e: BaseException) -> None:
-        self.failed = TraceWriteError(
-            f"cannot write the trace ({_reason(e)}); {self.committed_steps} finished "
-            f"step{'s' if self.committed_steps != 1 else ''} kept in {self.partial_path}",
-            path=self.partial_path, steps=self.committed_steps, cause=e)
+    def _fail(self, e: BaseException, kept: str = "finished") -> None:
+        """Remember the write error ``e`` (the one line says how many steps the journal keeps:
+        ``N finished steps``, or ``all N steps`` when only the final conversion failed) and raise it."""
+        n = self.committed_steps
+        what = f"all {n} step{'s' if n != 1 else ''}" if kept == "all" else f"{n} finished step{'s' if n != 1 else ''}"
+        self.failed = TraceWriteError(f"cannot write the trace ({_reason(e)}); {what} kept in {self.partial_path}",
+                                      path=self.partial_path, steps=n, cause=e)
         raise self.failed from None
 
     def _abandon(self) -> None:
@@ -233,11 +234,7 @@ class TraceWriter:
                     pass
             if not isinstance(e, Exception):    # interrupted while converting: the journal is the trace
                 raise
-            self.failed = TraceWriteError(
-                f"cannot write the trace ({_reason(e)}); all {self.committed_steps} "
-                f"step{'s' if self.committed_steps != 1 else ''} kept in {self.partial_path}",
-                path=self.partial_path, steps=self.committed_steps, cause=e)
-            raise self.failed from None
+            self._fail(e, kept="all")
         self.partial_path.unlink(missing_ok=True)
         return self.path
 
