@@ -41,7 +41,7 @@ from vlmscope.tui.widgets.detail import WIDE
 from vlmscope.tui.widgets.header import TraceHeader
 from vlmscope.tui.widgets.summary import DiffSummary
 from vlmscope.trace import read_strings, write_strings
-from vlmscope.tui.pilot import press, settle
+from vlmscope.tui.pilot import notes_of, press, settle
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = ROOT / "examples" / "astronaut.png"
@@ -124,19 +124,6 @@ def path_of(scr: MainScreen, item) -> str:
     tm, idx = scr.session.model_for(item)
     ev = idx.event_of(scr.session.b_item(item) if item[1] in B_KINDS else item)
     return tm.module_path(int(idx.module[ev])) if ev >= 0 else ""
-
-
-def notes_of(app) -> list[str]:
-    """Record the app's notifications (messages) from now on."""
-    notes: list[str] = []
-    notify = app.notify
-
-    def record(message, **kwargs):
-        notes.append(str(message))
-        return notify(message, **kwargs)
-
-    app.notify = record
-    return notes
 
 
 def cli_json(*args: str) -> dict:

@@ -37,7 +37,7 @@ from vlmscope.tui.session import Session
 from vlmscope.tui.widgets.navigator import Navigator
 from vlmscope.tui.widgets.payload import PayloadView
 from vlmscope.tui.widgets.search import SearchBar
-from vlmscope.tui.pilot import press, settle
+from vlmscope.tui.pilot import notes_of, press, settle
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "traces" / "examples"
@@ -108,18 +108,6 @@ async def goto_module(pilot, path: str):
     await press(pilot, "enter", "escape")
     assert path_of(scr, scr.nav.current) == path, (path, scr.nav.current)
     return scr.nav.current
-
-
-def notes_of(app) -> list[str]:
-    notes: list[str] = []
-    notify = app.notify
-
-    def record(message, **kwargs):
-        notes.append(str(message))
-        return notify(message, **kwargs)
-
-    app.notify = record
-    return notes
 
 
 def damage_step(src: Path, dst: Path, step: int) -> Path:

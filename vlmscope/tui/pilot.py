@@ -28,3 +28,16 @@ async def press(pilot, *keys: str, timeout: float = 30.0) -> None:
     for k in keys:
         await pilot.press(k)
         await settle(pilot, timeout)
+
+
+def notes_of(app) -> list[str]:
+    """Record the app's notifications (their messages) from now on, into the returned list."""
+    notes: list[str] = []
+    notify = app.notify
+
+    def record(message, **kwargs):
+        notes.append(str(message))
+        return notify(message, **kwargs)
+
+    app.notify = record
+    return notes
