@@ -125,9 +125,76 @@ def text_config_of(cfg: Any) -> Any:
     return _get(cfg, "text_config") or cfg
 
 
+def _config_int(cfg: Any, *keys: str) -> int | None:
+    """The first of ``keys`` set in the config, else in its ``text_config`` (older layouts)."""
+    for c in (cfg, _get(cfg, "text_config")):
+        for k in keys:
+            v = _get(c, k)
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
+    return None
+
+
 def image_token_id_of(cfg: Any) -> int | None:
     """The image placeholder token id (``image_token_id``, or ``image_token_index`` in older configs)."""
-    return _get(cfg, "image_token_id") or _get(cfg, "image_token_index")
+    return _config_int(cfg, "image_token_id", "image_token_index")
+
+
+def video_token_id_of(cfg: Any) -> int | None:
+    """The video placeholder token id (``video_token_id``, or ``video_token_index``)."""
+    return _config_int(cfg, "video_token_id", "video_token_index")
+
+
+def vision_start_token_id_of(cfg: Any) -> int | None:
+    """The token that opens a vision span (``<|vision_start|>``)."""
+    return _config_int(cfg, "vision_start_token_id")
+
+
+#: ``config.model_type`` (and common spellings) -> the M-RoPE family of the position oracle
+#: (``vlmscope.analyze.mrope.FAMILIES``); other model types have no M-RoPE family.
+MROPE_FAMILIES = {
+    "qwen2_vl": "qwen2_vl", "qwen2vl": "qwen2_vl",
+    "qwen2_5_vl": "qwen2_5_vl", "qwen2.5_vl": "qwen2_5_vl", "qwen25_vl": "qwen2_5_vl", "qwen2_5vl": "qwen2_5_vl",
+    "qwen3_vl": "qwen3_vl", "qwen3vl": "qwen3_vl", "qwen3_vl_moe": "qwen3_vl",
+}
+
+
+def mrope_family(name: Any) -> str | None:
+    """``"Qwen2.5-VL"``, ``"qwen2_5_vl"`` ... -> ``"qwen2_5_vl"``; None for a model type without M-RoPE."""
+    if not isinstance(name, str):
+        return None
+    key = name.strip().lower().replace("-", "_").replace(" ", "_")
+    return MROPE_FAMILIES.get(key) or MROPE_FAMILIES.get(key.replace(".", "_"))
+
+
+def spatial_merge_size_of(cfg: Any) -> int | None:
+    """``spatial_merge_size`` of the vision config (or the top level), None when the config has none."""
+    v = _get(_get(cfg, "vision_config"), "spatial_merge_size")
+    if v is None:
+        v = _get(cfg, "spatial_merge_size")
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def tokens_per_second_of(cfg: Any) -> float | int | None:
+    """Qwen2.5-VL's ``tokens_per_second`` (temporal positions per second of video), from the vision
+    config or the top level; None when the config has none."""
+    for c in (_get(cfg, "vision_config"), cfg, _get(cfg, "text_config")):
+        v = _get(c, "tokens_per_second")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return v
+    return None
+
+
+def rope_meta_of(cfg: Any) -> dict:
+    """run_json ``rope``: what the M-RoPE position oracle needs from the model's config."""
+    return {
+        "family": mrope_family(_get(cfg, "model_type")),
+        "spatial_merge_size": spatial_merge_size_of(cfg),
+        "tokens_per_second": tokens_per_second_of(cfg),
+        "image_token_id": image_token_id_of(cfg),
+        "video_token_id": video_token_id_of(cfg),
+        "vision_start_token_id": vision_start_token_id_of(cfg),
+    }
 
 
 def attention_heads_of(cfg: Any) -> tuple[int | None, int | None]:

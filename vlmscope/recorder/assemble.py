@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -31,8 +32,10 @@ class Bases:
     probes: int
 
 
-def write_step(w: T.TraceWriter, st: StepBuffer, model: ModelInfo) -> int:
-    """Write the step ``st``; returns its number of events."""
+def write_step(w: T.TraceWriter, st: StepBuffer, model: ModelInfo,
+               kind_of: Callable[[StepBuffer], int] | None = None) -> int:
+    """Write the step ``st``; returns its number of events. ``kind_of`` decides the step's kind
+    (prefill or decode) once its probes are derived; without it only step 0 is a prefill."""
     for row in st.events:  # calls still open (the step raised): keep what they saw
         if row.pending:
             st.flush_tensors(row)
@@ -43,6 +46,7 @@ def write_step(w: T.TraceWriter, st: StepBuffer, model: ModelInfo) -> int:
     tensors = tensors_table(st, blob, base, payload_ids)
     reshapes = reshapes_table(st, base)
     probes, pos_rows = ProbeAssembly(w, st, blob, model).table(base)
+    st.kind = kind_of(st) if kind_of is not None else (T.KIND_PREFILL if st.index == 0 else T.KIND_DECODE)
     w.append("events", events)
     w.append("tensors", tensors)
     w.append("reshapes", reshapes)
@@ -149,7 +153,7 @@ def step_row(st: StepBuffer, base: Bases, pos_rows: list[list[int]] | None) -> n
     """The step's ``/steps`` row (``pos_rows``: [min, max] per row of the text model's position ids)."""
     row = np.zeros(1, T.STEP_DTYPE)
     row["step"] = st.index
-    row["kind"] = T.KIND_PREFILL if st.index == 0 else T.KIND_DECODE
+    row["kind"] = st.kind if st.kind >= 0 else (T.KIND_PREFILL if st.index == 0 else T.KIND_DECODE)
     row["status"] = 1 if st.failed else 0
     row["input_len"], row["q_len"] = st.input_len, st.first_layer_q
     row["cache_before"], row["cache_after"] = st.cache_before, st.cache_after
@@ -189,12 +193,15 @@ class ProbeAssembly:
     cursor: int = 0
     segments: tuple[int, list] | None = None
     pos: tuple[bool, list] | None = None  # (from the text model, rows) of the chosen position ids
+    token_kinds: np.ndarray | None = None  # [B, L] int8 codes of SPAN_KINDS for the root's input_ids
+    row_spans: dict[tuple, list] = field(default_factory=dict)  # values key -> position_ids row_spans
 
     def table(self, base: Bases) -> tuple[np.ndarray, list[list[int]] | None]:
         """The probe rows, and the [min, max] rows of the position ids that reached the text model."""
         st = self.st
         self.cursor = self.w.probe_bytes
         self.segments = self._root_segments()
+        self.token_kinds = self._token_kinds()
         shapes, encs, offs, lens, infos = [], [], [], [], []
         for p in st.probes:
             data, shape, info = self._values(p)
@@ -236,9 +243,48 @@ class ProbeAssembly:
                 return len(row), segments(row, tok)
         return None
 
+    def _root_probe(self, derive: str, ndim: int | None = None) -> ProbeRow | None:
+        """The root call's probe of a kind (the step's own inputs), queued on the device."""
+        for p in self.st.probes:
+            if p.derive == derive and p.event == self.st.root_ev and p.off >= 0 and (
+                    ndim is None or len(p.shape) == ndim):
+                return p
+        return None
+
+    def _token_kinds(self) -> np.ndarray | None:
+        """What each token of the root's ``input_ids`` is, per batch row ([B, L] codes of
+        SPAN_KINDS): text, image or video placeholder, or padding (masked out by the root's 2-D
+        attention mask; its last L columns are the step's tokens). Also sets the step's
+        padding side from that mask."""
+        ids_p = self._root_probe("input_ids")
+        mask_p = self._root_probe("attention_mask", ndim=2)
+        mask = None
+        if mask_p is not None:
+            mask = self.blob[mask_p.off:mask_p.off + mask_p.nbytes].astype(bool).reshape(mask_p.shape)
+            self.st.padding_side = padding_side(mask)
+        if ids_p is None or not ids_p.shape:
+            return None
+        ids = self.blob[ids_p.off:ids_p.off + ids_p.nbytes].view(np.int64).reshape(ids_p.shape)
+        ids = ids.reshape(-1, ids.shape[-1])
+        kinds = np.zeros(ids.shape, dtype=np.int8)
+        m = self.model
+        if m.image_token_id is not None:
+            kinds[ids == m.image_token_id] = 1
+        if m.video_token_id is not None:
+            kinds[ids == m.video_token_id] = 2
+        L = ids.shape[1]
+        if mask is not None and mask.shape[0] == ids.shape[0] and mask.shape[1] >= L:
+            kinds[~mask[:, mask.shape[1] - L:]] = 3
+        return kinds
+
     def _values(self, p: ProbeRow) -> tuple[np.ndarray | None, tuple, dict]:
         """The probe's values on the host (or None), its shape, and a fresh copy of its info."""
         info = p.info
+        if p.enc == T.ENC_FLOAT64 and p.off >= 0:
+            raw = self.blob[p.off:p.off + p.nbytes].view(np.float32 if p.width == 4 else np.float64)
+            return raw.astype(np.float64).reshape(p.shape), p.shape, dict(info or {})
+        if p.enc == T.ENC_FLOAT64 and p.host is not None:
+            return p.host, p.shape, dict(info or {})
         if p.enc == T.ENC_INT64 and p.off >= 0:
             return self.blob[p.off:p.off + p.nbytes].view(np.int64).reshape(p.shape), p.shape, dict(info or {})
         if p.enc == T.ENC_INT64 and p.host is not None:
@@ -261,10 +307,15 @@ class ProbeAssembly:
         if kind == "position_ids" and data is not None:
             self._position_ids(p, data, info)
         elif kind == "input_ids" and data is not None:
-            tok = self.model.image_token_id
+            tok, vid = self.model.image_token_id, self.model.video_token_id
+            rows = data.reshape(-1, data.shape[-1]) if data.ndim else data.reshape(1, 1)
             if tok is not None:
                 info.update({"image_token_id": int(tok), "spans": image_spans(data, tok),
-                             "image_tokens": image_token_count(data, tok)})
+                             "image_tokens": image_token_count(data, tok),
+                             "row_image_tokens": (rows == tok).sum(axis=1).tolist()})
+            if vid is not None:
+                info.update({"video_token_id": int(vid), "video_spans": image_spans(data, vid),
+                             "row_video_tokens": (rows == vid).sum(axis=1).tolist()})
             if p.event == self.st.root_ev and self.st.image_tokens < 0:
                 self.st.image_tokens = info.get("image_tokens", -1)
         elif kind == "attention_mask":
@@ -274,6 +325,13 @@ class ProbeAssembly:
                     # the blocked value; None when nothing is blocked (e.g. a decode step)
                     info["min"] = mn
                     info["fill"] = mn if data is not None and not data.all() else None
+            if data is not None and data.ndim == 2:  # [B, K]: a padding mask
+                keys = data.sum(axis=1)
+                info["row_keys"] = keys.tolist()
+                info["row_pad"] = (data.shape[1] - keys).tolist()
+        elif p.enc == T.ENC_FLOAT64 and data is not None:
+            if data.size and kind != "token_norms":
+                info["min"], info["max"] = float(data.min()), float(data.max())
         elif kind is not None and kind != "rope" and data is not None and data.size:
             info["min"], info["max"] = int(data.min()), int(data.max())
 
@@ -291,6 +349,16 @@ class ProbeAssembly:
         path = m.paths[p.module]
         if m.structure.vision_model and is_under(path, m.structure.vision_model):
             return  # the vision tower's own (2-D rotary) positions
+        kinds = self.token_kinds
+        if kinds is not None and data.ndim and data.shape[-1] == kinds.shape[1]:
+            key = (p.off, p.nbytes) if p.off >= 0 else None
+            spans = self.row_spans.get(key) if key is not None else None
+            if spans is None:
+                spans = row_spans(data, kinds)
+                if key is not None:
+                    self.row_spans[key] = spans
+            if spans is not None:
+                info["row_spans"] = spans
         in_text = p.module == m.text_model_id or bool(m.decoder_prefix and path.startswith(m.decoder_prefix))
         # the first position ids of the step, unless later ones reach the text model
         if self.pos is None or (in_text and not self.pos[0]):
@@ -304,8 +372,51 @@ class ProbeAssembly:
         stored = self.stored.get(key)
         if stored is None:
             raw = np.packbits(data.ravel()) if p.enc == T.ENC_BITS else np.ascontiguousarray(
-                data, dtype=np.int64).view(np.uint8).ravel()
+                data, dtype=np.float64 if p.enc == T.ENC_FLOAT64 else np.int64).view(np.uint8).ravel()
             stored = self.stored[key] = (self.cursor, raw.size)
             self.cursor += raw.size
             self.chunks.append(raw)
         return stored
+
+
+#: token kinds of ``position_ids`` row_spans, by code
+SPAN_KINDS = ("text", "image", "video", "pad")
+
+
+def padding_side(mask: np.ndarray) -> str | None:
+    """``"left"`` or ``"right"`` from a 2-D ``[B, K]`` allowed-mask whose padded rows are masked at
+    the start or at the end; None when no row is padded (or the sides are mixed)."""
+    if mask.ndim != 2 or not mask.size:
+        return None
+    left, right = bool((~mask[:, 0]).any()), bool((~mask[:, -1]).any())
+    if left == right:
+        return None
+    return "left" if left else "right"
+
+
+def row_spans(data: np.ndarray, kinds: np.ndarray) -> list | None:
+    """``[[kind, row, start, end, [[min, max] per axis]], ...]``: the runs of one token kind of
+    every batch row, with the range of each position axis over the run. ``data`` is position
+    ids ``[B, S]``, ``[A, B, S]`` (M-RoPE) or ``[S]``; a batch dimension of 1 is broadcast."""
+    B, S = kinds.shape
+    if data.ndim == 1:
+        v = data.reshape(1, 1, S)
+    elif data.ndim == 2:
+        v = data[None]
+    elif data.ndim == 3:
+        v = data
+    else:
+        return None
+    if v.shape[1] not in (1, B) or S == 0:
+        return None
+    out: list = []
+    for b in range(B):
+        k = kinds[b]
+        starts = np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
+        ends = np.append(starts[1:], S)
+        vb = v[:, b if v.shape[1] == B else 0, :]
+        lo = np.minimum.reduceat(vb, starts, axis=1).tolist()
+        hi = np.maximum.reduceat(vb, starts, axis=1).tolist()
+        for j, (a, e) in enumerate(zip(starts.tolist(), ends.tolist())):
+            out.append([SPAN_KINDS[k[a]], b, a, e, [[lo[ax][j], hi[ax][j]] for ax in range(len(lo))]])
+    return out

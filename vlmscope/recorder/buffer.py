@@ -39,7 +39,8 @@ class QueuedValues(NamedTuple):
     off: int
     nbytes: int
     ref: weakref.ref
-    stat_off: int  # masks: byte offset of the mask's stats (its minimum is the fill value), else -1
+    stat_off: int  # masks: byte offset of the mask's stats (its minimum is the fill value); float
+                   # values: bytes per queued value (4 or 8); else -1
 
 
 @dataclass(slots=True)
@@ -116,6 +117,7 @@ class ProbeRow:
                                # probe ("position_ids", "input_ids", "attention_mask", ...) or "rope"
     host: np.ndarray | None = None  # values known on the host already (a cache's per-layer lengths)
     stat_off: int = -1         # masks: where the mask's stats are in the device blob
+    width: int = 8             # ENC_FLOAT64 values: bytes per value as queued (4: float32, widened on the host)
 
 
 @dataclass(slots=True)
@@ -159,6 +161,16 @@ class StepBuffer:
     mask_shape: tuple | None = None  # the first attention mask seen inside the decoder layers
     image_tokens: int = -1
     root_ev: int = -1
+    kind: int = -1           # T.KIND_PREFILL / T.KIND_DECODE, decided when the step ends
+    text_ev: int = -1        # the text model's (first) call in this step
+    owner_ev: int = -1       # the call of the module that keeps ``rope_deltas`` (its last one)
+    embeds_seen: bool = False  # the text model's input embeddings got their token norms
+    padding_side: str | None = None  # "left"/"right" from the root's 2-D mask (None: no padding seen)
+    batch_size: int = -1     # rows of the root's input_ids / inputs_embeds
+    root_ids: tuple[int, int] | None = None   # (offset, nbytes) of the root's input_ids in the blob
+    root_mask: tuple[int, int, tuple] | None = None  # (offset, nbytes, shape) of the root's 2-D mask bits
+    merger_out: Any = None   # weak reference to the merger's last output
+    video_grids: dict = field(default_factory=dict)  # (id, version) -> weakref: video_grid_thw tensors
 
     def flush_tensors(self, row: EventRow) -> None:
         """Move a call's tensor rows (inputs, kwargs, outputs) into the step, contiguously."""

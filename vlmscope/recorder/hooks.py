@@ -22,7 +22,7 @@ from torch import Tensor
 from vlmscope import trace as T
 from vlmscope.recorder.assemble import write_step
 from vlmscope.recorder.buffer import NO_STATS, EventRow, StepBuffer, TensorRow
-from vlmscope.recorder.probes import CACHE_ARG_NAMES, MASK_NAMES, Probes, is_cache_object
+from vlmscope.recorder.probes import CACHE_ARG_NAMES, FLOAT_PROBE_NAMES, MASK_NAMES, Probes, is_cache_object
 from vlmscope.recorder.reshapes import ReshapeCapture
 from vlmscope.recorder.stats import PayloadBudget, dtype_name, queue_stats
 from vlmscope.recorder.structure import analyse, config_json, module_rows, run_meta
@@ -41,6 +41,10 @@ class Recorder:
         with vlmscope.Recorder(model, out="traces/run.h5") as rec:
             model.generate(**inputs, max_new_tokens=8)
         rec.path  # the finished trace
+
+    Several ``generate`` calls may share one recorder: each call's first step is a prefill
+    (``kind`` 0). :meth:`begin_call` announces a call and what its batch rows are; without it
+    the recorder detects a new call from the cache (see :meth:`begin_call`).
 
     Hooks are removed on exit, even after an exception, leaving the model as it was.
     The exception (if any) propagates after the trace is closed with status
@@ -108,6 +112,9 @@ class Recorder:
         self.vision_model, self.merger = s.vision_model, s.merger
         self.image_token_id = self.model_info.image_token_id
         self.kv_heads, self.n_heads = self.model_info.kv_heads, self.model_info.n_heads
+        self.calls: list[dict] = []     # one entry per generate call (run_json ``calls``)
+        self._call_pending = False      # begin_call() was called: the next step is a prefill
+        self._prev_cache = False        # the last written step had a cache
 
     def structure(self) -> dict:
         """The recognised structure, as stored in ``/meta``."""
@@ -192,6 +199,56 @@ class Recorder:
             # the disk is full (or the like): the journal keeps every committed step
             self.status, self.path = T.STATUS_INCOMPLETE, w.partial_path
             raise
+
+    def begin_call(self, **info: Any) -> None:
+        """Say that a new ``generate`` call starts: the next step is its prefill.
+
+        ``info`` describes the call (the shared schema: ``batch_size``, ``padding_side``, and
+        ``rows``, one ``{"prompt", "images", "video", "messages"}`` dict per batch row); it is
+        stored as ``{"call": i, "first_step": s, **info}`` in run_json ``calls`` (and, for the
+        first call, as run_json ``batch``). Without ``begin_call`` the recorder still detects
+        each call's prefill (step 0, an empty cache, or no cache after a step that had one) and
+        lists the calls it found, their rows unknown.
+        """
+        self._call_pending = True
+        first = self._step.index if self._step is not None else self.n_steps
+        if self.calls and self.calls[-1]["first_step"] == first:
+            # a second begin_call before any step of the first one: the later description wins
+            self.calls.pop()
+        entry = {"call": len(self.calls), "first_step": first, **info}
+        self.calls.append(entry)
+        self._write_calls()
+
+    def _write_calls(self) -> None:
+        fields: dict[str, Any] = {"calls": self.calls}
+        first = self.calls[0] if self.calls else None
+        if first is not None and first.get("rows") is not None:
+            fields["batch"] = {"rows": first["rows"], "padding_side": first.get("padding_side")}
+        self.add_meta(**fields)
+
+    def _step_kind(self, st: StepBuffer) -> int:
+        """Prefill (the first step of a generate call) or decode, and the call list kept up to date."""
+        has_cache = st.cache_before >= 0 or st.cache_after >= 0
+        prefill = (st.index == 0 or self._call_pending or st.cache_before == 0
+                   or (not has_cache and self._prev_cache))
+        self._prev_cache = has_cache
+        if not prefill:
+            return T.KIND_DECODE
+        announced = self._call_pending and bool(self.calls) and self.calls[-1]["first_step"] >= st.index
+        self._call_pending = False
+        if announced:
+            entry = self.calls[-1]
+            entry["first_step"] = st.index
+        else:  # detected: the rows are unknown
+            entry = {"call": len(self.calls), "first_step": st.index, "batch_size": None, "padding_side": None,
+                     "rows": None, "detected": True}
+            self.calls.append(entry)
+        if entry.get("batch_size") is None and st.batch_size >= 0:
+            entry["batch_size"] = st.batch_size
+        if entry.get("detected") and entry.get("padding_side") is None:
+            entry["padding_side"] = st.padding_side
+        self._write_calls()
+        return T.KIND_PREFILL
 
     def add_meta(self, **fields: Any) -> None:
         """Add run metadata (e.g. the generated text) before the trace is closed."""
@@ -281,10 +338,28 @@ class Recorder:
         for name, a in kwargs.items():
             self._value(st, ev, T.ROLE_KWARG, name, a, mod_id)
         info = self.model_info
-        if mod_id == info.layer0_id and st.first_layer_q < 0:
+        if mod_id == info.text_model_id and st.text_ev < 0:
+            st.text_ev = ev
+            emb = kwargs.get("inputs_embeds")
+            if emb is None and "inputs_embeds" in names[:len(args)]:
+                emb = args[names.index("inputs_embeds")]
+            if isinstance(emb, Tensor):
+                st.embeds_seen = True
+                self._probes.token_norms(st, ev, mod_id, "inputs_embeds", emb)
+        if mod_id == info.layer0_id and (st.first_layer_q < 0 or not st.embeds_seen):
             hs = args[0] if args else kwargs.get("hidden_states")
             if isinstance(hs, Tensor) and hs.dim() >= 2:
-                st.first_layer_q = int(hs.shape[-2])
+                if st.first_layer_q < 0:
+                    st.first_layer_q = int(hs.shape[-2])
+                if not st.embeds_seen:
+                    # the text model embedded input_ids itself: its first layer's input is the embeddings
+                    st.embeds_seen = True
+                    if st.text_ev >= 0:
+                        self._probes.token_norms(st, st.text_ev, info.text_model_id, "inputs_embeds", hs)
+                    else:
+                        self._probes.token_norms(st, ev, mod_id, "inputs_embeds", hs)
+        if mod_id == info.rope_owner_id:
+            st.owner_ev = ev
         if mod_id == 0 and len(self._stack) == 1:
             self._probes.root_inputs(st, args, kwargs, names)
         if mod_id in info.rotary_ids:
@@ -305,6 +380,8 @@ class Recorder:
             self._value(st, ev, T.ROLE_OUTPUT, "out", output, mod_id)
             if mod_id == self.model_info.merger_id:
                 self._probes.merger(st, ev, mod_id, output)
+            elif mod_id == self.model_info.vision_model_id:
+                self._probes.vision_output(st, ev, mod_id, output)
         st.flush_tensors(row)
         row.end_seq = st.seq
         row.dur_us = (time.perf_counter() - row.t0) * 1e6
@@ -315,6 +392,9 @@ class Recorder:
                 st.failed = True
             if mod_id == 0 or exc is not None:
                 self._probes.root_outputs(st, output if exc is None else None)
+                owner = self.model_info.rope_owner_id
+                if owner >= 0:
+                    self._probes.rope_state(st, owner, self.model_info.modules[owner][1])
                 self._end_step(output)
 
     # ------------------------------------------------------------------ values
@@ -343,6 +423,8 @@ class Recorder:
                     self._value(st, ev, role, f"{name}.{k}" if role == T.ROLE_OUTPUT else f"{name}[{k}]", x, mod_id)
             return
         if isinstance(v, (tuple, list)):
+            if role != T.ROLE_OUTPUT and name in FLOAT_PROBE_NAMES and self._probes.float_list(st, ev, mod_id, name, v):
+                return
             for i, x in enumerate(v):
                 if x is not None:
                     self._value(st, ev, role, f"{name}[{i}]", x, mod_id)
@@ -377,26 +459,62 @@ class Recorder:
         self._step = None
         if st is None or w is None:
             return
-        self.n_events += write_step(w, st, self.model_info)
+        self.n_events += write_step(w, st, self.model_info, self._step_kind)
         self.n_steps += 1
         if self.on_step is not None:
             self.on_step(st.index, self)
 
 
 def record(model: torch.nn.Module, processor: Any = None, *, image: Any = None, prompt: str = "",
-           out: str | os.PathLike = "traces/trace.h5", max_new_tokens: int = 8, **recorder_kwargs: Any) -> Path:
+           rows: list | None = None, calls: list | None = None, padding_side: str = "left",
+           fps: float | None = None, out: str | os.PathLike = "traces/trace.h5", max_new_tokens: int = 8,
+           **recorder_kwargs: Any) -> Path:
     """Prepare inputs with ``processor``, run ``model.generate`` under a :class:`Recorder`.
 
-    ``image`` is a path or a PIL image (or None for text-only). Returns the trace path.
-    """
-    from vlmscope.recorder.inputs import build_inputs, generate_text
+    The inputs are one of:
 
-    inputs, info = build_inputs(model, processor, prompt=prompt, image=image)
+    - ``prompt`` and ``image`` (a path or a PIL image, or None for text-only): one row;
+    - ``rows=[...]``: one batched ``generate`` call, one row dict each:
+      ``{"prompt": str, "images": [path or PIL image, ...], "video": path}`` or
+      ``{"messages": [...]}`` (a chat in the processor's format, image and video items naming
+      their files: ``{"type": "image", "path": ...}``), padded on ``padding_side``;
+    - ``calls=[rows1, rows2, ...]``: several ``generate`` calls in order, in one trace (each
+      begins with its own prefill step).
+
+    ``fps`` is the frame rate the video processor samples videos at (every frame when None).
+    Returns the trace path.
+    """
+    from vlmscope.errors import UserError
+    from vlmscope.recorder.inputs import as_rows, build_batch_inputs, build_inputs, generate_texts
+
+    if rows is not None and calls is not None:
+        raise UserError("give rows= (one call) or calls= (several), not both")
+    if (rows is not None or calls is not None) and (prompt or image is not None):
+        raise UserError("give prompt=/image= or rows=/calls=, not both")
+    if calls is not None:
+        if not isinstance(calls, (list, tuple)) or not calls:
+            raise UserError("calls must be a non-empty list of row lists")
+        prepared = [build_batch_inputs(model, processor, as_rows(c, f"calls[{i}]"), padding_side=padding_side,
+                                       fps=fps) for i, c in enumerate(calls)]
+    elif rows is not None:
+        prepared = [build_batch_inputs(model, processor, rows, padding_side=padding_side, fps=fps)]
+    else:
+        inputs, info = build_inputs(model, processor, prompt=prompt, image=image)
+        row = {"prompt": prompt, "images": [info["image"].get("path")] if "image" in info else [], "video": None,
+               "messages": False, "media": [{"kind": "image", **info["image"]}] if "image" in info else []}
+        prepared = [(inputs, {**info, "rows": [row], "padding_side": padding_side, "batch_size": 1})]
+    first = prepared[0][1]
     meta = dict(recorder_kwargs.pop("meta", {}) or {})
-    meta.update(info)
+    meta.update({k: first[k] for k in ("prompt", "image") if k in first})
     meta.setdefault("prompt", prompt)
     meta.setdefault("generation", {"max_new_tokens": max_new_tokens, "do_sample": False})
     with Recorder(model, out, meta=meta, **recorder_kwargs) as rec:
-        text = generate_text(model, processor, inputs, max_new_tokens=max_new_tokens)
-        rec.add_meta(generated_text=text)
+        texts: list[list[str]] = []
+        for i, (inputs, info) in enumerate(prepared):
+            rec.begin_call(call=i, batch_size=info["batch_size"], padding_side=info["padding_side"],
+                           rows=info["rows"])
+            texts.append(generate_texts(model, processor, inputs, max_new_tokens=max_new_tokens))
+            # the first call's rows (as run_json ``batch``), and every call's
+            rec.add_meta(generated_text=texts[0][0] if texts[0] else "", generated_texts=texts[0],
+                         generated_calls=texts)
     return rec.path

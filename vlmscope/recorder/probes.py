@@ -8,6 +8,7 @@ mask's fill value) is completed by :mod:`vlmscope.recorder.assemble` once they a
 
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Any, Sequence
 
@@ -22,8 +23,11 @@ from vlmscope.recorder.stats import dtype_name, queue_bytes, queue_stats, versio
 CACHE_ARG_NAMES = ("past_key_values", "past_key_value", "layer_past", "cache", "layer_pasts")
 INT_PROBE_NAMES = ("position_ids", "cache_position", "rope_deltas", "image_grid_thw", "video_grid_thw",
                    "grid_thw", "mm_token_type_ids", "token_type_ids", "input_ids")
-# argument names that are recorded under another probe kind
-PROBE_KIND = {"video_grid_thw": "image_grid_thw", "grid_thw": "image_grid_thw"}
+# argument names that are recorded under another probe kind (the vision tower's ``grid_thw`` is a
+# ``video_grid_thw`` when it is the very tensor the model received under that name, see ``_int``)
+PROBE_KIND = {"grid_thw": "image_grid_thw"}
+# float arguments stored as float64 values (enc 3)
+FLOAT_PROBE_NAMES = ("second_per_grid_ts",)
 MASK_NAMES = ("attention_mask", "causal_mask", "encoder_attention_mask")
 # where the root's output keeps the cache: "cache" first, since transformers 5 warns on every
 # look-up of the old name
@@ -73,6 +77,25 @@ def _cache_keys(obj: Any) -> tuple[list[Any], str | None] | None:
     return None
 
 
+_FEATURE_FNS = {"get_video_features": True, "get_image_features": False}
+
+
+def _encoding_video(max_depth: int = 40) -> bool:
+    """Whether the running vision tower encodes a video: the innermost ``get_video_features`` /
+    ``get_image_features`` on the Python stack (transformers' names for the two encoders; in
+    ``generate`` they run before the prefill, so no root argument names the grid). Walked once
+    per vision-tower call."""
+    f = sys._getframe(1)
+    for _ in range(max_depth):
+        if f is None:
+            return False
+        hit = _FEATURE_FNS.get(f.f_code.co_name)
+        if hit is not None:
+            return hit
+        f = f.f_back
+    return False
+
+
 class Probes:
     """Writes probe rows into the current step (state: the cache layout seen so far)."""
 
@@ -86,31 +109,93 @@ class Probes:
 
     def row(self, st: StepBuffer, ev: int, mod_id: int, kind: str, name: str, shape: tuple, dtype: str,
             enc: int, off: int, n: int, info: dict | None, derive: str | None = None,
-            host: np.ndarray | None = None, stat_off: int = -1) -> None:
+            host: np.ndarray | None = None, stat_off: int = -1, width: int = 8) -> None:
         w = self.w
         st.probes.append(ProbeRow(st.seq, ev, mod_id, w.intern(kind), w.intern(name), tuple(shape),
-                                  w.intern(dtype), enc, off, n, info, derive, host, stat_off))
+                                  w.intern(dtype), enc, off, n, info, derive, host, stat_off, width))
         st.seq += 1
 
     # ------------------------------------------------------------------ tensors by argument name
     def tensor(self, st: StepBuffer, ev: int, mod_id: int, name: str, t: Tensor, label: str | None = None) -> None:
-        """The probe an argument's name calls for (int values or an attention mask), if any."""
+        """The probe an argument's name calls for (int values, float values or a mask), if any."""
         if name in INT_PROBE_NAMES:
             self._int(st, ev, mod_id, name, t, label)
         elif name in MASK_NAMES:
             self._mask(st, ev, mod_id, name, t, label)
+        elif name in FLOAT_PROBE_NAMES:
+            self._float(st, ev, mod_id, name, t, label)
 
     def _int(self, st: StepBuffer, ev: int, mod_id: int, name: str, t: Tensor, label: str | None) -> None:
         if t.is_floating_point() or t.is_complex():
             return
-        kind = PROBE_KIND.get(name, name)
         key = (id(t), version_of(t), "i")
+        kind = PROBE_KIND.get(name, name)
+        if name == "video_grid_thw":
+            st.video_grids[key] = weakref.ref(t)
+        elif name == "grid_thw":
+            ref = st.video_grids.get(key)
+            if (ref is not None and ref() is t) or _encoding_video():
+                kind = "video_grid_thw"  # get_video_features: the vision tower runs on the video grids
         cached = st.probe_cache.get(key)
         if cached is None or cached.ref() is not t:
             off, n = queue_bytes(st, t.detach().to(torch.int64, copy=True))
             cached = st.probe_cache[key] = QueuedValues(off, n, weakref.ref(t), -1)
         self.row(st, ev, mod_id, kind, label or name, tuple(t.shape), dtype_name(t.dtype),
                  T.ENC_INT64, cached.off, cached.nbytes, None, derive=kind)
+
+    def _float(self, st: StepBuffer, ev: int, mod_id: int, name: str, t: Tensor, label: str | None) -> None:
+        """A value stored as float64 (enc 3), whatever its dtype (an int ``second_per_grid_ts`` is
+        kept as the ints it holds: the dtype column says what the model got)."""
+        if t.is_complex():
+            return
+        key = (id(t), version_of(t), "f")
+        cached = st.probe_cache.get(key)
+        x = t.detach()
+        # exact: float32 holds every float16/bfloat16/float32 value; float64 the rest (not on MPS)
+        wide = x.dtype == torch.float64 or (not x.is_floating_point() and x.device.type != "mps")
+        width = 8 if wide else 4
+        if cached is None or cached.ref() is not t:
+            off, n = queue_bytes(st, x.to(torch.float64 if wide else torch.float32, copy=True))
+            cached = st.probe_cache[key] = QueuedValues(off, n, weakref.ref(t), width)
+        self.row(st, ev, mod_id, name, label or name, tuple(t.shape), dtype_name(t.dtype),
+                 T.ENC_FLOAT64, cached.off, cached.nbytes, None, derive=name, width=cached.stat_off)
+
+    def float_list(self, st: StepBuffer, ev: int, mod_id: int, name: str, values: Any) -> bool:
+        """A float argument given as a Python list (``second_per_grid_ts=[1.0, 0.5]``): host values.
+        Returns False when ``values`` is not a flat list of numbers."""
+        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return False
+        host = np.asarray(values, dtype=np.float64)
+        self.row(st, ev, mod_id, name, name, host.shape, "float64" if any(isinstance(v, float) for v in values)
+                 else "int64", T.ENC_FLOAT64, -1, 0, None, derive=name, host=host)
+        return True
+
+    def token_norms(self, st: StepBuffer, ev: int, mod_id: int, name: str, t: Tensor) -> None:
+        """The L2 norm of each last-dim row of ``t`` (each token's feature vector), computed on the
+        device in float32 and queued: one reduction, no sync."""
+        if not t.is_floating_point() or t.dim() < 1 or t.numel() == 0:
+            return
+        norms = torch.linalg.vector_norm(t.detach(), dim=-1, dtype=torch.float32)
+        off, n = queue_bytes(st, norms)
+        self.row(st, ev, mod_id, "token_norms", name, tuple(norms.shape), dtype_name(t.dtype),
+                 T.ENC_FLOAT64, off, n, None, derive="token_norms", width=4)
+
+    def rope_state(self, st: StepBuffer, mod_id: int, module: torch.nn.Module) -> None:
+        """The model's ``rope_deltas`` attribute ([B, 1] in Qwen2-VL) at the end of the step: the
+        per-row offsets the next decode step will add to its text positions."""
+        t = getattr(module, "rope_deltas", None)
+        if not isinstance(t, Tensor) or t.is_complex() or t.numel() == 0:
+            return
+        ev = st.owner_ev if st.owner_ev >= 0 else st.root_ev
+        if ev < 0:
+            return
+        key = (id(t), version_of(t), "i")
+        cached = st.probe_cache.get(key)
+        if cached is None or cached.ref() is not t:
+            off, n = queue_bytes(st, t.detach().to(torch.int64, copy=True))
+            cached = st.probe_cache[key] = QueuedValues(off, n, weakref.ref(t), -1)
+        self.row(st, ev, mod_id, "rope_deltas", "state", tuple(t.shape), dtype_name(t.dtype),
+                 T.ENC_INT64, cached.off, cached.nbytes, None, derive="rope_deltas")
 
     def _mask(self, st: StepBuffer, ev: int, mod_id: int, name: str, t: Tensor, label: str | None) -> None:
         key = (id(t), version_of(t), "m")
@@ -202,6 +287,20 @@ class Probes:
             rows = int(t.shape[0]) if t.dim() == 2 else int(np.prod(t.shape[:-1]))
             self.row(st, ev, mod_id, "merger_rows", "out", tuple(t.shape), dtype_name(t.dtype),
                      T.ENC_NONE, 0, 0, {"rows": rows})
+            self.token_norms(st, ev, mod_id, "out", t)
+            st.merger_out = weakref.ref(t)
+
+    def vision_output(self, st: StepBuffer, ev: int, mod_id: int, output: Any) -> None:
+        """The vision tower's features in the order the model scatters them (``pooler_output``):
+        token norms, when that is not the merger's output itself (Qwen2.5-VL reorders the
+        merger's window-ordered rows back into raster order)."""
+        t = getattr(output, "pooler_output", None) if not isinstance(output, (Tensor, tuple, list)) else None
+        if not isinstance(t, Tensor):
+            return
+        ref = st.merger_out
+        if ref is not None and ref() is t:
+            return
+        self.token_norms(st, ev, mod_id, "pooler_output", t)
 
     # ------------------------------------------------------------------ the root call
     def root_inputs(self, st: StepBuffer, args: tuple, kwargs: dict, names: Sequence[str]) -> None:
@@ -212,8 +311,10 @@ class Probes:
         emb = bound.get("inputs_embeds")
         if isinstance(ids, Tensor):
             st.input_len = int(ids.shape[-1])
+            st.batch_size = int(ids.shape[0]) if ids.dim() >= 2 else 1
         elif isinstance(emb, Tensor):
             st.input_len = int(emb.shape[-2])
+            st.batch_size = int(emb.shape[0]) if emb.dim() >= 3 else 1
         cache = next((bound[n] for n in CACHE_ARG_NAMES if bound.get(n) is not None), None)
         st.root_cache = cache
         if cache is None:

@@ -16,7 +16,8 @@ import torch
 
 from vlmscope import trace as T
 from vlmscope.recorder.stats import dtype_name
-from vlmscope.semantics import Structure, attention_heads_of, find_structure, image_token_id_of, is_rotary_class
+from vlmscope.semantics import (Structure, attention_heads_of, find_structure, image_token_id_of, is_rotary_class,
+                                rope_meta_of, video_token_id_of)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class ModelInfo:
     decoder_prefix: str | None  # "model.language_model.layers."
     rotary_ids: frozenset[int]
     save_ids: frozenset[int]  # modules whose outputs --save-tensors keeps
+    video_token_id: int | None = None
+    vision_model_id: int = -1  # the vision tower, or -1
+    rope_owner_id: int = -1    # the module keeping the model's ``rope_deltas`` attribute, or -1
 
     def meta(self) -> dict:
         """The structure fields of ``/meta``."""
@@ -62,7 +66,19 @@ def analyse(model: torch.nn.Module, image_token_id: int | None, save_globs: Sequ
         decoder_prefix=(s.decoder_layers + ".") if s.decoder_layers else None,
         rotary_ids=frozenset(i for i, (_, m) in enumerate(modules) if is_rotary_class(type(m).__name__)),
         save_ids=frozenset(i for i, p in enumerate(paths) if any(fnmatch.fnmatchcase(p, g) for g in save_globs)),
+        video_token_id=video_token_id_of(cfg),
+        vision_model_id=index.get(s.vision_model, -1) if s.vision_model is not None else -1,
+        rope_owner_id=next((i for i, (_, m) in enumerate(modules) if _has_rope_deltas(m)), -1),
     )
+
+
+def _has_rope_deltas(m: torch.nn.Module) -> bool:
+    """The module keeps M-RoPE's per-row position offsets between steps (``model.model.rope_deltas``
+    in transformers' Qwen2-VL family: set by the prefill, read by every decode step)."""
+    try:
+        return "rope_deltas" in vars(m) or isinstance(getattr(type(m), "rope_deltas", None), property)
+    except Exception:  # noqa: BLE001 - a custom module's odd attributes
+        return False
 
 
 def module_rows(w: T.TraceWriter, info: ModelInfo) -> np.ndarray:
@@ -108,6 +124,11 @@ def run_meta(model: torch.nn.Module, meta: dict, info: ModelInfo) -> dict:
         meta.setdefault("device", str(p.device))
         meta.setdefault("dtype", dtype_name(p.dtype))
     meta.setdefault("attn_implementation", getattr(cfg, "_attn_implementation", None))
+    if meta.get("rope") is None:
+        rope = rope_meta_of(cfg)
+        if rope["image_token_id"] is None:
+            rope["image_token_id"] = info.image_token_id  # given to the Recorder
+        meta["rope"] = rope
     meta.setdefault("argv", list(sys.argv))
     return meta
 
