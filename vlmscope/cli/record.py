@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -94,13 +96,71 @@ def _check_max_new_tokens(ctx, param, value: int) -> int:
     return value
 
 
+#: The prompt of a run given no --prompt (and no --batch).
+DEFAULT_PROMPT = "Describe this image."
+
+
+def _check_fps(ctx, param, value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"{value}: must be a positive number of frames per second", ctx, param)
+    return value
+
+
+@dataclass
+class InputSpec:
+    """What the command line asks to run: rows from --prompt/--image/--video or --batch files."""
+
+    prompts: list[str]
+    images: list[str]
+    videos: list[str]
+    batches: list[str]
+    repeat: int = 1
+    padding_side: str = "left"
+    fps: float | None = None
+
+    def calls(self) -> list:
+        """Check the rows of every generate call (before any model loads): a list of row lists."""
+        from vlmscope.recorder.inputs import read_rows, rows_from_args
+
+        if self.batches:
+            given = [f for f, v in (("--prompt", self.prompts), ("--image", self.images),
+                                    ("--video", self.videos)) if v]
+            if given:
+                raise UserError(f"--batch and {given[0]} cannot be combined: put the rows in the batch file")
+            calls = [read_rows(f) for f in self.batches]
+        else:
+            calls = [rows_from_args(self.prompts or [DEFAULT_PROMPT], self.images, self.videos)]
+        if self.fps is not None and not any(r.videos for rows in calls for r in rows):
+            raise UserError("--fps sets the video sampling rate, but no row has a video")
+        return calls
+
+    def name_hint(self) -> str | None:
+        """What the default trace name is made from: the first image, video or batch file."""
+        return next(iter(self.images or self.videos or self.batches), None)
+
+
 @click.command(cls=Command)
 @click.option("--model", "-m", "model_spec", default=None, metavar="NAME|DIR|MODULE:FACTORY",
               help="Embedded model name (default tiny-qwen2.5-vl), a local checkpoint directory, "
                    "or package.module:factory returning (model, processor).")
-@click.option("--image", "-i", type=click.Path(dir_okay=True, path_type=str), default=None,
-              help="Image file to describe (omit for a text-only run).")
-@click.option("--prompt", "-p", default="Describe this image.", show_default=True)
+@click.option("--image", "-i", "images", type=click.Path(dir_okay=True, path_type=str), multiple=True,
+              help="Image file (repeatable; omit for a text-only run). N prompts with N images: one image "
+                   "per row; one prompt with k images: one row with k images.")
+@click.option("--prompt", "-p", "prompts", multiple=True,
+              help=f"Prompt (repeatable: one batch row each)  [default: {DEFAULT_PROMPT}]")
+@click.option("--video", "videos", type=click.Path(dir_okay=True, path_type=str), multiple=True,
+              help="Video file (repeatable: one per prompt), decoded with PyAV by the model's video processor.")
+@click.option("--fps", type=float, default=None, callback=_check_fps,
+              help="Frames per second the video processor samples (default: every frame).")
+@click.option("--batch", "batches", type=click.Path(dir_okay=True, path_type=str), multiple=True,
+              metavar="FILE.jsonl",
+              help="Batch rows, one JSON object per line: {\"prompt\", \"images\", \"video\"} or "
+                   "{\"messages\"}; relative paths are from the file's folder. Repeatable: each file is "
+                   "one generate call, in order, in one trace.")
+@click.option("--repeat", type=click.IntRange(1, 1000), default=1, show_default=True,
+              help="Repeat the whole sequence of generate calls N times (stale state between calls).")
+@click.option("--padding-side", type=click.Choice(["left", "right"]), default="left", show_default=True,
+              help="Which side the processor pads a batch's shorter rows on.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
               help="Trace path (default: a unique name under traces/).")
 @click.option("--max-new-tokens", "-n", type=int, default=8, show_default=True, callback=_check_max_new_tokens,
@@ -124,10 +184,13 @@ def _check_max_new_tokens(ctx, param, value: int) -> int:
 @click.option("--fsync", is_flag=True, help="Force every finished step to the disk (survives power loss; slower).")
 @format_options
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_implementation, seed,
-           save_tensors, max_tensor_bytes, no_reshapes, no_stats, options, verbose, force, fsync, fmt, as_json,
-           debug):
+def record(model_spec, images, prompts, videos, fps, batches, repeat, padding_side, out, max_new_tokens, device,
+           dtype, attn_implementation, seed, save_tensors, max_tensor_bytes, no_reshapes, no_stats, options, verbose,
+           force, fsync, fmt, as_json, debug):
     """Run generation on a model and record every step into an HDF5 trace.
+
+    Batches: repeated --prompt/--image/--video make one batched generate call; each --batch
+    FILE.jsonl is one call (all in one trace, in order), and --repeat N runs the sequence N times.
 
     Exit status: 0 recorded, 1 the forward raised (the trace is kept), 2 bad input,
     4 the trace could not be written, 130 interrupted, 143 terminated.
@@ -141,10 +204,12 @@ def record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_i
     opts = _parse_option(options)
     _install_signal_handlers()
     try:
-        _check_text(prompt, "--prompt")
-        if image is not None:
-            _check_text(image, "--image")
-        code = _record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_implementation, seed,
+        for what, values in (("--prompt", prompts), ("--image", images), ("--video", videos), ("--batch", batches)):
+            for v in values:
+                _check_text(v, what)
+        spec = InputSpec(prompts=list(prompts), images=list(images), videos=list(videos), batches=list(batches),
+                         repeat=repeat, padding_side=padding_side, fps=fps)
+        code = _record(model_spec, spec, out, max_new_tokens, device, dtype, attn_implementation, seed,
                        save_tensors, max_tensor_bytes, no_reshapes, no_stats, opts, verbose,
                        force=force, fsync=fsync, mode=mode)
     except UserError as e:
@@ -189,10 +254,10 @@ def _install_signal_handlers() -> None:
         pass
 
 
-def _record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_implementation, seed,
+def _record(model_spec, spec: InputSpec, out, max_new_tokens, device, dtype, attn_implementation, seed,
             save_tensors, max_tensor_bytes, no_reshapes, no_stats, options, verbose=False, *,
             force: bool = False, fsync: bool = False, mode: str = "rich") -> int:
-    """Record one generation into a trace, print its summary; returns the exit code."""
+    """Record the generate calls into one trace, print its summary; returns the exit code."""
     from rich.console import Console
     from rich.markup import escape as rich_escape
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -204,32 +269,31 @@ def _record(model_spec, image, prompt, out, max_new_tokens, device, dtype, attn_
 
     model_spec = model_spec or vlmscope_models.DEFAULT_MODEL
     _disable_hf_progress_bars()
-    # Cheap checks first: nothing is loaded for a bad image or an unwritable output.
-    img = img_info = None
-    if image is not None:
-        from vlmscope.recorder.inputs import load_image
-
-        img, img_info = load_image(image)
+    # Cheap checks first: nothing is loaded for a bad row, image, video or an unwritable output.
+    calls = spec.calls()
     auto_named = out is None
-    out = Path(out) if out else default_out(model_spec, image)
+    out = Path(out) if out else default_out(model_spec, spec.name_hint())
     _check_writable(out)
     _check_free(out, force)
 
+    n_calls = len(calls) * spec.repeat
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), _steps_column(),
                   TimeElapsedColumn(), console=console, transient=True,
                   disable=not console.is_terminal) as progress:
         task = progress.add_task(f"loading {rich_escape(printable(model_spec))}", total=None)
-        model, processor, minfo, inputs, info = _load_model_and_inputs(
-            model_spec, device, dtype, attn_implementation, seed, options, prompt, img, img_info)
-        progress.update(task, description="recording", total=max_new_tokens, completed=0)
-        on_step = _step_reporter(progress, task, max_new_tokens, verbose, console)
-        meta = _trace_meta(minfo, info, seed, max_new_tokens, attn_implementation)
+        model, processor, minfo, prepared = _load_model_and_inputs(
+            model_spec, device, dtype, attn_implementation, seed, options, calls, spec)
+        progress.update(task, description="recording", total=max_new_tokens * n_calls, completed=0)
+        on_step = _step_reporter(progress, task, max_new_tokens, verbose, console, n_calls)
+        meta = _trace_meta(minfo, prepared[0][1], seed, max_new_tokens, attn_implementation)
+        if n_calls > 1:
+            meta["generation"]["calls"] = n_calls
         from vlmscope.recorder import Recorder
 
         rec = Recorder(model, out, meta=meta, save_tensors=list(save_tensors), max_tensor_bytes=max_tensor_bytes,
                        reshapes=not no_reshapes, stats=not no_stats, on_step=on_step, overwrite=force, fsync=fsync)
-        _start(rec, model_spec, image, auto_named)
-        failure = _generate(rec, model, processor, inputs, max_new_tokens)
+        _start(rec, model_spec, spec.name_hint(), auto_named)
+        failure = _generate(rec, model, processor, prepared * spec.repeat, max_new_tokens)
     return _report(rec, failure, console, mode)
 
 
@@ -275,12 +339,13 @@ def _disable_hf_progress_bars() -> None:
         pass
 
 
-def _load_model_and_inputs(model_spec, device, dtype, attn_implementation, seed, options, prompt, img, img_info):
-    """Seed torch, load the model and build its inputs: (model, processor, model info, inputs, input info)."""
+def _load_model_and_inputs(model_spec, device, dtype, attn_implementation, seed, options, calls, spec):
+    """Seed torch, load the model and build the inputs of every call: (model, processor, model info,
+    [(inputs, input info), ...] one per call)."""
     import torch
 
     import vlmscope_models
-    from vlmscope.recorder.inputs import build_inputs
+    from vlmscope.recorder.inputs import build_batch_inputs
     from vlmscope.recorder.loader import load_model
 
     try:
@@ -294,22 +359,25 @@ def _load_model_and_inputs(model_spec, device, dtype, attn_implementation, seed,
         options = {"seed": seed, **options}
     model, processor, minfo = load_model(model_spec, device=device, dtype=dtype,
                                          attn_implementation=attn_implementation, options=options)
-    inputs, info = build_inputs(model, processor, prompt=prompt, image=img,
-                                image_name=img_info.get("path") if img_info else None)
-    if img_info is not None:
-        img_info["resized"] = info.get("image", {}).get("resized")
-        info["image"] = img_info
-    return model, processor, minfo, inputs, info
+    prepared = [build_batch_inputs(model, processor, rows, padding_side=spec.padding_side, fps=spec.fps)
+                for rows in calls]
+    return model, processor, minfo, prepared
 
 
-def _step_reporter(progress, task, max_new_tokens: int, verbose: bool, console):
+def _step_reporter(progress, task, max_new_tokens: int, verbose: bool, console, n_calls: int = 1):
     """The recorder's per-step callback: advance the progress bar (and print a line when verbose)."""
 
     def on_step(step: int, rec) -> None:
-        progress.update(task, completed=min(step, max_new_tokens),
-                        description="prefill" if step == 0 else f"decode {step}")
+        calls = getattr(rec, "calls", None) or []
+        call = len(calls) - 1 if calls else 0
+        first = calls[-1].get("first_step", 0) if calls else 0
+        local = step - first
+        progress.update(task, completed=min(call * max_new_tokens + local + 1, max_new_tokens * (call + 1)),
+                        description=("prefill" if local == 0 else f"decode {local}")
+                        + (f" (call {call + 1})" if call else ""))
         if verbose:
-            console.print(f"step {step} recorded ({'prefill' if step == 0 else 'decode'}, "
+            where = f"call {call}, " if n_calls > 1 else ""
+            console.print(f"step {step} recorded ({where}{'prefill' if local == 0 else 'decode'}, "
                           f"{rec.n_events} module calls so far)", highlight=False)
 
     return on_step
@@ -319,6 +387,7 @@ def _trace_meta(minfo: dict, info: dict, seed: int, max_new_tokens: int, attn_im
     """The trace's metadata: model and input info, seed, command line and generation settings."""
     ctx = click.get_current_context(silent=True)
     argv = ctx.meta.get("vlmscope.argv") if ctx else None
+    info = {k: info[k] for k in ("prompt", "image") if k in info}   # the rows go to run_json calls/batch
     meta = {**minfo, **info, "seed": seed, "argv": argv or ["vlmscope", *sys.argv[1:]],
             "generation": {"max_new_tokens": max_new_tokens, "do_sample": False}}
     if attn_implementation:
@@ -326,17 +395,24 @@ def _trace_meta(minfo: dict, info: dict, seed: int, max_new_tokens: int, attn_im
     return meta
 
 
-def _generate(rec, model, processor, inputs, max_new_tokens: int) -> BaseException | None:
-    """Generate under the recorder; returns what interrupted or failed the run (None when it finished)."""
-    from vlmscope.recorder.inputs import generate_text
+def _generate(rec, model, processor, prepared, max_new_tokens: int) -> BaseException | None:
+    """Run each call's ``generate`` under the recorder, in order; returns what interrupted or
+    failed the run (None when every call finished)."""
+    from vlmscope.recorder.inputs import generate_texts
 
     from vlmscope.trace import TraceWriteError
 
     failure: BaseException | None = None
     try:
         try:
-            text = generate_text(model, processor, inputs, max_new_tokens=max_new_tokens)
-            rec.add_meta(generated_text=text)
+            texts: list[list[str]] = []
+            for i, (inputs, info) in enumerate(prepared):
+                rec.begin_call(call=i, batch_size=info["batch_size"], padding_side=info["padding_side"],
+                               rows=info["rows"])
+                texts.append(generate_texts(model, processor, inputs, max_new_tokens=max_new_tokens))
+                # the first call's rows (as run_json ``batch``), and every call's
+                rec.add_meta(generated_text=texts[0][0] if texts[0] else "", generated_texts=texts[0],
+                             generated_calls=texts)
         except BaseException as e:
             rec.stop(e)
             raise
