@@ -135,9 +135,10 @@ def test_decode_positions_shifted_by_image_length(qwen2, qwen2_trace_path, zoo_d
     with hooked(model.model.language_model.register_forward_pre_hook(shift, with_kwargs=True)):
         bad = _record(model, proc, zoo_dir / "pos_shift.h5")
     rep, v = first_violation(bad)
-    assert (v.rule, v.step, v.module) == ("positions.continuity", 1, LM)
+    # positions.oracle (was positions.continuity): it also names the row, token and axis
+    assert (v.rule, v.step, v.module, v.row) == ("positions.oracle", 1, LM, 0)
     assert "+256" in v.actual and "image length" in v.hint
-    assert [x.rule for x in rep.violations] == ["positions.continuity"]
+    assert [x.rule for x in rep.violations] == ["positions.oracle"]
     f = diff(qwen2_trace_path, bad).first
     assert (f.step, f.module, f.node, f.what) == (1, LM, "input", "position_ids")
 
@@ -213,8 +214,9 @@ def test_qwen25_without_mm_token_type_ids_falls_back_to_1d(qwen25_trace_path, zo
     model.generate = lambda **kw: generate(**{k: v for k, v in kw.items() if k != "mm_token_type_ids"})
     bad = _record(model, proc, zoo_dir / "fallback.h5")
     rep, v = first_violation(bad)
-    assert [(x.rule, x.step, x.module) for x in rep.violations] == [("positions.fallback-1d", 0, LM)]
-    assert "Qwen2.5-VL" in v.hint and "mm_token_type_ids" in v.hint
+    # positions.oracle subsumes positions.fallback-1d where it can judge (the hint is the same)
+    assert [(x.rule, x.step, x.module) for x in rep.violations] == [("positions.oracle", 0, LM)]
+    assert "Qwen2.5-VL" in v.hint and "mm_token_type_ids" in v.hint and "1-D" in v.hint
     f = diff(qwen25_trace_path, bad).first
     # the positions come wrong from generate(): the first module to see them is the model itself
     assert (f.step, f.module, f.what) == (0, "", "position_ids")

@@ -87,15 +87,41 @@ def test_cache_appended_twice(synth):
     assert not rep.by_rule("cache.uniform")
 
 
-def test_decode_positions_shifted(synth):
+def _without_oracle(src, dst: Path) -> Path:
+    """A copy of a trace whose metadata names no M-RoPE family: positions.oracle cannot judge it,
+    and the layout rules (continuity, mrope-*, fallback-1d, rope-deltas) judge it alone."""
+    dst.write_bytes(Path(src).read_bytes())
+    with h5py.File(dst, "r+") as f:
+        run = json.loads(f["meta"].attrs["run_json"])
+        run["rope"] = {"family": None}
+        f["meta"].attrs["run_json"] = json.dumps(run)
+    return dst
+
+
+def test_decode_positions_shifted(synth, tmp_path):
+    # positions.oracle reports it (it was positions.continuity: the oracle also names the row,
+    # the token, the axis and the expected value); continuity does not repeat it
     rep = check(synth("pos_shift", pos_shift=64))
+    assert rules_of(rep) == [("positions.oracle", 1, "model.language_model")]
+    v = rep.violations[0]
+    assert "image length" in v.hint
+    assert v.tokens == [88] and v.row == 0
+    assert "t = 32" in v.expected and "off by +64" in v.actual and "3 of 4 steps" in v.actual
+    # where the oracle cannot judge, continuity still does
+    rep = check(_without_oracle(synth("pos_shift", pos_shift=64), tmp_path / "no_oracle.h5"))
     assert rules_of(rep) == [("positions.continuity", 1, "model.language_model")]
     assert "image length" in rep.violations[0].hint
     assert rep.violations[0].tokens == [88]
 
 
-def test_mrope_fallback_to_1d(synth):
+def test_mrope_fallback_to_1d(synth, tmp_path):
+    # positions.oracle subsumes fallback-1d on the steps it judges (it was positions.fallback-1d)
     rep = check(synth("fallback", fallback_1d=True))
+    assert rules_of(rep) == [("positions.oracle", 0, "model.language_model")]
+    v = rep.violations[0]
+    assert "fell back to 1-D" in v.hint and "mm_token_type_ids" in v.hint
+    assert v.row == 0 and v.tokens == [4] and "image token" in v.expected
+    rep = check(_without_oracle(synth("fallback", fallback_1d=True), tmp_path / "no_oracle.h5"))
     assert rules_of(rep) == [("positions.fallback-1d", 0, "model.language_model")]
     assert "mm_token_type_ids: missing" in rep.violations[0].actual
 
@@ -136,7 +162,12 @@ def test_rope_deltas_constant_across_decode(tmp_path, synth):
                 v = v.reshape(lead, -1)
                 v[lead - 3:] += 7
                 data[off:off + n] = v.ravel().view(np.uint8)
+    # the oracle reports step 3 (only it: the delta rule leaves the call to it) ...
     rep = check(p)
+    assert [(v.rule, v.step) for v in rep.violations] == [("positions.oracle", 3)]
+    assert "off by +7" in rep.violations[0].actual
+    # ... and where the oracle cannot judge, the delta rule does
+    rep = check(_without_oracle(p, tmp_path / "no_oracle.h5"))
     rules = {v.rule for v in rep.violations}
     assert "positions.rope-deltas" in rules
     rd = rep.by_rule("positions.rope-deltas")[0]
@@ -145,7 +176,7 @@ def test_rope_deltas_constant_across_decode(tmp_path, synth):
 
 def test_select_rules_and_groups():
     assert select_rules(None) == list(RULES)
-    assert set(select_rules("mask")) == {"mask.length"}
+    assert set(select_rules("mask")) == {"mask.length", "mask.causal", "mask.padding"}
     assert "positions.continuity" in select_rules(["positions"])
     assert select_rules("cache.growth,dtype.mask") == ["cache.growth", "dtype.mask"]
     with pytest.raises(KeyError):

@@ -98,6 +98,54 @@ class TraceIndex:
     def n_steps(self) -> int:
         return len(self.steps)
 
+    @cached_property
+    def call_of_step(self) -> np.ndarray:
+        """The generate call of each step (int64 [n_steps]): a call begins at every prefill
+        (``kind == 0``), so the call of step s is ``cumsum(kind == 0)[s] - 1`` (-1 for decode
+        steps before the first prefill)."""
+        kind = self.col("steps", "kind") if self.n_steps else np.zeros(0, np.int64)
+        return (np.cumsum(np.asarray(kind) == 0) - 1).astype(np.int64)
+
+    @cached_property
+    def call_first_steps(self) -> np.ndarray:
+        """The first (prefill) step of each call, in order (int64)."""
+        kind = self.col("steps", "kind") if self.n_steps else np.zeros(0, np.int64)
+        return np.flatnonzero(np.asarray(kind) == 0).astype(np.int64)
+
+    @cached_property
+    def rope_config(self) -> dict:
+        """What the M-RoPE position oracle needs: ``meta.rope`` (``family``,
+        ``spatial_merge_size``, ``tokens_per_second``, ``image_token_id``, ``video_token_id``,
+        ``vision_start_token_id``), each missing value filled from the model config (a trace
+        recorded before ``rope`` was stored). ``family`` is None for a family without M-RoPE."""
+        from vlmscope.semantics import image_token_id_of
+
+        raw = self.meta.get("rope")
+        rope = dict(raw) if isinstance(raw, dict) else {}
+        cfg = self.config if isinstance(self.config, dict) else {}
+        vc = cfg.get("vision_config") if isinstance(cfg.get("vision_config"), dict) else {}
+        tc = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+
+        def first(*vals):
+            return next((v for v in vals if v is not None), None)
+
+        if "family" not in rope:
+            fam = str(self.meta.get("family") or cfg.get("model_type") or "")
+            fam = fam.strip().lower().replace("-", "_").replace(".", "_")
+            rope["family"] = fam if fam in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl") else None
+        if rope.get("spatial_merge_size") is None:
+            rope["spatial_merge_size"] = first(vc.get("spatial_merge_size"), cfg.get("spatial_merge_size"))
+        if rope.get("tokens_per_second") is None:
+            rope["tokens_per_second"] = first(vc.get("tokens_per_second"), cfg.get("tokens_per_second"),
+                                              tc.get("tokens_per_second"))
+        if rope.get("image_token_id") is None:
+            rope["image_token_id"] = first(self.meta.get("image_token_id"), image_token_id_of(cfg))
+        if rope.get("video_token_id") is None:
+            rope["video_token_id"] = first(cfg.get("video_token_id"), cfg.get("video_token_index"))
+        if rope.get("vision_start_token_id") is None:
+            rope["vision_start_token_id"] = cfg.get("vision_start_token_id")
+        return rope
+
     # ---- modules --------------------------------------------------------------
     @cached_property
     def module_paths(self) -> np.ndarray:

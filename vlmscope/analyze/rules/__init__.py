@@ -13,7 +13,7 @@ and how violations of equal step and position are ordered): keep it.
 - :mod:`.registry`: ``Rule``, the ``@rule`` decorator, ``RULES``, ``select_rules``
 - :mod:`.report`: ``Violation``, ``CheckReport``
 - :mod:`._common`, :mod:`._positions`, :mod:`._mrope`: helpers shared by the families
-- families: :mod:`.mask`, :mod:`.positions`, :mod:`.cache`, :mod:`.image`, :mod:`.numbers`,
+- families: :mod:`.mask`, :mod:`.positions` (and :mod:`.oracle`, ``positions.oracle``), :mod:`.cache`, :mod:`.image`, :mod:`.numbers`,
   :mod:`.dtype`, :mod:`.sequence` (sequence length and trace status)
 """
 
@@ -25,6 +25,7 @@ from .report import ERROR, INFO, WARNING, CheckReport, Violation
 # Registration order = the order of RULES. Do not sort.
 from . import mask  # noqa: F401  isort: skip
 from . import positions  # noqa: F401  isort: skip
+from . import oracle  # noqa: F401  isort: skip
 from . import cache  # noqa: F401  isort: skip
 from . import image  # noqa: F401  isort: skip
 from . import numbers  # noqa: F401  isort: skip

@@ -1,6 +1,7 @@
 """The M-RoPE scan behind ``positions.mrope-text``, ``positions.mrope-grid`` and
 ``positions.fallback-1d``: one pass over the image spans of every step, shared by the three
-rules (memoised on the index)."""
+rules (memoised on the index). Steps that ``positions.oracle`` judged are left to it (it checks
+every token of every axis against the family's rule); these rules judge the rest."""
 
 from __future__ import annotations
 
@@ -31,7 +32,10 @@ def mrope_violations(ix: TraceIndex) -> dict[str, list[Violation]]:
 
 
 def _scan(ix: TraceIndex) -> dict[str, list[Violation]]:
+    from .oracle import oracle_result   # (imported here: positions.oracle registers after these rules)
+
     res: dict[str, list[Violation]] = {TEXT: [], GRID: [], FALLBACK: []}
+    judged = oracle_result(ix).checked   # steps positions.oracle judged: it subsumes these three rules there
     used = used_positions(ix)
     grids = grids_by_step(ix)
     mrope = is_mrope_model(ix)
@@ -40,7 +44,7 @@ def _scan(ix: TraceIndex) -> dict[str, list[Violation]]:
     fam = ix.family
     mmtt = set(int(s) for s in p["step"][ix.probe_rows("mm_token_type_ids", text_only=False)])
     for s, (_, spans) in image_spans_by_step(ix).items():
-        if s not in used:
+        if s not in used or s in judged:
             continue
         r, P, _ = used[s]
         q = int(st["q_len"][s])
@@ -110,7 +114,7 @@ def _grid_violation(at: _Where, seg: np.ndarray, k: int, span: tuple[int, int, i
         f"t/h/w at token {a + int(tok[0])} = {[int(x) for x in seg[:, tok[0]]]}",
         "the image's M-RoPE h/w positions do not follow the merged grid "
         "(image_grid_thw / spatial_merge_size mismatch?)",
-        seq=at.seq, tokens=[a + int(x) for x in tok[:64]])
+        seq=at.seq, tokens=[a + int(x) for x in tok[:64]], row=b)
 
 
 def _text_after_violation(at: _Where, P: np.ndarray, seg: np.ndarray, k: int, b: int, e: int) -> Violation | None:
@@ -124,7 +128,7 @@ def _text_after_violation(at: _Where, P: np.ndarray, seg: np.ndarray, k: int, b:
         f"text position {exp} after image {k} (image max {exp - 1} + 1) on t/h/w",
         f"t/h/w = {[int(x) for x in after]} at token {e}",
         "text after the image must continue from the image block's max position + 1, "
-        "not from the token index", seq=at.seq, tokens=[e])
+        "not from the token index", seq=at.seq, tokens=[e], row=b)
 
 
 def _fallback_violation(at: _Where, spans: list[tuple[int, int, int]], fam: str, has_mmtt: bool,
@@ -139,4 +143,4 @@ def _fallback_violation(at: _Where, spans: list[tuple[int, int, int]], fam: str,
     return Violation(FALLBACK, at.step, at.module,
                      f"3-D (t/h/w) M-RoPE positions over image tokens {a}..{e - 1}",
                      what + ("" if has_mmtt else "; mm_token_type_ids: missing"), hint, seq=at.seq,
-                     tokens=list(range(a, min(e, a + 64))))
+                     tokens=list(range(a, min(e, a + 64))), row=b)

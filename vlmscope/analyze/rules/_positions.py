@@ -67,8 +67,13 @@ def used_positions(ix: TraceIndex) -> dict[int, tuple[int, np.ndarray, bool]]:
     """Per step: (probe row, positions [R,B,S], from_rope_probe) of the positions RoPE used.
 
     Preference: a ``rope_positions`` probe; else ``position_ids`` received by a rotary module;
-    else by the text model; else the first ``position_ids`` probe on the text side.
+    else by the text model; else the first ``position_ids`` probe on the text side. Computed
+    once per index (several rules read it).
     """
+    return memo(ix, "_used_positions", _used_positions)
+
+
+def _used_positions(ix: TraceIndex) -> dict[int, tuple[int, np.ndarray, bool]]:
     p = ix.probes
     rope_rows = ix.probe_rows("rope_positions")
     pos_rows = ix.probe_rows("position_ids")

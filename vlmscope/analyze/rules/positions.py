@@ -42,17 +42,38 @@ def rule_positions_length(ix: TraceIndex) -> list[Violation]:
     return group_report(ix, sel, key, make)
 
 
+def _oracle_reported(ix: TraceIndex) -> set[int]:
+    """Steps of the calls ``positions.oracle`` reported on: the rules that restate the same wrong
+    positions (continuity, rope deltas) leave them to it."""
+    from .oracle import oracle_result   # (imported here: positions.oracle registers after these rules)
+
+    return oracle_result(ix).reported
+
+
+def _first_diff_row(a: np.ndarray, b: np.ndarray) -> int:
+    """The first batch row where two per-row values ([B] or [B, 1]) differ, -1 when unknown."""
+    a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+    if a.shape != b.shape or a.size < 2:
+        return -1 if a.shape != b.shape else 0
+    d = np.nonzero(a != b)[0]
+    return int(d[0]) if len(d) else -1
+
+
 # ---------------------------------------------------------------------------- continuity
 
 
-@rule("positions.continuity", "decode positions continue exactly from the previous step")
+@rule("positions.continuity", "decode positions continue exactly from the previous step of their call, per "
+      "batch row (calls positions.oracle reports on are left to it)")
 def rule_positions_continuity(ix: TraceIndex) -> list[Violation]:
     used = used_positions(ix)
     st = ix.steps
     out = []
     spans = image_spans_by_step(ix)
+    call = ix.call_of_step
+    done = _oracle_reported(ix)
     for s in range(1, ix.n_steps):
-        if s not in used or (s - 1) not in used or st["kind"][s] == 0 or s in spans:
+        if (s not in used or (s - 1) not in used or st["kind"][s] == 0 or s in spans or s in done
+                or call[s] != call[s - 1]):
             continue
         r, cur, _ = used[s]
         _, prev, _ = used[s - 1]
@@ -86,7 +107,7 @@ def _continuity_violation(ix: TraceIndex, s: int, r: int, cur: np.ndarray, prev:
         f"position {int(exp[0, b, tok[0]])}{row} (previous step's max {int(prev_max[b])} + 1)",
         f"position {fmt_tokens(sorted(set(int(g) for g in got)))}" + (f" (off by {off:+d})" if len(got) else ""),
         _continuity_hint(ix, off), seq=int(p["seq"][r]),
-        tokens=[cb + int(t) for t in tok] if cb >= 0 else [int(t) for t in tok])
+        tokens=[cb + int(t) for t in tok] if cb >= 0 else [int(t) for t in tok], row=b)
 
 
 def _continuity_hint(ix: TraceIndex, off: int) -> str:
@@ -122,7 +143,8 @@ def rule_fallback_1d(ix: TraceIndex) -> list[Violation]:
 # ---------------------------------------------------------------------------- rope deltas
 
 
-@rule("positions.rope-deltas", "M-RoPE: rope_deltas (position - KV index) stays constant across decode steps")
+@rule("positions.rope-deltas", "M-RoPE: rope_deltas (position - KV index) stays constant across the decode steps "
+      "of a call (calls positions.oracle reports on are left to it)")
 def rule_rope_deltas(ix: TraceIndex) -> list[Violation]:
     rows = ix.probe_rows("rope_deltas", text_only=False)
     if rows.size:
@@ -131,12 +153,16 @@ def rule_rope_deltas(ix: TraceIndex) -> list[Violation]:
 
 
 def _stored_delta_violations(ix: TraceIndex, rows: np.ndarray) -> list[Violation]:
-    """The recorded ``rope_deltas`` of every decode step (its first probe) against the first one."""
+    """The recorded ``rope_deltas`` of every decode step (its first probe: the argument, else the
+    model's state) against the call's first decode step."""
     p = ix.probes
     st = ix.steps
+    call = ix.call_of_step
+    done = _oracle_reported(ix)
     out = []
     ref = None
     seen: set[int] = set()
+    rows = rows[np.argsort(p["step"][rows].astype(np.int64) * (1 << 40) + p["seq"][rows], kind="stable")]
     for r in rows:
         s = int(p["step"][r])
         if st["kind"][s] != 1 or s in seen:
@@ -145,14 +171,17 @@ def _stored_delta_violations(ix: TraceIndex, rows: np.ndarray) -> list[Violation
         v = ix.value(int(r))
         if v is None:
             continue
-        if ref is None:
+        if ref is None or call[ref[0]] != call[s]:
             ref = (s, v)
+        elif s in done:
+            continue
         elif v.shape != ref[1].shape or (v != ref[1]).any():
             out.append(Violation("positions.rope-deltas", s, ix.module_path(int(p["module"][r])),
                                  f"rope_deltas {ref[1].ravel().tolist()} (as at step {ref[0]})",
                                  f"rope_deltas {v.ravel().tolist()}",
                                  "rope_deltas changed during decoding: it must be computed once at prefill "
-                                 "and reused", seq=int(p["seq"][r])))
+                                 "and reused", seq=int(p["seq"][r]),
+                                 row=_first_diff_row(v, ref[1])))
     return out
 
 
@@ -162,11 +191,15 @@ def _derived_delta_violations(ix: TraceIndex) -> list[Violation]:
     p = ix.probes
     st = ix.steps
     used = used_positions(ix)
+    call = ix.call_of_step
+    done = _oracle_reported(ix)
     out = []
     ref = None
     for s in range(ix.n_steps):
         if st["kind"][s] != 1 or s not in used:
             continue
+        if ref is not None and call[ref[0]] != call[s]:
+            ref = None                      # a new call: its deltas are its own
         r, P, _ = used[s]
         if P.shape[0] != 3:
             continue
@@ -178,11 +211,13 @@ def _derived_delta_violations(ix: TraceIndex) -> list[Violation]:
             ref = (s, delta)
             continue
         if delta.shape == ref[1].shape and (delta != ref[1]).any():
-            out.append(Violation("positions.rope-deltas", s, ix.module_path(int(p["module"][r])),
-                                 f"rope delta {ref[1].tolist()} (position - KV index, as at step {ref[0]})",
-                                 f"rope delta {delta.tolist()}",
-                                 "the M-RoPE offset changed between decode steps: rope_deltas must stay "
-                                 "constant after prefill", seq=int(p["seq"][r])))
+            if s not in done:
+                out.append(Violation("positions.rope-deltas", s, ix.module_path(int(p["module"][r])),
+                                     f"rope delta {ref[1].tolist()} (position - KV index, as at step {ref[0]})",
+                                     f"rope delta {delta.tolist()}",
+                                     "the M-RoPE offset changed between decode steps: rope_deltas must stay "
+                                     "constant after prefill", seq=int(p["seq"][r]),
+                                     row=_first_diff_row(delta, ref[1])))
             ref = (s, delta)
     return out
 
@@ -240,13 +275,18 @@ def _kv_candidates(ix: TraceIndex) -> np.ndarray:
 
 
 def _logical_kv_index(ix: TraceIndex) -> np.ndarray:
-    """Per step, the logical KV index of its first token: the tokens processed before it
-    (robust to a corrupted cache, which cache.growth reports on its own)."""
+    """Per step, the logical KV index of its first token: the tokens processed before it in its
+    call, from the cache length at the call's first step (robust to a corrupted cache, which
+    cache.growth reports on its own)."""
     st = ix.steps
     if not ix.n_steps:
         return np.zeros(0, np.int64)
     qs = np.maximum(st["q_len"].astype(np.int64), 0)
-    return max(int(st["cache_before"][0]), 0) + np.concatenate([[0], np.cumsum(qs)[:-1]])
+    before = np.concatenate([[0], np.cumsum(qs)[:-1]])          # tokens of all earlier steps
+    call, firsts = ix.call_of_step, ix.call_first_steps
+    start = firsts[np.maximum(call, 0)] if len(firsts) else np.zeros(ix.n_steps, np.int64)
+    start = np.where(call >= 0, start, 0)      # decode steps before any prefill count from step 0
+    return np.maximum(st["cache_before"][start].astype(np.int64), 0) + before - before[start]
 
 
 def _kv_violation(ix: TraceIndex, r: int, s: int, v: np.ndarray, ref: np.ndarray, what: str) -> Violation | None:
@@ -266,7 +306,7 @@ def _kv_violation(ix: TraceIndex, r: int, s: int, v: np.ndarray, ref: np.ndarray
         f"position_ids {fmt_tokens(ref[b][tok].tolist(), 4)}{row} ({what})",
         f"position_ids {fmt_tokens(v[b][tok].tolist(), 4)}",
         _kv_hint(ix, v[b][tok]), seq=int(p["seq"][r]),
-        tokens=[int(x) for x in ref[b][tok][:64]])
+        tokens=[int(x) for x in ref[b][tok][:64]], row=b)
 
 
 def _kv_hint(ix: TraceIndex, got: np.ndarray) -> str:

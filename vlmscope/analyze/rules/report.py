@@ -22,12 +22,14 @@ class Violation:
     tokens: list[int] | None = None    # embedding-space token positions involved, when known
     count: int = 1                     # how many rows (modules, layers) this one stands for
     also: list[str] = field(default_factory=list)  # other modules with the same problem
+    row: int = -1                      # batch row involved (-1 unknown or every row)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def line(self) -> str:
-        where = f"step {self.step}" + (f" {self.module}" if self.module else "")
+        where = (f"step {self.step}" + (f" row {self.row}" if self.row >= 0 else "")
+                 + (f" {self.module}" if self.module else ""))
         return f"[{self.rule}] {where}: expected {self.expected}, got {self.actual} -- {self.hint}"
 
 
