@@ -91,6 +91,10 @@ def fmt_tokens(tok: Iterable[int], limit: int = 8) -> str:
 
 def mask_rows(ix: TraceIndex) -> np.ndarray:
     """attention_mask probes that reached the decoder layers (or attention modules)."""
+    return memo(ix, "_mask_rows", _mask_rows)
+
+
+def _mask_rows(ix: TraceIndex) -> np.ndarray:
     rows = ix.probe_rows("attention_mask")
     if not len(rows):
         return rows
@@ -141,3 +145,133 @@ def grids_by_step(ix: TraceIndex) -> dict[int, np.ndarray]:
             if v is not None:
                 out[s] = np.atleast_2d(v)
     return out
+
+
+# ---------------------------------------------------------------------------- batch rows (H3b)
+
+
+def root_module(ix: TraceIndex) -> int:
+    """Module row of the recorded model itself (path ``""``), -1 when the trace has none."""
+    hits = np.nonzero(ix.module_paths == "")[0] if len(ix.module_paths) else []
+    return int(hits[0]) if len(hits) else -1
+
+
+def call_starts(ix: TraceIndex) -> np.ndarray:
+    """First (prefill) step of the call of each step (-1 for steps before the first prefill)."""
+    def compute(ix: TraceIndex) -> np.ndarray:
+        call = np.asarray(ix.call_of_step, np.int64)
+        firsts = np.asarray(ix.call_first_steps, np.int64)
+        return np.where(call >= 0, firsts[np.clip(call, 0, max(len(firsts) - 1, 0))] if len(firsts) else -1, -1)
+    return memo(ix, "_call_starts", compute)
+
+
+def root_mask_rows(ix: TraceIndex) -> np.ndarray:
+    """Per step: the probe row of the 2-D attention mask the recorded model received (-1: none),
+    the root's first 2-D ``attention_mask`` probe, else the step's first 2-D mask outside the
+    decoder layers."""
+    def compute(ix: TraceIndex) -> np.ndarray:
+        out = np.full(max(ix.n_steps, 1), -1, np.int64)
+        rows = ix.probe_rows("attention_mask", text_only=False)
+        p = ix.probes
+        rows = rows[p["ndim"][rows] == 2] if len(rows) else rows
+        if not len(rows):
+            return out
+        mods = p["module"][rows].astype(np.int64)
+        outside = ix.layer_under_module[np.clip(mods, 0, None)] < 0
+        rows, mods = rows[outside], mods[outside]
+        pri = np.where(mods == root_module(ix), 0, 1).astype(np.int64)
+        order = pri * (1 << 40) + p["seq"][rows].astype(np.int64)
+        firsts = rows[first_per_group(p["step"][rows].astype(np.int64), order)]
+        out[p["step"][firsts].astype(np.int64)] = firsts
+        return out
+    return memo(ix, "_root_mask_rows", compute)
+
+
+def root_mask_2d(ix: TraceIndex, s: int) -> np.ndarray | None:
+    """The 2-D attention mask the recorded model received in step ``s``: bool ``[B, K]``, True
+    where a key is a real token (None when there is none)."""
+    cache = ix.__dict__.setdefault("_root_mask_2d", {})
+    if s not in cache:
+        rows = root_mask_rows(ix)
+        r = int(rows[s]) if 0 <= s < len(rows) else -1
+        v = ix.value(r) if r >= 0 else None
+        cache[s] = np.asarray(v, bool) if v is not None and v.ndim == 2 else None
+    return cache[s]
+
+
+def prompt_padding(ix: TraceIndex, s: int) -> np.ndarray | None:
+    """The padding of the prompt of step ``s``'s call, bool ``[B, L]`` (True = a padding
+    position the processor added), from the 2-D mask of the call's prefill when that mask
+    covers the prefill's tokens (``L == q_len``, empty cache). Keys from ``L`` on are the tokens
+    the call generated, never padding. A step whose call's prefill is unknown uses its own 2-D
+    mask (when it covers the step's keys)."""
+    cache = ix.__dict__.setdefault("_prompt_padding", {})
+    if s in cache:
+        return cache[s]
+    q_len, cb, _ = step_arrays(ix)
+    p0 = int(call_starts(ix)[s]) if 0 <= s < ix.n_steps else -1
+    pad = None
+    if p0 >= 0:
+        if ("call", p0) not in cache:
+            m = root_mask_2d(ix, p0)
+            ok = m is not None and m.shape[1] == q_len[p0] and cb[p0] <= 0
+            cache[("call", p0)] = ~m if ok else None
+        pad = cache[("call", p0)]
+    if pad is None and 0 <= s < ix.n_steps:
+        m = root_mask_2d(ix, s)
+        if m is not None and q_len[s] >= 0 and m.shape[1] == max(int(cb[s]), 0) + q_len[s]:
+            pad = ~m
+    cache[s] = pad
+    return pad
+
+
+def padded_steps(ix: TraceIndex) -> np.ndarray:
+    """Bool per step: its call's prompt has padding (see :func:`prompt_padding`)."""
+    def compute(ix: TraceIndex) -> np.ndarray:
+        n = ix.n_steps
+        out = np.zeros(max(n, 1), bool)
+        if not n:
+            return out
+        starts = call_starts(ix)
+        has_mask = root_mask_rows(ix)[:n] >= 0
+        fallback = starts < 0
+        for p0 in np.unique(starts[starts >= 0]).tolist():
+            pk = prompt_padding(ix, p0) if has_mask[p0] else None
+            mine = starts == p0
+            if pk is not None and ix.__dict__["_prompt_padding"].get(("call", p0)) is not None:
+                out[:n][mine] = bool(pk.any())
+            else:
+                fallback |= mine
+        for s in np.nonzero(fallback & has_mask)[0].tolist():   # their own 2-D mask
+            pk = prompt_padding(ix, s)
+            out[s] = pk is not None and bool(pk.any())
+        return out
+    return memo(ix, "_padded_steps", compute)
+
+
+def sliding_window_layers(ix: TraceIndex) -> bool:
+    """The text model attends through a sliding window on some layer (the config's
+    ``layer_types``, or ``use_sliding_window``)."""
+    cfg = ix.config if isinstance(ix.config, dict) else {}
+    for c in (cfg, cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}):
+        lt = c.get("layer_types")
+        if isinstance(lt, list) and any(str(x) == "sliding_attention" for x in lt):
+            return True
+        if c.get("use_sliding_window") is True and c.get("sliding_window"):
+            return True
+    return False
+
+
+def video_grids_by_step(ix: TraceIndex) -> dict[int, np.ndarray]:
+    """Per step: the first ``video_grid_thw`` value, as ``[n_videos, 3]``."""
+    def compute(ix: TraceIndex) -> dict[int, np.ndarray]:
+        out: dict[int, np.ndarray] = {}
+        p = ix.probes
+        for r in ix.probe_rows("video_grid_thw", text_only=False):
+            s = int(p["step"][r])
+            if s not in out:
+                v = ix.value(int(r))
+                if v is not None:
+                    out[s] = np.atleast_2d(v)
+        return out
+    return memo(ix, "_video_grids", compute)
