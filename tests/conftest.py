@@ -58,3 +58,30 @@ def qwen2_trace(qwen2_trace_path):
 
     with vlmscope.open_trace(qwen2_trace_path) as t:
         yield t
+
+
+@pytest.fixture(scope="session")
+def batch_rows_trace(tmp_path_factory) -> dict:
+    """tiny-qwen2-vl, two generate calls under one Recorder (a left-padded B=3 batch: one image,
+    text only, two images; then one row), and what each row must show: see
+    ``tests/view/batch_traces.py`` (the viewer's and the summary's batch-row tests)."""
+    return _batch_traces().record_batch(tmp_path_factory.mktemp("batch_rows") / "batch.h5")
+
+
+@pytest.fixture(scope="session")
+def batch_video_trace(tmp_path_factory) -> dict:
+    """tiny-qwen2.5-vl, one call of two left-padded rows (a 4-frame video; one image), and the
+    video's grid, ``second_per_grid_ts`` and span (``tests/view/batch_traces.py``)."""
+    return _batch_traces().record_video(tmp_path_factory.mktemp("batch_video") / "video.h5")
+
+
+def _batch_traces():
+    import importlib.util
+    import sys
+
+    if "batch_traces" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("batch_traces", ROOT / "tests" / "view" / "batch_traces.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules["batch_traces"] = mod
+    return sys.modules["batch_traces"]

@@ -195,11 +195,11 @@ def test_first_screen_shows_header_tree_and_detail(trace_a):
 def test_every_key_of_the_help_screen_is_bound(trace_a):
     bound = {b.key for b in MainScreen.BINDINGS} | {b.key for b in ViewerApp.BINDINGS}
     for key in ("n", "N", "right_square_bracket", "left_square_bracket", "colon", "home", "end", "G", "slash", "f",
-                "c", "g", "e", "p", "q", "question_mark", "S"):
+                "c", "r", "R", "g", "e", "p", "q", "question_mark", "S"):
         assert key in bound
     assert ViewerApp.ENABLE_COMMAND_PALETTE and ViewerApp.COMMAND_PALETTE_BINDING == "ctrl+p"
-    assert [k for k, _ in KEYS] == ["j k / ↑ ↓", "enter / click", "n N", "] [", ":", "Home End G", "/", "f", "c", "g",
-                                    "e", "p", "tab", "S", "ctrl+p", "?", "q"]
+    assert [k for k, _ in KEYS] == ["j k / ↑ ↓", "enter / click", "n N", "] [", ":", "Home End G", "/", "f", "c", "r R",
+                                    "g", "e", "p", "tab", "S", "ctrl+p", "?", "q"]
 
 
 # --------------------------------------------------------------------------- keys

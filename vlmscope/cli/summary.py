@@ -53,7 +53,7 @@ def print_summary(trace: Trace, out: Any) -> str | None:
     out.print(_header(trace, status, steps))
     out.print(_model_line(meta))
     if len(steps):
-        out.grid(_steps_table(steps))
+        out.grid(_steps_table(trace, steps))
     _print_output(meta, out)
     err = trace.error
     if err:
@@ -76,13 +76,65 @@ def summary_dict(trace: Trace) -> tuple[dict, str | None]:
         "device": meta.get("device"), "dtype": meta.get("dtype"),
         "attn_implementation": meta.get("attn_implementation"),
         "image": {k: img.get(k) for k in ("path", "size", "resized")} if img else None,
-        "steps": [step_dict(st) for st in steps],
+        "steps": _step_dicts(trace, steps),
         "generated_text": meta.get("generated_text"),
         "warnings": _warnings(meta),
         "error": trace.error or None,
         "violations": [v.to_dict() if hasattr(v, "to_dict") else v for v in vs],
         "check_error": failed,
     }, failed
+
+
+def _step_dicts(trace: Trace, steps: np.ndarray) -> list[dict]:
+    """Every step's :func:`step_dict`, with its ``call`` and its batch rows."""
+    from vlmscope.analyze import rows as batchrows
+
+    call = batchrows.calls(steps)
+    try:    # every step's probes: the whole table once (and the probe bytes), not a read per step
+        probes = trace.table("probes")
+        trace.table("probe_data")
+    except Exception:  # noqa: BLE001 - the user's damaged file: no rows (the check line says why)
+        probes = None
+    out = []
+    for i, st in enumerate(steps):
+        d = step_dict(st)
+        d["call"] = int(call[i])
+        rows = None
+        if probes is not None:
+            a = int(st["probe_start"])
+            rows = _rows(trace, int(st["step"]), probes=probes[a:a + int(st["probe_count"])])
+        d["batch_size"] = len(rows) if rows is not None else None
+        d["rows"] = [r.to_dict() for r in rows] if rows is not None else None
+        out.append(d)
+    return out
+
+
+def _rows(trace: Trace, step: int, probes: np.ndarray | None = None) -> list | None:
+    """The step's batch rows (:func:`vlmscope.analyze.rows.row_summaries`); None when its probes
+    cannot be read (a damaged trace: the check line says so)."""
+    from vlmscope.analyze import rows as batchrows
+
+    try:
+        probes = trace.probes(step) if probes is None else probes
+        return batchrows.row_summaries(trace, probes)
+    except Exception:  # noqa: BLE001 - the user's damaged file: the summary shows what it can read
+        return None
+
+
+def _table_rows(trace: Trace, step: int) -> tuple[list, int | None]:
+    """What the step table shows of a step's batch: its rows when B > 1 (else [], and no value is
+    read), and its video tokens (None: not counted)."""
+    from vlmscope.analyze import rows as batchrows
+
+    try:
+        probes = trace.probes(step)
+        if batchrows.batch_size(trace, probes) == 1:
+            return [], batchrows.recorded_video_tokens(trace, probes)
+        rows = batchrows.row_summaries(trace, probes)
+    except Exception:  # noqa: BLE001 - the user's damaged file: the summary shows what it can read
+        return [], None
+    counted = [r.video_tokens for r in rows if r.video_tokens is not None]
+    return rows, sum(counted) if counted else None
 
 
 def step_dict(st: np.void) -> dict:
@@ -145,21 +197,39 @@ def _model_line(meta: dict) -> Any:
     return _t(line)
 
 
-def _steps_table(steps: np.ndarray) -> Any:
-    """One row per step (the first 6 and last 5 past 12 steps)."""
+#: batch rows shown under a step in the step table (the rest: ``--json``)
+MAX_TABLE_ROWS = 8
+
+
+def _steps_table(trace: Trace, steps: np.ndarray) -> Any:
+    """One line per step (the first 6 and last 5 past 12 steps). A trace of several ``generate``
+    calls gets a ``call`` column; a batched step (B > 1) one line per batch row under its own
+    line: the row's tokens (padding left out), its position ranges, its padding (when the step is
+    padded) and its image (and video) tokens."""
     from rich.text import Text
 
     from vlmscope.cli.output import Grid
+    from vlmscope.analyze import rows as batchrows
 
-    tbl = Grid([(col, {"justify": "right" if col not in ("kind", "positions", "mask") else "left"})
-                for col in ("step", "kind", "input", "q_len", "cache", "positions", "mask", "image tok",
-                            "calls", "ms")], box=None, pad_edge=False)
     show = list(range(len(steps)))
     if len(show) > 12:
         show = show[:6] + [-1] + show[-5:]
+    call = batchrows.calls(steps)
+    several = bool(len(call)) and int(call[-1]) > 0
+    got = {i: _table_rows(trace, i) for i in show if i >= 0}
+    video = any(v for _, v in got.values())
+    cols = (["step"] + (["call"] if several else []) + ["kind", "input", "q_len", "cache", "positions", "mask",
+                                                         "image tok"]
+            + (["video tok"] if video else []) + ["calls", "ms"])
+    tbl = Grid([(col, {"justify": "right" if col not in ("kind", "positions", "mask") else "left"}) for col in cols],
+               box=None, pad_edge=False)
+
+    def add(step: str, c: str, *cells: Any, img: str = "", vid: str = "", tail: tuple = ("", "")) -> None:
+        tbl.add_row(step, *([c] if several else []), *cells, img, *([vid] if video else []), *tail)
+
     for i in show:
         if i < 0:
-            tbl.add_row("...", *[""] * 9)
+            tbl.add_row("...", *[""] * (len(cols) - 1))
             continue
         st = steps[i]
         mask = "x".join(str(int(d)) for d in st["mask_shape"][: int(st["mask_ndim"])]) or "-"
@@ -167,13 +237,22 @@ def _steps_table(steps: np.ndarray) -> Any:
         kind = Text("prefill" if st["kind"] == 0 else "decode")
         if st["status"]:
             kind.append(" raised", "red")
-        tbl.add_row(
-            str(int(st["step"])), kind,
-            str(int(st["input_len"])), str(int(st["q_len"])), cache, _pos(st), mask,
-            str(int(st["image_tokens"])) if st["image_tokens"] >= 0 else "-",
-            str(int(st["event_count"])), f"{float(st['wall_ms']):.0f}",
-        )
+        brows, vid = got[i]
+        add(str(int(st["step"])), str(int(call[i])), kind, str(int(st["input_len"])), str(int(st["q_len"])), cache,
+            _pos(st), mask, img=str(int(st["image_tokens"])) if st["image_tokens"] >= 0 else "-", vid=_opt(vid),
+            tail=(str(int(st["event_count"])), f"{float(st['wall_ms']):.0f}"))
+        padded = any(r.pad for r in brows)
+        for r in brows[:MAX_TABLE_ROWS]:
+            add("", "", f"  row {r.row}", _opt(r.tokens), "", "", batchrows.fmt_ranges(r.positions),
+                f"pad {r.pad}" if padded and r.pad is not None else "", img=_opt(r.image_tokens),
+                vid=_opt(r.video_tokens))
+        if len(brows) > MAX_TABLE_ROWS:
+            add("", "", f"  +{len(brows) - MAX_TABLE_ROWS} rows", "", "", "", "(--json)", "")
     return tbl
+
+
+def _opt(v: int | None) -> str:
+    return "-" if v is None else str(v)
 
 
 def _print_output(meta: dict, out: Any) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlmscope.analyze import rows as batchrows
 from vlmscope.trace import ROLE_OUTPUT, Trace, open_trace
 from vlmscope.trace.text import printable, printable_data
 from vlmscope.tui.items import Violation
@@ -108,6 +109,8 @@ class TraceModel:
         t = self.trace
         self.steps = t.steps
         self.n_steps = len(self.steps)
+        self.calls = batchrows.calls(self.steps)         # the generate call of every step
+        self.n_calls = int(self.calls[-1]) + 1 if self.n_steps else 0
         self.status = t.status
         self.meta = t.meta
         self.error = printable_data(t.error, newlines=True)    # shown only
@@ -177,13 +180,21 @@ class TraceModel:
 
     # naming --------------------------------------------------------------------
     def step_name(self, step: int) -> str:
+        """``prefill``, ``decode 3 of 7``; with several generate calls, the call first:
+        ``call 1 prefill``, ``call 1 decode 2 of 4`` (counted within the call)."""
         if step < 0 or step >= self.n_steps:
             return "-"
         st = self.steps[step]
-        if int(st["kind"]) == 0 and step == 0:
-            return "prefill"
-        n_dec = self.n_steps - 1
-        return f"decode {step} of {n_dec}"
+        if self.n_calls <= 1:
+            if int(st["kind"]) == 0 and step == 0:
+                return "prefill"
+            return f"decode {step} of {self.n_steps - 1}"
+        c = int(self.calls[step])
+        first = batchrows.prefill_of(self.steps, step)
+        n_dec = int((self.calls == c).sum()) - 1
+        if step == first and int(st["kind"]) == 0:
+            return f"call {c} prefill"
+        return f"call {c} decode {step - first} of {n_dec}"
 
     def module_path(self, module: int) -> str:
         return str(self.mod_paths[module]) if 0 <= module < len(self.mod_paths) else ""

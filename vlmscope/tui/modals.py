@@ -28,6 +28,7 @@ KEYS: list[tuple[str, str]] = [
     ("/", "search a module path: glob or substring; enter: next"),
     ("f", "filter: all, modules, reshapes, probes, failing checks"),
     ("c", "toggle the step context (positions, cache, tokens, mask)"),
+    ("r R", "next / previous batch row of a batched step (header and context show it)"),
     ("g", "go to the first divergence (diff mode)"),
     ("e", "next check violation"),
     ("p", "values of the selected module's saved tensor"),

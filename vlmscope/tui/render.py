@@ -287,7 +287,9 @@ def event_detail(tm: TraceModel, idx: StepIndex, i: int, wide: bool) -> list[Ren
     out: list[RenderableType] = [
         Text(tm.module_name(mod), "bold"),
         Text.assemble((cls if tm.module_path(mod) else "root module", "green"),
-                      (f" · {tm.step_name(idx.step)} · call {int(ev['nth']) + 1} · depth {int(ev['depth'])}"
+                      # "module call": with several generate calls, "call" names those (the step's)
+                      (f" · {tm.step_name(idx.step)} · {'module call' if tm.n_calls > 1 else 'call'} "
+                       f"{int(ev['nth']) + 1} · depth {int(ev['depth'])}"
                        f" · {float(ev['dur_us']) / 1000:.2f} ms", DIM)),
     ]
     if int(ev["status"]) != 0:

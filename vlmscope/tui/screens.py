@@ -50,6 +50,8 @@ class MainScreen(Screen):
         Binding("slash", "search", "search", key_display="/", priority=True),
         Binding("f", "filter", "filter"),
         Binding("c", "context", "context"),
+        Binding("r", "row(1)", "next row", show=False),
+        Binding("R", "row(-1)", "prev row", show=False),
         Binding("g", "first_divergence", "1st diff", show=False),
         Binding("e", "next_violation", "next ✗"),
         Binding("p", "payload", "payload", show=False),
@@ -221,6 +223,8 @@ class MainScreen(Screen):
         """Step ``step`` got indexed (or turned out damaged): fill what waited for it."""
         self.nav.step_ready(step)
         self.detail.step_ready(step)
+        if step == self.step:
+            self._header()      # its batch row ("row 1 (2/3)") is known now
 
     @work(thread=True, group="load")
     def _load_step(self, step: int) -> None:
@@ -330,8 +334,10 @@ class MainScreen(Screen):
     def _header(self) -> None:
         a = self.session.a
         if a is not None and a.loaded:
+            b = self.session.batch(self.step)
             self.query_one(TraceHeader).show(a, self.step, self.session.filter, self.session.b, self.query_text,
-                                             checks_failed=bool(self.session.check_error))
+                                             checks_failed=bool(self.session.check_error),
+                                             row=(self.session.row_for(self.step), b) if b and b > 1 else None)
 
     @property
     def current(self) -> Item | None:
@@ -530,6 +536,22 @@ class MainScreen(Screen):
         ctx.display = not ctx.display
         if ctx.display:
             self.call_after_refresh(ctx.show_step, self.step, True)
+
+    def action_row(self, direction: int) -> None:
+        """r and R: the next / previous batch row of a batched step (wrapping around); the header
+        and the context panel show it."""
+        a = self.session.a
+        if a is None or not a.n_steps:
+            return
+        b = self.session.batch(self.step)
+        if b is None:
+            self.notify("the step is still loading", timeout=2)
+            return
+        if self.session.move_row(self.step, direction) is None:
+            self.notify("this step has one batch row", timeout=2)
+            return
+        self._header()
+        self.context.show_step(self.step)
 
     def action_first_divergence(self) -> None:
         diff = self.session.diff

@@ -40,6 +40,7 @@ class Session:
         self.check_error: str | None = None      # why the checks failed (shown, never hidden)
         self.violations: list[Violation] = []
         self.step_errors: dict[int, str] = {}    # steps that cannot be read: why (one line)
+        self.row = 0                             # the selected batch row (r / R), kept across steps
         self.closed = False
         self._jobs: set[analysis.Job] = set()
 
@@ -86,6 +87,26 @@ class Session:
         if self.a is None or self.a.cached(step) is None:
             return False
         return self.b is None or step >= self.b.n_steps or self.b.cached(step) is not None
+
+    # batch rows (memory) ------------------------------------------------------------------
+    def batch(self, step: int) -> int | None:
+        """B of ``step`` of trace A (None until the step is indexed)."""
+        idx = self.a.cached(step) if self.a is not None else None
+        return idx.batch if idx is not None else None
+
+    def row_for(self, step: int) -> int:
+        """The selected row as ``step`` has it: the last row when the step has fewer rows (another
+        call's batch)."""
+        return max(0, min(self.row, (self.batch(step) or 1) - 1))
+
+    def move_row(self, step: int, direction: int) -> int | None:
+        """r / R: the next (previous) batch row of ``step``, wrapping around; None when the step
+        has one row (or is not indexed yet)."""
+        b = self.batch(step)
+        if b is None or b <= 1:
+            return None
+        self.row = (self.row_for(step) + direction) % b
+        return self.row
 
     # analysis (worker; each runs vlmscope.analyze in a process) ---------------------------
     def _run(self, fn: Callable, *args, cancelled: Callable[[], bool]):

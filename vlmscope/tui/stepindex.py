@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
+from vlmscope.analyze import rows as batchrows
 from vlmscope.trace import ROLE_OUTPUT
 from vlmscope.tui.items import Item, Violation
 
@@ -41,6 +42,10 @@ class StepIndex:
         self._events(tm, t.events(step))
         self.reshapes = t.reshapes(step)
         self.probes = t.probes(step)
+        try:        # B: the step's batch rows (from the probes' shapes)
+            self.batch = batchrows.batch_size(t, self.probes)
+        except Exception:  # noqa: BLE001 - the user's damaged file: one row shown, the step still reads
+            self.batch = 1
         self.r_event = self._local_events(self.reshapes["event"])
         self.p_event = self._local_events(self.probes["event"])
         self.r_seq = self.reshapes["seq"].astype(np.int64)

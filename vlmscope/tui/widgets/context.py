@@ -18,7 +18,9 @@ from rich.text import Text
 from textual import work
 from textual.worker import get_current_worker
 
+from vlmscope.analyze import rows as batchrows
 from vlmscope.semantics import fmt_shape, image_spans
+from vlmscope.trace.text import printable
 from vlmscope.tui import checks
 from vlmscope.tui.charts import cache_bars, mask_heatmap, position_plot, token_strip
 from vlmscope.tui.data import TraceModel
@@ -44,28 +46,31 @@ def _title(*parts) -> Text:
     return t
 
 
-def prefill_image_spans(tm: TraceModel) -> tuple[list[tuple[int, int]], int | None]:
-    """Image spans of the prefill (token positions, first batch row) and the image token id: the
-    spans step 0's ``input_ids`` probe recorded, else found in its values
-    (:func:`vlmscope.semantics.image_spans`)."""
-    idx = tm.cached(0) or tm.index(0)
+def prefill_image_spans(tm: TraceModel, step: int = 0, row: int = 0) -> tuple[list[tuple[int, int]], int | None]:
+    """Image spans of batch row ``row`` in the prefill of ``step``'s generate call (token
+    positions) and the image token id: the spans the prefill's ``input_ids`` probe recorded, else
+    found in its values (:func:`vlmscope.semantics.image_spans`)."""
+    first = batchrows.prefill_of(tm.steps, step) if tm.n_steps else 0
+    idx = tm.cached(first) or tm.index(first)
     k = tm.step_probe(idx, "input_ids")
     image_id = tm.meta.get("image_token_id")
     if k < 0:
         return [], image_id
     p = idx.probes[k]
-    spans = [(int(a), int(b)) for _, a, b in (tm.probe_info(p).get("spans") or [])]
+    spans = [(int(a), int(b)) for r, a, b in (tm.probe_info(p).get("spans") or []) if r == row]
     if not spans and image_id is not None:
         ids = tm.probe_value(p)
         if ids is not None and ids.size:
-            spans = [(a, b) for row, a, b in image_spans(np.asarray(ids), int(image_id)) if row == 0]
+            spans = [(a, b) for r, a, b in image_spans(np.asarray(ids), int(image_id)) if r == row]
     return spans, image_id
 
 
 def _tokens(tm: TraceModel, step: int, spans: list[tuple[int, int]], w: int) -> tuple[list, tuple[int, int]]:
-    """The token strip: every token fed so far, the image span(s) and this step's tokens."""
+    """The token strip: every token fed so far in this generate call, the image span(s) and this
+    step's tokens."""
     st = tm.steps[step]
-    lens = tm.steps["input_len"][: step + 1].astype(np.int64)
+    first = batchrows.prefill_of(tm.steps, step)
+    lens = tm.steps["input_len"][first: step + 1].astype(np.int64)
     total = int(np.clip(lens, 0, None).sum())
     cur = (total - max(int(st["input_len"]), 0), total)
     n_img = sum(b - a for a, b in spans)
@@ -76,9 +81,17 @@ def _tokens(tm: TraceModel, step: int, spans: list[tuple[int, int]], w: int) -> 
     return [head, token_strip(np.zeros(total, dtype=np.int64), spans, cur, w)], cur
 
 
+def _row_of(a: np.ndarray | None, row: int, batch: int, axis: int) -> np.ndarray | None:
+    """Batch row ``row`` of ``a`` along ``axis`` (kept as a size-1 axis), when ``a`` has ``batch`` there."""
+    if a is None or a.ndim <= axis or a.shape[axis] != batch or batch <= 1:
+        return a
+    return np.take(a, [row], axis=axis)
+
+
 def _mask(tm: TraceModel, idx: StepIndex, spans: list[tuple[int, int]], w: int,
-          max_rows: int = 12) -> list[RenderableType]:
-    """The attention mask that reached the decoder layers (the step's mask shape), as a heatmap."""
+          max_rows: int = 12, row: int = 0) -> list[RenderableType]:
+    """The attention mask that reached the decoder layers (the step's mask shape), as a heatmap
+    (of batch row ``row``)."""
     st = tm.steps[idx.step]
     k = tm.step_probe(idx, "attention_mask", prefer=tm.meta.get("decoder_layers"), rows=None)
     md = int(st["mask_ndim"])
@@ -99,7 +112,7 @@ def _mask(tm: TraceModel, idx: StepIndex, spans: list[tuple[int, int]], w: int,
                       ("  at " + (tm.module_name(int(p["module"]))), DIM))]
     if int(np.prod(shape)) > MAX_MASK_ELEMENTS:
         return out + [Text("too large to draw here", DIM)]
-    m = tm.probe_value(p)
+    m = _row_of(tm.probe_value(p), row, idx.batch, 0)
     if m is not None:
         q_off = max(int(st["cache_before"]), 0) if m.ndim >= 2 and m.shape[-2] < m.shape[-1] else 0
         out.append(mask_heatmap(m, spans, w, max_rows=max_rows, q_offset=q_off))
@@ -137,9 +150,9 @@ def expected_lines(violations: list[Violation], width: int = 80, limit: int = 3)
 
 
 def _positions(tm: TraceModel, idx: StepIndex, spans: list[tuple[int, int]], cur: tuple[int, int],
-               w: int) -> list[RenderableType]:
-    """Position ids against token index, one line per M-RoPE row, then what the failing
-    ``positions.*`` checks of the step expected."""
+               w: int, row: int = 0) -> list[RenderableType]:
+    """Position ids (of batch row ``row``) against token index, one line per M-RoPE row, then what
+    the failing ``positions.*`` checks of the step expected."""
     failing = checks.in_step(tm.violations, idx.step, "positions")
     st = tm.steps[idx.step]
     k = tm.step_probe(idx, "position_ids", prefer=tm.meta.get("text_model"),
@@ -151,6 +164,8 @@ def _positions(tm: TraceModel, idx: StepIndex, spans: list[tuple[int, int]], cur
         _title(("position ids ", "bold"), (fmt_shape(shape_of_row(p)), SHAPE_STYLE),
                       ("  at " + tm.module_name(int(p["module"])) + "  vs token index", DIM))]
     pos = tm.probe_value(p)
+    if pos is not None and pos.ndim >= 2:
+        pos = _row_of(pos, row, idx.batch, pos.ndim - 2)
     if pos is not None and pos.size:
         off = cur[0] if pos.shape[-1] == cur[1] - cur[0] else 0
         local_spans = [(a - off, b - off) for a, b in spans if b - off > 0]
@@ -189,19 +204,94 @@ def mask_rows(height: int) -> int:
     return 12 if height >= 24 else max(3, min(12, height // 3))
 
 
-def build(session: "Session", step: int, width: int, height: int = 40) -> RenderableType:
-    """All four charts for ``step`` of trace A, positions and cache first (reads probe data: worker)."""
+def _ranges(ranges: list[list[int]], names: list[str]) -> str:
+    return batchrows.fmt_ranges(ranges, names if len(names) == len(ranges) else None)
+
+
+def _span_line(sp: batchrows.Span, names: list[str], w: int) -> Text:
+    """One span of a row: ``image 1 (#3)  [273, 449)  176 tok  grid 1x22x32  t 33..33 h 33..43 w 33..48``."""
+    style = IMAGE_STYLE if sp.kind in ("image", "video") else DIM if sp.kind == "pad" else ""
+    name = sp.kind if sp.index < 0 else f"{sp.kind} {sp.index}"
+    t = Text.assemble(("  " + name.ljust(8), style or "bold"), (f"[{sp.start}, {sp.end})".ljust(13), ""),
+                      (f" {sp.length} tok", DIM))
+    if sp.number >= 0:
+        t.append(f"  #{sp.number} of the call", DIM)
+    if sp.grid is not None:
+        t.append("  grid " + "x".join(str(g) for g in sp.grid), SHAPE_STYLE)
+    if sp.kind == "video":
+        t.append("  second_per_grid_ts ", DIM)
+        t.append("not recorded" if sp.second is None else f"{sp.second:g}", DIM if sp.second is None else "")
+    if sp.positions:
+        t.append("  " + _ranges(sp.positions, names))
+    t.no_wrap, t.overflow = True, "ellipsis"
+    return t
+
+
+#: spans listed per row (the rest counted)
+MAX_SPANS = 12
+
+
+def row_section(tm: TraceModel, idx: StepIndex, row: int, w: int) -> list[RenderableType]:
+    """The selected batch row of a batched step: its mask (padding keys, key length), its spans
+    with their positions (text, image k, video k with the grid and ``second_per_grid_ts``), its
+    recorded ``rope_deltas``, and, on a decode step, its images and videos in the call's prefill."""
+    first = batchrows.prefill_of(tm.steps, idx.step)
+    pre = None
+    if first != idx.step:
+        pidx = tm.cached(first) or tm.index(first)
+        pre = pidx.probes
+    d = batchrows.row_detail(tm.trace, idx.step, row, idx.probes, pre)
+    names = d.pos_names
+    out: list[RenderableType] = [_title(
+        ("batch row ", "bold"), (f"{d.row}", "bold"), (f" ({d.row + 1}/{d.batch})", DIM),
+        (f"  call {d.call}" if tm.n_calls > 1 else "", DIM), ("   r R: other rows", DIM))]
+    if d.keys is None:
+        out.append(Text.assemble(("  mask  ", "bold"), ("no token mask [B, K] recorded", DIM)))
+    else:
+        pad = d.keys - (d.allowed or 0)
+        m = Text.assemble(("  mask  ", "bold"), f"{d.keys} keys: {d.allowed} allowed, ",
+                          (f"{pad} padding", "bold" if pad else ""))
+        if d.pad_keys:
+            more = " …" if len(d.pad_keys) > 4 else ""
+            m.append(" " + ", ".join(f"[{a}, {b})" for a, b in d.pad_keys[:4]) + more, DIM)
+        m.no_wrap, m.overflow = True, "ellipsis"
+        out.append(m)
+    if d.rope_delta is None:
+        out.append(Text.assemble(("  rope_deltas  ", "bold"), ("not recorded", DIM)))
+    else:
+        src = "the model's, after the step" if d.rope_delta_from == "state" \
+            else f"argument {printable(d.rope_delta_from)}"
+        out.append(_title(("  rope_deltas  ", "bold"), (" ".join(str(x) for x in d.rope_delta), ""),
+                          (f"  {fmt_shape(d.rope_delta_shape or ())} ({src})", DIM)))
+    out.append(_title(("  positions  ", "bold"), (_ranges(d.positions, names), ""),
+                      (f"  {' '.join(names)}, padding left out" if names else "  not recorded", DIM)))
+    out.append(Text("  spans of this step", DIM))
+    out += [_span_line(sp, names, w) for sp in d.spans[:MAX_SPANS]]
+    if len(d.spans) > MAX_SPANS:
+        out.append(Text(f"  … {len(d.spans) - MAX_SPANS} more spans", DIM))
+    if first != idx.step:
+        out.append(Text(f"  images and videos of this row in the call's prefill (step {first})"
+                        + (":" if d.media else ": none"), DIM))
+        out += [_span_line(sp, names, w) for sp in d.media[:MAX_SPANS]]
+    return out
+
+
+def build(session: "Session", step: int, width: int, height: int = 40, row: int = 0) -> RenderableType:
+    """All four charts for ``step`` of trace A, positions and cache first (reads probe data:
+    worker); a batched step's selected row ``row`` first, and the charts show that row."""
     tm = session.a
     assert tm is not None
     idx = tm.cached(step) or tm.index(step)
     w = max(20, width - 2)
-    spans, _ = prefill_image_spans(tm)
+    row = max(0, min(row, idx.batch - 1))
+    spans, _ = prefill_image_spans(tm, step, row)
     tokens, cur = _tokens(tm, step, spans, w)
     gap = [Text("")] if height >= 16 else []      # a short panel spends no line on spacing
-    parts = _positions(tm, idx, spans, cur, w)
+    parts: list[RenderableType] = row_section(tm, idx, row, w) + gap if idx.batch > 1 else []
+    parts += _positions(tm, idx, spans, cur, w, row)
     parts += gap + _cache(tm, idx, w)
     parts += gap + tokens
-    parts += gap + _mask(tm, idx, spans, w, max_rows=mask_rows(height))
+    parts += gap + _mask(tm, idx, spans, w, max_rows=mask_rows(height), row=row)
     return Group(*parts)
 
 
@@ -213,6 +303,8 @@ class ContextPanel(StripView):
         self.session = session
         self.step: int | None = None
         self.shown: int | None = None
+        self.row = 0            # the batch row drawn (session.row as the step has it)
+        self._shown_row = 0
         self.renderable: RenderableType = Text("")
         self._width = 0
         self._height = 0
@@ -230,30 +322,32 @@ class ContextPanel(StripView):
             return
         width = self._content_width()
         height = self.scrollable_content_region.height or self.size.height or 24
-        if step == self.shown and width == self._width and height == self._height and not force:
+        row = self.session.row_for(step)
+        if step == self.shown and row == self._shown_row and width == self._width and height == self._height \
+                and not force:
             return
-        self.step = step
+        self.step, self.row = step, row
         self._width, self._height = width, height
-        self._load(step, width, height)
+        self._load(step, width, height, row)
 
     def on_resize(self) -> None:
         if self.display and self.step is not None:
             self.show_step(self.step)
 
     @work(thread=True, exit_on_error=False, exclusive=True, group="context")
-    def _load(self, step: int, width: int, height: int = 40) -> None:
+    def _load(self, step: int, width: int, height: int = 40, row: int = 0) -> None:
         worker = get_current_worker()
         try:
-            content = build(self.session, step, width, height)
+            content = build(self.session, step, width, height, row)
         except Exception as e:  # noqa: BLE001 - the user's file (damaged probes): a message, not a traceback
             content = Text(f"cannot draw the step context: {type(e).__name__}: {e}", ERROR_STYLE)
         strips = render_strips(content, width)
         if not worker.is_cancelled:
-            to_ui(self.app, self._set, step, content, strips)
+            to_ui(self.app, self._set, step, content, strips, row)
 
-    def _set(self, step: int, content: RenderableType, strips) -> None:
-        if step != self.step:
+    def _set(self, step: int, content: RenderableType, strips, row: int = 0) -> None:
+        if step != self.step or row != self.row:
             return
         self.renderable = content
         self.set_strips(strips, keep_scroll=self.shown == step)
-        self.shown = step
+        self.shown, self._shown_row = step, row

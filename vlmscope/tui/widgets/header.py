@@ -69,9 +69,10 @@ class TraceHeader(Static):
                                   ("opening " + " and ".join(printable(n) for n in names) + " …", "dim")))
 
     def show(self, a: TraceModel, step: int, filt: str, b: TraceModel | None = None, query: str = "",
-             checks_failed: bool = False) -> None:
-        """Every string of the trace (model, prompt, names) is shown as text: escaped, no markup."""
-        self._last = ((a, step, filt, b, query), {"checks_failed": checks_failed})
+             checks_failed: bool = False, row: tuple[int, int] | None = None) -> None:
+        """Every string of the trace (model, prompt, names) is shown as text: escaped, no markup.
+        ``row``: (selected batch row, B) of a batched step, shown as ``row 1 (2/3)``."""
+        self._last = ((a, step, filt, b, query), {"checks_failed": checks_failed, "row": row})
         meta = a.meta if isinstance(a.meta, dict) else {}
         model = printable(meta.get("model") or meta.get("model_class") or "model ?")
         line1 = Text(no_wrap=True, overflow="ellipsis")
@@ -99,6 +100,10 @@ class TraceHeader(Static):
         line2.append("step ", "dim")
         line2.append(a.step_name(step) if a.n_steps else "none recorded", "bold")
         line2.append(f" ({step + 1}/{a.n_steps})" if a.n_steps else "", "dim")
+        if row is not None:
+            line2.append("  row ", "dim")
+            line2.append(str(row[0]), "bold")
+            line2.append(f" ({row[0] + 1}/{row[1]})", "dim")
         line2.append("  filter ", "dim")
         line2.append(FILTER_LABELS.get(filt, filt), "bold" if filt != "all" else "")
         if checks_failed:
