@@ -21,6 +21,7 @@ COMMANDS = {
     "diff": "vlmscope.cli.analyze:diff",
     "snapshot": "vlmscope.cli.analyze:snapshot",
     "view": "vlmscope.cli.view:view",
+    "invariance": "vlmscope.cli.invariance:invariance",
 }
 
 
