@@ -186,7 +186,6 @@ class _Run:
         ev0 = int(row["event_start"])
         kind = [t.s(int(k)) for k in probes["kind"]]
         names = [t.s(int(n)) for n in probes["name"]]
-        pmod = probes["module"]
         root_ev = {int(r) for r in np.flatnonzero(ev["depth"] == 0) + ev0}
         # the model's own inputs: the probes of the root call (the first top-level call)
         ids = mask = None

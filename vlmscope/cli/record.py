@@ -398,21 +398,13 @@ def _trace_meta(minfo: dict, info: dict, seed: int, max_new_tokens: int, attn_im
 def _generate(rec, model, processor, prepared, max_new_tokens: int) -> BaseException | None:
     """Run each call's ``generate`` under the recorder, in order; returns what interrupted or
     failed the run (None when every call finished)."""
-    from vlmscope.recorder.inputs import generate_texts
-
+    from vlmscope.recorder.inputs import generate_calls
     from vlmscope.trace import TraceWriteError
 
     failure: BaseException | None = None
     try:
         try:
-            texts: list[list[str]] = []
-            for i, (inputs, info) in enumerate(prepared):
-                rec.begin_call(call=i, batch_size=info["batch_size"], padding_side=info["padding_side"],
-                               rows=info["rows"])
-                texts.append(generate_texts(model, processor, inputs, max_new_tokens=max_new_tokens))
-                # the first call's rows (as run_json ``batch``), and every call's
-                rec.add_meta(generated_text=texts[0][0] if texts[0] else "", generated_texts=texts[0],
-                             generated_calls=texts)
+            generate_calls(rec, model, processor, prepared, max_new_tokens=max_new_tokens)
         except BaseException as e:
             rec.stop(e)
             raise

@@ -485,7 +485,7 @@ def record(model: torch.nn.Module, processor: Any = None, *, image: Any = None, 
     Returns the trace path.
     """
     from vlmscope.errors import UserError
-    from vlmscope.recorder.inputs import as_rows, build_batch_inputs, build_inputs, generate_texts
+    from vlmscope.recorder.inputs import as_rows, build_batch_inputs, build_inputs, generate_calls
 
     if rows is not None and calls is not None:
         raise UserError("give rows= (one call) or calls= (several), not both")
@@ -509,12 +509,5 @@ def record(model: torch.nn.Module, processor: Any = None, *, image: Any = None, 
     meta.setdefault("prompt", prompt)
     meta.setdefault("generation", {"max_new_tokens": max_new_tokens, "do_sample": False})
     with Recorder(model, out, meta=meta, **recorder_kwargs) as rec:
-        texts: list[list[str]] = []
-        for i, (inputs, info) in enumerate(prepared):
-            rec.begin_call(call=i, batch_size=info["batch_size"], padding_side=info["padding_side"],
-                           rows=info["rows"])
-            texts.append(generate_texts(model, processor, inputs, max_new_tokens=max_new_tokens))
-            # the first call's rows (as run_json ``batch``), and every call's
-            rec.add_meta(generated_text=texts[0][0] if texts[0] else "", generated_texts=texts[0],
-                         generated_calls=texts)
+        generate_calls(rec, model, processor, prepared, max_new_tokens=max_new_tokens)
     return rec.path

@@ -603,6 +603,22 @@ def build_inputs(model: Any, processor: Any, *, prompt: str, image: Any = None,
 # ----------------------------------------------------------------------------- generation
 
 
+def generate_calls(rec: Any, model: Any, processor: Any, prepared: list[tuple[dict, dict]], *,
+                   max_new_tokens: int) -> list[list[str]]:
+    """Run each prepared call (``(inputs, info)`` from :func:`build_batch_inputs`) as one
+    ``generate`` under the recorder ``rec``, each begun with ``rec.begin_call`` (a new prefill;
+    its rows in the run metadata). Returns every call's texts, also kept in the metadata as
+    ``generated_calls`` (``generated_texts``/``generated_text``: the first call's, first row's)."""
+    texts: list[list[str]] = []
+    for i, (inputs, info) in enumerate(prepared):
+        rec.begin_call(call=i, batch_size=info["batch_size"], padding_side=info["padding_side"],
+                       rows=info["rows"])
+        texts.append(generate_texts(model, processor, inputs, max_new_tokens=max_new_tokens))
+        rec.add_meta(generated_text=texts[0][0] if texts[0] else "", generated_texts=texts[0],
+                     generated_calls=texts)
+    return texts
+
+
 def generate_texts(model: Any, processor: Any, inputs: dict, *, max_new_tokens: int) -> list[str]:
     """Greedy generation; returns the decoded new text of every row."""
     import torch

@@ -133,12 +133,11 @@ def image_spans_by_step(ix: TraceIndex) -> dict[int, tuple[int, list[tuple[int, 
     return out
 
 
-def grids_by_step(ix: TraceIndex) -> dict[int, np.ndarray]:
-    """Per step: the first ``image_grid_thw`` value, as ``[n_images, 3]``."""
-    rows = ix.probe_rows("image_grid_thw", text_only=False)
+def _first_value_by_step(ix: TraceIndex, kind: str) -> dict[int, np.ndarray]:
+    """Per step: the first ``kind`` probe's value, as a 2-D array."""
     out: dict[int, np.ndarray] = {}
     p = ix.probes
-    for r in rows:
+    for r in ix.probe_rows(kind, text_only=False):
         s = int(p["step"][r])
         if s not in out:
             v = ix.value(int(r))
@@ -147,7 +146,12 @@ def grids_by_step(ix: TraceIndex) -> dict[int, np.ndarray]:
     return out
 
 
-# ---------------------------------------------------------------------------- batch rows (H3b)
+def grids_by_step(ix: TraceIndex) -> dict[int, np.ndarray]:
+    """Per step: the first ``image_grid_thw`` value, as ``[n_images, 3]``."""
+    return _first_value_by_step(ix, "image_grid_thw")
+
+
+# ---------------------------------------------------------------------------- batch rows
 
 
 def root_module(ix: TraceIndex) -> int:
@@ -264,14 +268,4 @@ def sliding_window_layers(ix: TraceIndex) -> bool:
 
 def video_grids_by_step(ix: TraceIndex) -> dict[int, np.ndarray]:
     """Per step: the first ``video_grid_thw`` value, as ``[n_videos, 3]``."""
-    def compute(ix: TraceIndex) -> dict[int, np.ndarray]:
-        out: dict[int, np.ndarray] = {}
-        p = ix.probes
-        for r in ix.probe_rows("video_grid_thw", text_only=False):
-            s = int(p["step"][r])
-            if s not in out:
-                v = ix.value(int(r))
-                if v is not None:
-                    out[s] = np.atleast_2d(v)
-        return out
-    return memo(ix, "_video_grids", compute)
+    return memo(ix, "_video_grids", lambda ix: _first_value_by_step(ix, "video_grid_thw"))
