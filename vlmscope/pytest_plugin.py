@@ -8,6 +8,7 @@ Fixtures:
 
 ``vlmscope_record``
     ``vlmscope_record(model, processor, image=..., prompt=..., max_new_tokens=4, name=None, **kw)``
+    (or ``rows=[...]`` / ``calls=[...]`` for batches and several calls, as ``vlmscope.record``)
     records a generate call into the test's temporary directory and returns the open
     :class:`vlmscope.Trace` (closed at teardown). ``vlmscope_record.path`` is the last file.
 
@@ -109,15 +110,18 @@ class _Recorder:
         self._open: list[Any] = []
         self._n = 0
 
-    def __call__(self, model: Any, processor: Any = None, *, image: Any = None, prompt: str = "Describe this image.",
+    def __call__(self, model: Any, processor: Any = None, *, image: Any = None, prompt: str | None = None,
                  max_new_tokens: int = 4, name: str | None = None, **kw: Any):
         from vlmscope.recorder import record
         from vlmscope.trace import open_trace
 
         self._n += 1
         out = self.tmp_path / f"{_safe(name or self.test_name)}-{self._n}.h5"
-        self.path = Path(record(model, processor, image=image, prompt=prompt, out=out,
-                                max_new_tokens=max_new_tokens, **kw))
+        if "rows" not in kw and "calls" not in kw:     # one row: the default prompt
+            kw.update(image=image, prompt="Describe this image." if prompt is None else prompt)
+        elif prompt is not None or image is not None:
+            kw.update(image=image, prompt=prompt or "")    # record() says "not both" in one line
+        self.path = Path(record(model, processor, out=out, max_new_tokens=max_new_tokens, **kw))
         t = open_trace(self.path)
         self._open.append(t)
         return t

@@ -283,5 +283,9 @@ def test_record_fixture_object(qwen2, tmp_path):
         t = rec(model, proc, image=str(IMAGE), max_new_tokens=1)
         assert t.n_steps == 1 and rec.path.is_file()
         assert check(t).violations == []
+        # a batch through the same fixture: rows= as vlmscope.record takes them
+        tb = rec(model, proc, rows=[{"prompt": PROMPT, "images": [str(IMAGE)]}, {"prompt": "Hi."}], max_new_tokens=1)
+        assert tb.n_steps == 1 and tb.probes(step=0, kind="input_ids")[0]["shape"][0] == 2
+        assert check(tb).violations == []
     finally:
         rec.close()
