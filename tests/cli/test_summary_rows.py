@@ -164,3 +164,24 @@ def test_one_row_and_one_call_print_the_table_as_before():
     assert [(d["call"], d["batch_size"]) for d in s["steps"]] == [(0, 1)] * 4
     assert s["steps"][0]["rows"] == [{"row": 0, "tokens": 281, "pad": None, "keys": None,
                                       "positions": [[0, 40]] * 3, "image_tokens": 256, "video_tokens": 0}]
+
+
+def test_the_model_line_names_the_calls_and_the_batch(batch_rows_trace, batch_video_trace):
+    out = summary(batch_rows_trace["path"], "--format", "plain").splitlines()
+    assert out[1].endswith("; 2 generate calls; batch of 3/1 rows, padding left"), out[1]
+    assert "; image " not in out[1]            # the first row's image is not the run's image
+    # one call of two rows (a video row and an image row): the batch, not one row's video
+    out = summary(batch_video_trace["path"], "--format", "plain").splitlines()
+    assert out[1].endswith("; batch of 2 rows, padding left"), out[1]
+
+
+def test_a_one_row_video_run_names_its_video(tmp_path):
+    from click.testing import CliRunner as Runner
+
+    video = ROOT / "examples" / "astronaut-pan.mp4"
+    out = tmp_path / "v.h5"
+    r = Runner().invoke(main, ["record", "--model", "tiny-qwen2-vl", "--video", str(video), "-p", "What happens?",
+                               "-n", "1", "-o", str(out), "--format", "plain"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    line = summary(out, "--format", "plain").splitlines()[1]
+    assert f"; video {video} [160, 120], 16 frames at 4 fps -> grid " in line, line

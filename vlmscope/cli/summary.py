@@ -190,11 +190,36 @@ def _model_line(meta: dict) -> Any:
     line = f"model {model} ({meta.get('family') or '?'}) on {meta.get('device')} {meta.get('dtype')}"
     if meta.get("attn_implementation"):
         line += f", attn {meta['attn_implementation']}"
-    if isinstance(img, dict) and img:
+    calls = meta.get("calls") if isinstance(meta.get("calls"), list) else []
+    calls = [c for c in calls if isinstance(c, dict)]
+    sizes = [c.get("batch_size") for c in calls if isinstance(c.get("batch_size"), int)]
+    if len(calls) > 1 or any(b > 1 for b in sizes):
+        side = calls[0].get("padding_side") if calls else None
+        line += (f"; {len(calls)} generate calls" if len(calls) > 1 else "")
+        line += f"; batch of {'/'.join(str(b) for b in sizes)} rows" + (f", padding {side}" if isinstance(side, str) else "")
+    elif isinstance(img, dict) and img:
         line += f"; image {img.get('path')} {img.get('size')}"
         if img.get("resized"):
             line += f" -> {img['resized']}"
+    if len(calls) == 1 and sizes == [1]:
+        line += _video_words(calls[0])
     return _t(line)
+
+
+def _video_words(call: dict) -> str:
+    """"; video PATH [w, h], F frames at R fps -> grid t x h x w" for a one-row call with a video."""
+    rows = call.get("rows") if isinstance(call.get("rows"), list) else []
+    media = rows[0].get("media") if rows and isinstance(rows[0], dict) and isinstance(rows[0].get("media"), list) else []
+    for m in media:
+        if isinstance(m, dict) and m.get("kind") == "video":
+            words = f"; video {m.get('path')} {m.get('size')}"
+            if isinstance(m.get("frames"), int):
+                words += f", {m['frames']} frames" + (f" at {m['fps']:g} fps" if isinstance(m.get("fps"), (int, float)) else "")
+            grid = m.get("grid_thw")
+            if isinstance(grid, list) and all(isinstance(g, int) for g in grid):
+                words += " -> grid " + "x".join(str(g) for g in grid)
+            return words
+    return ""
 
 
 #: batch rows shown under a step in the step table (the rest: ``--json``)
