@@ -291,11 +291,18 @@ class Probes:
             st.merger_out = weakref.ref(t)
 
     def vision_output(self, st: StepBuffer, ev: int, mod_id: int, output: Any) -> None:
-        """The vision tower's features in the order the model scatters them (``pooler_output``):
-        token norms, when that is not the merger's output itself (Qwen2.5-VL reorders the
-        merger's window-ordered rows back into raster order)."""
-        t = getattr(output, "pooler_output", None) if not isinstance(output, (Tensor, tuple, list)) else None
-        if not isinstance(t, Tensor):
+        """The vision tower's features in the order the model scatters them: token norms of its
+        ``pooler_output`` (transformers), or of its output when that is a plain tensor (or a
+        tuple's first) as a port's may be, when that is not the merger's output itself
+        (Qwen2.5-VL reorders the merger's window-ordered rows back into raster order after the
+        merger). Stored under the name ``pooler_output`` either way."""
+        if isinstance(output, Tensor):
+            t = output
+        elif isinstance(output, (tuple, list)):
+            t = output[0] if output else None
+        else:
+            t = getattr(output, "pooler_output", None)
+        if not isinstance(t, Tensor) or not t.is_floating_point() or t.dim() < 2:
             return
         ref = st.merger_out
         if ref is not None and ref() is t:
