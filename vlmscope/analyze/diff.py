@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
 import numpy as np
@@ -41,6 +41,12 @@ _STEP_FIELDS = ("kind", "status", "input_len", "q_len", "cache_before", "cache_a
 _KINDS = {0: "prefill", 1: "decode"}
 _fmt_tokens = fmt_tokens   # the CLI imports it under this name
 
+#: said under the first tensor divergence: no culprit (the first module whose inputs agree and
+#: whose outputs do not) is established yet, so the first node detected may lie downstream
+FIRST_CAVEAT = ("the first divergence detected may lie downstream of its cause: no culprit is established "
+                "(diff compares summary statistics, blind to reordered or shifted values; the value "
+                "sketches that would establish one are not built yet)")
+
 
 @dataclass
 class DiffReport:
@@ -57,11 +63,22 @@ class DiffReport:
     rtol: float | None = None
     atol: float | None = None
     maps: list[str] = field(default_factory=list)
+    semantic: list = field(default_factory=list)          # SemanticDivergence, in step order
+    semantic_counts: dict[str, int] = field(default_factory=dict)   # field -> step pairs where it differs
+    semantic_steps: list[dict] = field(default_factory=list)       # A and B side by side, per differing step
+
+    @property
+    def first_semantic(self):
+        return self.semantic[0] if self.semantic else None
 
     def to_dict(self) -> dict:
         return {
             "a": self.trace_a, "b": self.trace_b, "same": self.same,
+            "first_semantic": self.semantic[0].to_dict() if self.semantic else None,
+            "semantic": [d.to_dict() for d in self.semantic], "semantic_counts": self.semantic_counts,
+            "semantic_steps": self.semantic_steps,
             "first_divergence": self.first.to_dict() if self.first else None,
+            "first_divergence_caveat": FIRST_CAVEAT if self.n_divergent else None,
             "n_divergent": self.n_divergent, "n_steps": list(self.n_steps), "counts": self.counts,
             "steps": self.steps, "groups": self.groups, "divergences": [d.to_dict() for d in self.divergences],
             "rtol": self.rtol, "atol": self.atol, "maps": self.maps,
@@ -142,7 +159,8 @@ def _report(al: Alignment, limit: int, rtol, atol, maps) -> DiffReport:
     counts = {"calls": al.events.counts(), "tensors": al.tensors.counts(), "reshapes": al.reshapes.counts(),
               "probes": al.probes.counts()}
     groups = _groups(al, tid, idx, step)
-    same = n_div == 0 and not steps and A.n_steps == B.n_steps
+    semantic, sem_counts, sem_steps = semantic_diff(A, B)
+    same = n_div == 0 and not steps and not semantic and A.n_steps == B.n_steps
     first = divs[0] if divs else None
     if first is None and steps:
         s0 = steps[0]
@@ -154,7 +172,8 @@ def _report(al: Alignment, limit: int, rtol, atol, maps) -> DiffReport:
                            "the traces have a different number of steps")
     return DiffReport(str(al.trace_a.path), str(al.trace_b.path), same, first, divs, groups, counts, steps,
                       (A.n_steps, B.n_steps), n_div, rtol, atol,
-                      [p.pattern + "=" + r for p, r in al.maps.modules] + [f"arg:{p.pattern}={r}" for p, r in al.maps.args])
+                      [p.pattern + "=" + r for p, r in al.maps.modules] + [f"arg:{p.pattern}={r}" for p, r in al.maps.args],
+                      semantic, sem_counts, sem_steps)
 
 
 def _groups(al: Alignment, tid: np.ndarray, idx: np.ndarray, step_all: np.ndarray, max_groups: int = 200) -> list[dict]:
@@ -266,4 +285,387 @@ def _step_values(st: np.void) -> dict:
     }
 
 
-__all__ = ["diff", "DiffReport", "Divergence", "SAME", "SHAPE", "DRIFT", "MISSING_A", "MISSING_B"]
+
+# ============================================================================ semantic comparison
+#
+# Before any tensor drift: what each step fed the model. Per aligned step pair (steps paired by
+# their generate call and their place in it: ``kind == 0`` starts a call), the position ids that
+# reached the text model (per batch row and M-RoPE axis), the attention mask that reached the
+# decoder layers (its shape, and the keys each query of each row may attend to), the cache length
+# before and after, q_len, and the image / video placeholder spans of each row. All read from the
+# probes' values (never from their ``info``), so a trace of an older recorder is compared too.
+
+SEM_FIELDS = ("positions", "mask", "cache", "q_len", "image_spans", "video_spans")
+SEM_LABELS = {"positions": "positions differ", "mask": "mask differs", "cache": "cache length differs",
+              "q_len": "q_len differs", "image_spans": "image spans differ", "video_spans": "video spans differ"}
+_SEM_LIMIT = 500     # semantic entries listed (the per-field step counts cover all)
+
+
+@dataclass
+class SemanticDivergence:
+    """One semantic difference at one aligned step pair (and batch row, for per-row fields)."""
+
+    step: int                 # A's step
+    step_b: int               # B's step (the same place in the same call)
+    call: int
+    kind: str                 # prefill | decode
+    field: str                # one of SEM_FIELDS
+    row: int | None           # batch row (None: the step as a whole)
+    token: int | None         # first differing token (query, for the mask) within the step
+    a: object                 # A's value there (JSON-able; None: not recorded / none)
+    b: object
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def headline(self) -> str:
+        where = f"step {self.step}" + (f" (B step {self.step_b})" if self.step_b != self.step else "")
+        where += f" ({self.kind}" + (f", call {self.call})" if self.call else ")")
+        return f"{where}: {SEM_LABELS.get(self.field, self.field)}: {self.detail}"
+
+
+def _step_pairs(A: TraceIndex, B: TraceIndex) -> tuple[np.ndarray, np.ndarray]:
+    """A's and B's steps at the same place: the same call, the same step within it."""
+    def keys(ix: TraceIndex) -> np.ndarray:
+        n = ix.n_steps
+        if not n:
+            return np.zeros(0, np.int64)
+        call = np.maximum(ix.call_of_step, 0)
+        first = ix.call_first_steps
+        start = first[call] if len(first) else np.zeros(n, np.int64)
+        start = np.where(ix.call_of_step >= 0, start, 0)
+        return call * (1 << 32) + (np.arange(n) - start)
+
+    ka, kb = keys(A), keys(B)
+    _, ia, ib = np.intersect1d(ka, kb, assume_unique=True, return_indices=True)
+    o = np.argsort(ia, kind="stable")
+    return ia[o].astype(np.int64), ib[o].astype(np.int64)
+
+
+def _pick(ix: TraceIndex, rows: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Per step, the probe row of lowest ``score`` (then the earliest; a negative score never):
+    -1 where the step has none."""
+    out = np.full(ix.n_steps, -1, np.int64)
+    ok = score >= 0
+    rows, score = rows[ok], score[ok]
+    if not len(rows):
+        return out
+    step = ix.probes["step"][rows].astype(np.int64)
+    o = np.lexsort((rows, score, step))
+    r, s = rows[o], step[o]
+    first = np.r_[True, s[1:] != s[:-1]]
+    r, s = r[first], s[first]
+    valid = (s >= 0) & (s < ix.n_steps)
+    out[s[valid]] = r[valid]
+    return out
+
+
+def _module_flags(ix: TraceIndex, rows: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    m = ix.probes["module"][rows].astype(np.int64)
+    ok = (m >= 0) & (m < len(flags))
+    out = np.zeros(len(rows), bool)
+    out[ok] = flags[m[ok]]
+    return out
+
+
+def _chosen(ix: TraceIndex) -> dict[str, np.ndarray]:
+    """The probe row read for each semantic field in each step (-1: none), chosen as the summary
+    and the viewer choose them (:mod:`.rows`)."""
+    p = ix.probes
+    out = {}
+    # positions: [3|4, B, S] before [B, S]; the text model's own first; never the vision tower's
+    rows = ix.probe_rows("position_ids", text_only=False)
+    nd, sh0 = p["ndim"][rows].astype(np.int64), p["shape"][rows, 0].astype(np.int64)
+    m3 = (nd == 3) & np.isin(sh0, (3, 4))
+    score = np.where(m3, 0, np.where(nd == 2, 2, -100))
+    score = score + (p["module"][rows] != ix.text_model_module)
+    score[_module_flags(ix, rows, ix.in_vision)] = -1
+    out["positions"] = _pick(ix, rows, score)
+    # the mask that reached the decoder layers: a 4-D [B, H, Q, K] one before a 2-D token mask, a
+    # decoder layer's first; never the vision tower's (by shape first: a trace whose module names
+    # its structure metadata does not know still picks the same mask)
+    rows = ix.probe_rows("attention_mask", text_only=False)
+    nd = p["ndim"][rows].astype(np.int64)
+    score = np.where(nd == 4, 0, np.where(nd == 2, 2, -100)) + ~_module_flags(ix, rows, ix.layer_of_module >= 0)
+    score[_module_flags(ix, rows, ix.in_vision)] = -1
+    out["mask"] = _pick(ix, rows, score)
+    # the step's tokens: the first 2-D input_ids (the outermost module's)
+    rows = ix.probe_rows("input_ids", text_only=False)
+    out["ids"] = _pick(ix, rows, np.where(p["ndim"][rows] == 2, 0, -1))
+    return out
+
+
+def _raw(ix: TraceIndex, row: int) -> tuple:
+    p = ix.probes
+    off, n = int(p["data_off"][row]), int(p["data_len"][row])
+    return int(p["enc"][row]), tuple(p["shape"][row][: p["ndim"][row]].tolist()), ix.probe_data[off:off + n]
+
+
+def _same_raw(A: TraceIndex, ra: int, B: TraceIndex, rb: int) -> bool:
+    """The two probes hold the very same values (same encoding, shape and bytes)."""
+    if ra < 0 or rb < 0:
+        return ra < 0 and rb < 0
+    ea, sa, da = _raw(A, ra)
+    eb, sb, db = _raw(B, rb)
+    return ea == eb and sa == sb and len(da) == len(db) and bool(np.array_equal(da, db))
+
+
+def _val(ix: TraceIndex, row: int) -> np.ndarray | None:
+    if row < 0:
+        return None
+    try:
+        return ix.value(row)
+    except Exception:  # noqa: BLE001 - a damaged probe: read as not recorded
+        return None
+
+
+def _axes(v: np.ndarray | None) -> np.ndarray | None:
+    """Position ids as [R, B, S]: the t/h/w axes of M-RoPE (a text row of [4, B, S] left out, as
+    in the step table), one row for 1-D RoPE."""
+    if v is None or v.ndim not in (2, 3):
+        return None
+    v = np.asarray(v, np.int64)
+    v = v[None] if v.ndim == 2 else v
+    return v[1:] if v.shape[0] == 4 else v
+
+
+_AXIS_NAMES = {1: "pos", 3: "t/h/w"}
+
+
+def _cmp_positions(pa: np.ndarray | None, pb: np.ndarray | None) -> list[tuple]:
+    """(row, token, a, b, detail) for each batch row whose positions differ. 1-D positions are
+    compared with each M-RoPE axis (1-D RoPE is M-RoPE with t = h = w)."""
+    if pa is None or pb is None:
+        if pa is None and pb is None:
+            return []
+        got = pa if pa is not None else pb
+        return [(None, None, None if pa is None else list(pa.shape), None if pb is None else list(pb.shape),
+                 f"recorded in {'A' if pa is not None else 'B'} only ({_AXIS_NAMES.get(got.shape[0], 'rows')}, "
+                 f"{got.shape[-1]} tokens)")]
+    note = ""
+    if pa.shape[0] != pb.shape[0]:
+        if 1 in (pa.shape[0], pb.shape[0]):
+            n = max(pa.shape[0], pb.shape[0])
+            note = f" ({'A' if pa.shape[0] == 1 else 'B'}'s 1-D positions compared on each axis)"
+            pa, pb = np.broadcast_to(pa, (n,) + pa.shape[1:]), np.broadcast_to(pb, (n,) + pb.shape[1:])
+        else:
+            return [(None, None, pa.shape[0], pb.shape[0], f"{pa.shape[0]} vs {pb.shape[0]} position rows")]
+    out = []
+    names = _AXIS_NAMES.get(pa.shape[0], f"{pa.shape[0]} rows")
+    for b in range(min(pa.shape[1], pb.shape[1])):
+        S = min(pa.shape[-1], pb.shape[-1])
+        bad = (pa[:, b, :S] != pb[:, b, :S]).any(axis=0)
+        if bad.any():
+            t = int(np.argmax(bad))
+            va, vb = pa[:, b, t].tolist(), pb[:, b, t].tolist()
+            out.append((b, t, va, vb, f"row {b} {names} {va} vs {vb} at token {t}{note}"))
+        elif pa.shape[-1] != pb.shape[-1]:
+            out.append((b, S, pa.shape[-1], pb.shape[-1],
+                        f"row {b}: {pa.shape[-1]} vs {pb.shape[-1]} tokens, the same up to token {S}{note}"))
+    if pa.shape[1] != pb.shape[1]:
+        out.append((None, None, pa.shape[1], pb.shape[1], f"{pa.shape[1]} vs {pb.shape[1]} batch rows"))
+    return out
+
+
+def _allowed(v: np.ndarray | None, st: np.void) -> tuple[np.ndarray | None, str]:
+    """Keys allowed per batch row and query ([B, Q]) and the mask's shape as shown. Without a mask
+    (SDPA's ``is_causal``) the implicit causal mask: query i sees the cache and tokens 0..i."""
+    if v is None:
+        q, cb = int(st["q_len"]), max(int(st["cache_before"]), 0)
+        if q <= 0:
+            return None, "-"
+        return (cb + np.arange(1, q + 1))[None], "- (causal)"
+    v = np.asarray(v, bool)
+    shape = "x".join(str(d) for d in v.shape)
+    if v.ndim == 2:                       # [B, K]: one row of keys per batch row
+        return v.sum(axis=-1)[:, None], shape
+    if v.ndim == 4:                       # [B, H, Q, K]: the first head (heads share it)
+        return v[:, 0].sum(axis=-1), shape
+    return None, shape
+
+
+def _cmp_mask(va, vb, sta: np.void, stb: np.void) -> list[tuple]:
+    ca, sha = _allowed(va, sta)
+    cb, shb = _allowed(vb, stb)
+    out = []
+    if va is not None and vb is not None and va.shape != vb.shape:
+        out.append((None, None, list(va.shape), list(vb.shape), f"shape {sha} vs {shb}"))
+    if ca is None or cb is None:
+        if (ca is None) != (cb is None):
+            out.append((None, None, sha, shb, f"{sha} vs {shb}"))
+        return out
+    bcast = ca.shape[0] == 1 or cb.shape[0] == 1
+    for b in range(max(ca.shape[0], cb.shape[0]) if bcast else min(ca.shape[0], cb.shape[0])):
+        ra, rb = ca[min(b, ca.shape[0] - 1)], cb[min(b, cb.shape[0] - 1)]
+        Q = min(len(ra), len(rb))
+        bad = ra[:Q] != rb[:Q]
+        if not bad.any() and len(ra) != len(rb):
+            out.append((b, Q, len(ra), len(rb), f"row {b}: {len(ra)} vs {len(rb)} queries ({sha} vs {shb}), "
+                                                f"the same keys allowed up to query {Q}"))
+        elif bad.any():
+            t = int(np.argmax(bad))
+            ka = int(ra[t]) if t < len(ra) else None
+            kb = int(rb[t]) if t < len(rb) else None
+            out.append((b, t, ka, kb, f"row {b} query {t}: {show_value(ka)} ({sha}) vs {show_value(kb)} ({shb}) "
+                                       "keys allowed"))
+    return out
+
+
+def _spans_of(ids: np.ndarray | None, tok: int | None) -> list[list[list[int]]] | None:
+    """Per batch row, the [start, end) runs of placeholder token ``tok``."""
+    if ids is None or ids.ndim != 2 or tok is None:
+        return None
+    out = []
+    for row in np.asarray(ids) == tok:
+        d = np.diff(np.concatenate([[0], row.astype(np.int8), [0]]))
+        out.append([[int(a), int(e)] for a, e in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1))])
+    return out
+
+
+def _cmp_spans(sa, sb) -> list[tuple]:
+    if sa is None or sb is None:
+        return []                       # not recorded (or no token id) on one side: nothing to say
+    out = []
+    for b in range(min(len(sa), len(sb))):
+        if sa[b] != sb[b]:
+            k = next((i for i, (x, y) in enumerate(zip(sa[b], sb[b])) if x != y), min(len(sa[b]), len(sb[b])))
+            tok = (sa[b][k] if k < len(sa[b]) else sb[b][k])[0]
+            out.append((b, tok, sa[b], sb[b], f"row {b} {_fmt_spans(sa[b])} vs {_fmt_spans(sb[b])}"))
+    return out
+
+
+def _fmt_spans(sp: list[list[int]] | None, limit: int = 3) -> str:
+    if sp is None:
+        return "-"
+    if not sp:
+        return "none"
+    s = ", ".join(f"{a}..{e - 1}" for a, e in sp[:limit])
+    return s + (f" (+{len(sp) - limit})" if len(sp) > limit else "")
+
+
+def _token_ids(ix: TraceIndex) -> tuple[int | None, int | None]:
+    """(image, video) placeholder token ids: the recognised structure's, the rope config's, the
+    model config's."""
+    rope = ix.rope_config
+
+    def first(*vals):
+        return next((int(v) for v in vals if isinstance(v, (int, np.integer)) and not isinstance(v, bool)), None)
+
+    cfg = ix.config if isinstance(ix.config, dict) else {}
+    return (first(ix.meta.get("image_token_id"), rope.get("image_token_id"), cfg.get("image_token_id")),
+            first(rope.get("video_token_id"), cfg.get("video_token_id")))
+
+
+def _fmt_positions(p: np.ndarray | None, limit: int = 2) -> str:
+    """Per row, the range of each axis over the step's tokens (``0..40 x3``)."""
+    if p is None:
+        return "-"
+    from .rows import fmt_ranges
+
+    names = ["t", "h", "w"] if p.shape[0] == 3 else None
+    cells = []
+    for b in range(min(p.shape[1], limit)):
+        r = [[int(x.min()), int(x.max())] for x in p[:, b]] if p.shape[-1] else []
+        cells.append(fmt_ranges(r, names))
+    s = "; ".join(cells) if p.shape[1] == 1 else "; ".join(f"r{b} {c}" for b, c in enumerate(cells))
+    return s + (f"; +{p.shape[1] - limit} rows" if p.shape[1] > limit else "")
+
+
+def _fmt_mask(v: np.ndarray | None, st: np.void) -> str:
+    c, shape = _allowed(v, st)
+    if c is None:
+        return shape
+    lo, hi = int(c.min()), int(c.max())
+    return f"{shape}, keys {lo}" + (f"..{hi}" if hi != lo else "")
+
+
+def _fmt_cache(st: np.void) -> str:
+    a, b = int(st["cache_before"]), int(st["cache_after"])
+    return f"{a if a >= 0 else '-'} -> {b if b >= 0 else '-'}"
+
+
+def semantic_diff(A: TraceIndex, B: TraceIndex, limit: int = _SEM_LIMIT,
+                  table_limit: int = 50) -> tuple[list[SemanticDivergence], dict[str, int], list[dict]]:
+    """The semantic differences of every aligned step pair, in A's step order (then field, then row);
+    the number of step pairs where each field differs; and, for the first ``table_limit`` step pairs
+    that differ, every field of A and B side by side (``{"step", "step_b", "call", "kind", "cells":
+    [{"field", "a", "b", "differs"}]}``)."""
+    out: list[SemanticDivergence] = []
+    counts = {f: 0 for f in SEM_FIELDS}
+    table: list[dict] = []
+    sa_idx, sb_idx = _step_pairs(A, B)
+    if not len(sa_idx):
+        return out, counts, table
+    ca, cb = _chosen(A), _chosen(B)
+    ida, idb = _token_ids(A), _token_ids(B)
+    stA, stB = A.steps, B.steps
+    calls = np.maximum(A.call_of_step, 0)
+    # whole-column comparisons first: the per-step work is only for the steps that may differ
+    q_d = stA["q_len"][sa_idx] != stB["q_len"][sb_idx]
+    c_d = (stA["cache_before"][sa_idx] != stB["cache_before"][sb_idx]) | \
+          (stA["cache_after"][sa_idx] != stB["cache_after"][sb_idx])
+    for j in range(len(sa_idx)):
+        s, t = int(sa_idx[j]), int(sb_idx[j])
+        ra, rb = {k: int(v[s]) for k, v in ca.items()}, {k: int(v[t]) for k, v in cb.items()}
+        same_pos = _same_raw(A, ra["positions"], B, rb["positions"])
+        same_mask = _same_raw(A, ra["mask"], B, rb["mask"])     # both none: both causal
+        same_ids = _same_raw(A, ra["ids"], B, rb["ids"]) and ida == idb
+        if same_pos and same_mask and same_ids and not q_d[j] and not c_d[j]:
+            continue
+        sta, stb = stA[s], stB[t]
+        kind = _KINDS.get(int(sta["kind"]), str(int(sta["kind"])))
+        pa = _axes(_val(A, ra["positions"])) if not same_pos else None
+        pb = _axes(_val(B, rb["positions"])) if not same_pos else None
+        ma = _val(A, ra["mask"]) if not same_mask else None
+        mb = _val(B, rb["mask"]) if not same_mask else None
+        found: dict[str, list[tuple]] = {
+            "positions": [] if same_pos else _cmp_positions(pa, pb),
+            "mask": [] if same_mask else _cmp_mask(ma, mb, sta, stb),
+            "cache": [(None, None, [int(sta["cache_before"]), int(sta["cache_after"])],
+                       [int(stb["cache_before"]), int(stb["cache_after"])],
+                       f"{_fmt_cache(sta)} vs {_fmt_cache(stb)}")] if c_d[j] else [],
+            "q_len": [(None, None, int(sta["q_len"]), int(stb["q_len"]),
+                       f"{int(sta['q_len'])} vs {int(stb['q_len'])} tokens")] if q_d[j] else [],
+        }
+        ia = ib = None
+        if not same_ids:
+            ia, ib = _val(A, ra["ids"]), _val(B, rb["ids"])
+        spans = {}
+        for f, k in (("image_spans", 0), ("video_spans", 1)):
+            spans[f] = (_spans_of(ia, ida[k]), _spans_of(ib, idb[k])) if not same_ids else (None, None)
+            found[f] = _cmp_spans(*spans[f])
+        if not any(found.values()):
+            continue
+        call = int(calls[s]) if s < len(calls) else 0
+        for f in SEM_FIELDS:
+            if found[f]:
+                counts[f] += 1
+            for row, tok, a, b, detail in found[f]:
+                if len(out) < limit:
+                    out.append(SemanticDivergence(s, t, call, kind, f, row, tok, a, b, detail))
+        if len(table) < table_limit:
+            if same_pos:
+                pa = pb = _axes(_val(A, ra["positions"]))
+            if same_mask:
+                ma, mb = _val(A, ra["mask"]), _val(B, rb["mask"])
+            cells = [("positions", _fmt_positions(pa), _fmt_positions(pb)),
+                     ("mask", _fmt_mask(ma, sta), _fmt_mask(mb, stb)),
+                     ("cache", _fmt_cache(sta), _fmt_cache(stb)),
+                     ("q_len", show_value(int(sta["q_len"]) if sta["q_len"] >= 0 else None),
+                      show_value(int(stb["q_len"]) if stb["q_len"] >= 0 else None))]
+            for f in ("image_spans", "video_spans"):
+                xa, xb = spans[f]
+                if same_ids:
+                    xa = xb = _spans_of(_val(A, ra["ids"]), ida[0 if f == "image_spans" else 1])
+                if f == "video_spans" and not found[f] and not any(xa or []) and not any(xb or []):
+                    continue            # no video on either side: no row for it
+                cells.append((f, "; ".join(_fmt_spans(r) for r in xa) if xa is not None else "-",
+                              "; ".join(_fmt_spans(r) for r in xb) if xb is not None else "-"))
+            table.append({"step": s, "step_b": t, "call": call, "kind": kind,
+                          "cells": [{"field": f, "a": x, "b": y, "differs": bool(found[f])} for f, x, y in cells]})
+    return out, counts, table
+
+
+__all__ = ["diff", "DiffReport", "Divergence", "SemanticDivergence", "semantic_diff", "SEM_FIELDS", "SAME",
+           "SHAPE", "DRIFT", "MISSING_A", "MISSING_B"]

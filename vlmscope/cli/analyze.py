@@ -183,7 +183,7 @@ def diff(trace_a: Path, trace_b: Path, maps: tuple[str, ...], rtol: float | None
 def _print_diff(rep, out) -> None:
     from rich.text import Text
 
-    from vlmscope.analyze.diff import show_value
+    from vlmscope.analyze.diff import FIRST_CAVEAT, show_value
 
     out.print(Text("diff ", "bold"), _t(rep.trace_a, "cyan"), " vs ", _t(rep.trace_b, "cyan"),
               f"  ({rep.n_steps[0]} / {rep.n_steps[1]} steps)")
@@ -194,9 +194,20 @@ def _print_diff(rep, out) -> None:
     if rep.same:
         out.print(Text("same", style="bold green"), Text(f" within tolerance ({summary})"))
         return
+    sem = rep.first_semantic
+    if sem is not None:     # what the steps were fed differs: said before any tensor drift
+        out.print(Text("first semantic divergence: ", "bold yellow"), _t(sem.headline()))
+        n_pairs = min(rep.n_steps)
+        counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in rep.semantic_counts.items() if v)
+        out.print(_t(f"semantic differences, aligned steps where each differs (of {n_pairs}): {counts}", "dim"))
     f = rep.first
-    out.print(Text("first divergence: ", "bold red"), _t(f.headline() if f else "?"))
+    if f is not None and (rep.n_divergent or sem is None):    # the first tensor (or node) divergence, as before
+        out.print(Text("first divergence: ", "bold red"), _t(f.headline()))
+        if rep.n_divergent:
+            out.print(_t(f"note: {FIRST_CAVEAT}", "dim"))
     out.print(_t(f"{rep.n_divergent} divergent node(s); {summary}", "dim"))
+    if rep.semantic_steps:
+        _print_semantic_steps(rep, out)
     if rep.divergences:
         tbl = Grid((("#", {"justify": "right"}), ("step", {"justify": "right"}), ("kind", {"no_wrap": True}),
                     ("module", {"no_wrap": True}), ("what", {}), ("status", {}), ("A", {}), ("B", {}),
@@ -226,6 +237,30 @@ def _print_diff(rep, out) -> None:
         for r in rep.steps[:20]:
             s.add_row(str(r["step"]), _t(r["field"]), _t(show_value(r["a"])), _t(show_value(r["b"])))
         out.grid(s)
+
+
+def _print_semantic_steps(rep, out, limit: int = 12) -> None:
+    """What each differing step was fed, A and B side by side; a differing cell is marked ``≠`` (and
+    yellow: a difference, not a verdict; red is kept for what is wrong)."""
+    from rich.text import Text
+
+    firsts = {}
+    for d in rep.semantic:
+        firsts.setdefault((d.step, d.field), d.detail)
+    g = Grid((("step", {"justify": "right", "no_wrap": True}), ("kind", {"no_wrap": True}),
+              ("field", {"no_wrap": True}), ("A", {}), ("B", {}), ("first difference", {"ratio": 1})),
+             title="semantic, A | B side by side (≠ differs)")
+    for st in rep.semantic_steps[:limit]:
+        step = str(st["step"]) + (f" (B {st['step_b']})" if st["step_b"] != st["step"] else "")
+        for k, c in enumerate(st["cells"]):
+            mark = "≠ " if c["differs"] else "  "
+            style = "yellow" if c["differs"] else ""
+            g.add_row(step if k == 0 else "", st["kind"] if k == 0 else "", _t(c["field"]), _t(c["a"], style),
+                      _t(mark + c["b"], style), _t(firsts.get((st["step"], c["field"]), "")))
+    out.grid(g)
+    more = sum(1 for v in rep.semantic_steps) - limit
+    if more > 0:
+        out.print(Text(f"... {more} more steps differ (use --json)", "dim"))
 
 
 # ============================================================================ snapshot
