@@ -491,9 +491,7 @@ def _cmp_mask(va, vb, sta: np.void, stb: np.void) -> list[tuple]:
     out = []
     if va is not None and vb is not None and va.shape != vb.shape:
         out.append((None, None, list(va.shape), list(vb.shape), f"shape {sha} vs {shb}"))
-    if ca is None or cb is None:
-        if (ca is None) != (cb is None):
-            out.append((None, None, sha, shb, f"{sha} vs {shb}"))
+    if ca is None or cb is None:      # a side whose mask is not known (not recorded, no q_len): no verdict
         return out
     bcast = ca.shape[0] == 1 or cb.shape[0] == 1
     for b in range(max(ca.shape[0], cb.shape[0]) if bcast else min(ca.shape[0], cb.shape[0])):
@@ -602,9 +600,13 @@ def semantic_diff(A: TraceIndex, B: TraceIndex, limit: int = _SEM_LIMIT,
     stA, stB = A.steps, B.steps
     calls = np.maximum(A.call_of_step, 0)
     # whole-column comparisons first: the per-step work is only for the steps that may differ
-    q_d = stA["q_len"][sa_idx] != stB["q_len"][sb_idx]
-    c_d = (stA["cache_before"][sa_idx] != stB["cache_before"][sb_idx]) | \
-          (stA["cache_after"][sa_idx] != stB["cache_after"][sb_idx])
+    # -1 is "not recorded" (an imported dump, a model without a cache): only known values differ
+    def differ(f: str) -> np.ndarray:
+        a, b = stA[f][sa_idx], stB[f][sb_idx]
+        return (a != b) & (a >= 0) & (b >= 0)
+
+    q_d = differ("q_len")
+    c_d = differ("cache_before") | differ("cache_after")
     for j in range(len(sa_idx)):
         s, t = int(sa_idx[j]), int(sb_idx[j])
         ra, rb = {k: int(v[s]) for k, v in ca.items()}, {k: int(v[t]) for k, v in cb.items()}

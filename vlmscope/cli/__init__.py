@@ -22,6 +22,7 @@ COMMANDS = {
     "snapshot": "vlmscope.cli.analyze:snapshot",
     "view": "vlmscope.cli.view:view",
     "invariance": "vlmscope.cli.invariance:invariance",
+    "import": "vlmscope.cli.importer:import_",
 }
 
 
