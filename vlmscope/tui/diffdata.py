@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vlmscope.analyze.status import MISSING_A, Status
+from vlmscope.analyze.status import MISSING_A, MISSING_B, SAME, Status
 from vlmscope.tui.analysis import AlignResult, Sides
 from vlmscope.tui.data import TraceModel
 from vlmscope.tui.items import B_KINDS, ONLY_B_KIND, Item
@@ -47,6 +47,8 @@ class StepAlign:
     b_only_pr: set            # B probes with no A partner in an aligned call: shown in A's tree
     rs_b_to_a: np.ndarray     # per B reshape: its A reshape
     b_only_rs: set            # B reshapes with no A partner in an aligned call: shown in A's tree
+    divergences: list | None = None   # the divergent items in A's execution order (:func:`_divergences`)
+    div_keys: list | None = None      # and their positions in A's execution order
 
     @classmethod
     def build(cls, res: AlignResult, ia: StepIndex, ib: StepIndex) -> "StepAlign":
@@ -65,6 +67,59 @@ class StepAlign:
                    rs_back, _shown_in_a(rs_back, ib.r_event, b_to_a))
 
 
+def _divergences(al: StepAlign, ia: StepIndex, ib: StepIndex) -> tuple[list[Item], list[float]]:
+    """The divergent items of a step, in A's execution order (the tree's order), and mark them on
+    ``ia`` for the "divergent" filter. Divergent, as ``vlmscope diff`` counts them: calls whose own
+    tensors differ or that one side lacks; reshapes and probes that differ, except inside a call
+    one side lacks (that call is the divergence); items only in B, placed after the last of B's
+    aligned calls that started or ended before them (their position in A's timeline)."""
+    s = ia.step
+    ev = al.status_a != SAME
+    rs = al.r_status != SAME
+    pr = al.p_status != SAME
+    only_a = al.status_a == MISSING_B
+    for flags, owner in ((rs, ia.r_event), (pr, ia.p_event)):
+        has = owner >= 0
+        flags[has] &= ~only_a[owner[has]]
+    # B: calls without an A partner, and reshapes / probes only in B inside aligned calls
+    b_calls = np.nonzero(al.b_to_a < 0)[0]
+    b_rs = np.array(sorted(al.b_only_rs), dtype=np.int64)
+    b_pr = np.array(sorted(al.b_only_pr), dtype=np.int64)
+    b_seq = np.concatenate([ib.seq[b_calls], ib.r_seq[b_rs], ib.p_seq[b_pr]]).astype(np.int64)
+    # where they fall in A's timeline: after the A partners of B's aligned calls that started (or
+    # returned) before them
+    aligned = np.nonzero(al.b_to_a >= 0)[0]
+    key_b = np.full(len(b_seq), -1.0)
+    for b_at, a_at in ((ib.seq, ia.seq), (ib.end_seq, ia.end_seq)):
+        order = aligned[np.argsort(b_at[aligned], kind="stable")]
+        if len(order):
+            run = np.maximum.accumulate(a_at[al.b_to_a[order]])
+            k = np.searchsorted(b_at[order], b_seq, side="left") - 1
+            ok = k >= 0
+            key_b[ok] = np.maximum(key_b[ok], run[k[ok]])
+    key_b += 0.5
+    # the A calls under which the tree shows B's items (for the filter): walk up B's parents to an
+    # aligned call
+    holders = np.zeros(ia.n, dtype=bool)
+    owners = np.concatenate([ib.parent[b_calls], ib.r_event[b_rs], ib.p_event[b_pr]]).astype(np.int64)
+    for _ in range(64):
+        up = (owners >= 0) & (al.b_to_a[np.maximum(owners, 0)] < 0)
+        if not up.any():
+            break
+        owners[up] = ib.parent[owners[up]]
+    a_hold = al.b_to_a[owners[owners >= 0]]
+    holders[a_hold[a_hold >= 0]] = True
+    ia.set_divergent(ev.copy(), rs, pr, holders)
+    items: list[Item] = [ia.canonical((s, "e", int(i))) for i in np.nonzero(ev)[0]]
+    items += [(s, "r", int(i)) for i in np.nonzero(rs)[0]] + [(s, "p", int(i)) for i in np.nonzero(pr)[0]]
+    keys = [float(ia.seq[i]) for i in np.nonzero(ev)[0]] + [float(ia.r_seq[i]) for i in np.nonzero(rs)[0]] + \
+        [float(ia.p_seq[i]) for i in np.nonzero(pr)[0]]
+    items += [(s, "b", int(j)) for j in b_calls] + [(s, "q", int(j)) for j in b_rs] + [(s, "o", int(j)) for j in b_pr]
+    keys += key_b.tolist()
+    order = sorted(range(len(items)), key=lambda k: keys[k])
+    return [items[k] for k in order], [keys[k] for k in order]
+
+
 def _shown_in_a(back: np.ndarray, owner: np.ndarray, b_to_a: np.ndarray) -> set:
     """B reshapes or probes without a partner that A's tree shows: those of aligned calls (or of no
     call). Those of a B-only call are shown under that call, in B's own subtree."""
@@ -72,6 +127,16 @@ def _shown_in_a(back: np.ndarray, owner: np.ndarray, b_to_a: np.ndarray) -> set:
     has = ~in_aligned
     in_aligned[has] = b_to_a[owner[has]] >= 0
     return set(np.nonzero((back < 0) & in_aligned)[0].tolist())
+
+
+def _exact_row(idx: StepIndex, node: str, seq: int) -> tuple[str, int] | None:
+    """The reshape or probe row at execution position ``seq`` that a divergence of that ``node``
+    kind names (None for other nodes, or when no row is there)."""
+    seqs = {"reshape": idx.r_seq, "probe": idx.p_seq}.get(node)
+    if seqs is None or seq < 0:
+        return None
+    hit = np.nonzero(seqs == seq)[0]
+    return ("r" if node == "reshape" else "p", int(hit[0])) if len(hit) else None
 
 
 def _start(idx: StepIndex, table: str) -> int:
@@ -128,9 +193,40 @@ class DiffModel:
         if ia is None or ib is None:
             return None
         al = StepAlign.build(self.result, ia, ib)
+        al.divergences, al.div_keys = _divergences(al, ia, ib)
         with self._lock:
             self._cache[step] = al
         return al
+
+    def divergences(self, step: int) -> list[Item] | None:
+        """The divergent items of ``step`` in execution order (next / previous divergence); None
+        until the step is indexed and the alignment is in. A step only A has: its step node."""
+        if self.result is None:
+            return None
+        if step >= self.n_steps:
+            return [(step, "s", -1)] if step < self.a.n_steps else []
+        al = self.cached(step)
+        return al.divergences if al is not None else None
+
+    def divergence_keys(self, step: int) -> list[float]:
+        """The positions in A's execution order of :meth:`divergences` (step node: -1)."""
+        al = self.cached(step) if step < self.n_steps else None
+        return list(al.div_keys) if al is not None else [-1.0] * len(self.divergences(step) or [])
+
+    def has_divergence(self, step: int) -> bool:
+        """Whether ``step`` holds a divergent item of A's tree (from the global rows: no indexing)."""
+        res = self.result
+        if res is None or step >= self.a.n_steps:
+            return False
+        if step >= self.b.n_steps:
+            return True
+        sa, sb = self.a.steps[step], self.b.steps[step]
+        for sides, table in ((res.events, "event"), (res.reshapes, "reshape"), (res.probes, "probe")):
+            a0, b0 = int(sa[f"{table}_start"]), int(sb[f"{table}_start"])
+            if (sides.status_a[a0:a0 + int(sa[f"{table}_count"])] != SAME).any() or \
+                    (sides.status_b[b0:b0 + int(sb[f"{table}_count"])] == MISSING_A).any():
+                return True
+        return False
 
     def step_status(self, step: int) -> Status | None:
         """The worst status of a step's calls (A's, and B's only in B), or None while unknown."""
@@ -233,7 +329,7 @@ class DiffModel:
         out: list[tuple[Item, Item | None]] = []
         anchor: Item | None = None
         for parent in parents:
-            for _, ck, j in ib.children(parent, "all" if filt == "failing" else filt):
+            for _, ck, j in ib.children(parent, "all" if filt in ("failing", "divergent") else filt):
                 if ck == "e":
                     a_i = int(al.b_to_a[j])
                     if a_i >= 0:
@@ -259,7 +355,7 @@ class DiffModel:
         if al is None or ib is None:
             return []
         out: list[Item] = []
-        for _, k, c in ib.children((s, "e", j), "all" if filt == "failing" else filt):
+        for _, k, c in ib.children((s, "e", j), "all" if filt in ("failing", "divergent") else filt):
             if k == "e" and al.b_to_a[c] < 0:
                 out.append((s, "b", c))
             elif (k == "r" and al.rs_b_to_a[c] < 0) or (k == "p" and al.pr_b_to_a[c] < 0):
@@ -282,11 +378,9 @@ class DiffModel:
         ia = self.a.cached(step) or self.a.index(step)
         seq = int(f.get("seq_a", -1))
         kind, local = locate(self.a, ia, seq, str(f.get("module") or ""))
-        if f.get("node") == "reshape" and kind in ("e", "s"):
-            # the reshape of that call at that position
-            hit = np.nonzero(ia.r_seq == seq)[0]
-            if len(hit):
-                kind, local = "r", int(hit[0])
+        exact = _exact_row(ia, str(f.get("node") or ""), seq)
+        if exact is not None:   # the reshape or probe itself, not the call that holds it
+            kind, local = exact
         return (step, kind, local), status
 
     def _place_in_b(self, step: int, f: dict) -> Item | None:
@@ -294,6 +388,9 @@ class DiffModel:
         that holds it; None when it must be placed in A."""
         ib = self.b.cached(step) or self.b.index(step)
         kind, local = locate(self.b, ib, int(f.get("seq_b", -1)), str(f.get("module_b") or f.get("module") or ""))
+        exact = _exact_row(ib, str(f.get("node") or ""), int(f.get("seq_b", -1)))
+        if exact is not None:
+            kind, local = exact
         if kind in ("r", "p"):
             sides, table = (self.result.reshapes, "reshape") if kind == "r" else (self.result.probes, "probe")
             if sides.partner_b[_start(ib, table) + local] < 0:

@@ -20,8 +20,10 @@ B_KINDS = {"b": "e", "q": "r", "o": "p"}
 ONLY_B_KIND = {v: k for k, v in B_KINDS.items()}
 
 FILTERS = ("all", "modules", "reshapes", "probes", "failing")
+#: diff mode adds "divergent": the divergent items and the calls that hold them
+DIFF_FILTERS = FILTERS + ("divergent",)
 FILTER_LABELS = {"all": "all", "modules": "modules only", "reshapes": "reshapes", "probes": "probes",
-                 "failing": "failing checks"}
+                 "failing": "failing checks", "divergent": "divergent only"}
 
 
 @dataclass

@@ -81,9 +81,8 @@ def next_same_depth(tm: "TraceModel", idx: StepIndex, item: Item, forward: bool,
     seq = idx.seq[ev]
     same_depth = idx.depth == depth
     after = (idx.seq > seq) if forward else (idx.seq < seq)
-    vis = np.ones(idx.n, dtype=bool)
-    if filt in ("reshapes", "probes", "failing"):
-        vis = {"reshapes": idx.has_reshape, "probes": idx.has_probe, "failing": idx.failing_sub}[filt]
+    flags = idx.sub_flags(filt)
+    vis = flags if flags is not None else np.ones(idx.n, dtype=bool)
     for extra in (tm.mod_pattern[idx.module] == pat, np.ones(idx.n, dtype=bool)):
         cand = np.nonzero(same_depth & after & vis & extra)[0]
         if len(cand):
@@ -117,8 +116,9 @@ def search(tm: "TraceModel", idx: StepIndex, query: str, after_seq: int, filt: s
     if len(mods) == 0 or idx.n == 0:
         return None, 0
     hit = np.isin(idx.module, mods)
-    if filt in ("reshapes", "probes", "failing"):
-        hit &= {"reshapes": idx.has_reshape, "probes": idx.has_probe, "failing": idx.failing_sub}[filt]
+    flags = idx.sub_flags(filt)
+    if flags is not None:
+        hit &= flags
     cand = np.nonzero(hit)[0]
     if len(cand) == 0:
         return None, 0

@@ -32,6 +32,10 @@ from vlmscope.tui.widgets.search import GotoBar, SearchBar
 from vlmscope.tui.widgets.strips import render_strips
 from vlmscope.tui.widgets.summary import DiffSummary
 
+#: the kind of a requested place "the k-th divergence of step s" (k < 0: from the end), resolved
+#: once the step is indexed (d / D pressed towards a step still loading)
+DIV_MARK = "D"
+
 __all__ = ["KEYS", "HelpScreen", "MainScreen", "MessageScreen", "PayloadScreen"]
 
 
@@ -53,6 +57,8 @@ class MainScreen(Screen):
         Binding("r", "row(1)", "next row", show=False),
         Binding("R", "row(-1)", "prev row", show=False),
         Binding("g", "first_divergence", "1st diff", show=False),
+        Binding("d", "divergence(1)", "next diff", show=False),
+        Binding("D", "divergence(-1)", "prev diff", show=False),
         Binding("e", "next_violation", "next ✗"),
         Binding("p", "payload", "payload", show=False),
     ]
@@ -282,6 +288,8 @@ class MainScreen(Screen):
         self.pending = None
         if pending[1] is None:
             self._go_step(self._from_item(), pending[0])
+        elif pending[1][1] == DIV_MARK:
+            self._reveal_divergence(pending[1])
         else:
             self._reveal(pending[1])
 
@@ -555,18 +563,99 @@ class MainScreen(Screen):
 
     def action_first_divergence(self) -> None:
         diff = self.session.diff
-        if diff is None:
-            self.notify("g works in diff mode (vlmscope view A.h5 B.h5)", timeout=3)
-        elif diff.error:
-            self.notify(f"alignment failed: {diff.error}", severity="error", timeout=5)
-        elif not diff.done:
-            self.notify("still aligning A and B …", timeout=2)
-        elif diff.first is None and diff.unplaced:
+        if not self._diff_usable("g"):
+            return
+        assert diff is not None
+        if diff.first is None and diff.unplaced:
             self.notify(f"first divergence (no node to go to): {diff.unplaced}", timeout=6)
         elif diff.first is None:
             self.notify("no divergence: A and B agree", timeout=3)
         else:
             self._reveal(diff.first[0])
+
+    def _diff_usable(self, key: str) -> bool:
+        """Whether the alignment is in; else say why ``key`` does nothing."""
+        diff = self.session.diff
+        if diff is None:
+            self.notify(f"{key} works in diff mode (vlmscope view A.h5 B.h5)", timeout=3)
+        elif diff.error:
+            self.notify(f"alignment failed: {diff.error}", severity="error", timeout=5)
+        elif not diff.done:
+            self.notify("still aligning A and B …", timeout=2)
+        else:
+            return True
+        return False
+
+    def action_divergence(self, direction: int) -> None:
+        """d and D: the next / previous divergent item (module call, reshape, probe, item only in B)
+        in execution order, across steps. Counted from the last requested one (quick presses all
+        land), else from the cursor."""
+        if not self._diff_usable("d" if direction > 0 else "D"):
+            return
+        diff = self.session.diff
+        assert diff is not None and self.session.a is not None
+        pend = self.pending[1] if self.pending is not None else None
+        if pend is not None and pend[1] == DIV_MARK:
+            k = pend[2] + direction
+            if (pend[2] >= 0) == (k >= 0):      # still inside that step's list: wait for it
+                self._request(pend[0], (pend[0], DIV_MARK, k))
+                return
+            base: Item = (pend[0], "s", -1)
+        elif pend is not None:
+            base = pend
+        else:
+            base = self._from_item()
+            if base[1] == "m":
+                base = (base[0], "s", -1)
+        lst = diff.divergences(base[0])
+        if lst is None:     # its step is still loading: count from the step's start
+            lst, base = [], (base[0], "s", -1)
+        target = self._in_step(lst, base, direction)
+        if target is not None:
+            self._reveal(target)
+            return
+        n = self.session.a.n_steps
+        t = base[0] + direction
+        while 0 <= t < n:
+            if diff.has_divergence(t):
+                lst = diff.divergences(t)
+                if lst is None:
+                    self._request(t, (t, DIV_MARK, 0 if direction > 0 else -1))
+                elif lst:
+                    self._reveal(lst[0] if direction > 0 else lst[-1])
+                else:
+                    t += direction
+                    continue
+                return
+            t += direction
+        self.notify("no " + ("next" if direction > 0 else "previous") + " divergence" +
+                    ("" if diff.first is not None else ": A and B agree"), timeout=2)
+
+    def _in_step(self, lst: list[Item], base: Item, direction: int) -> Item | None:
+        """The divergent item of the step's list ``lst`` after (before) ``base``."""
+        if base in lst:
+            k = lst.index(base) + direction
+            return lst[k] if 0 <= k < len(lst) else None
+        idx = self.session.index(base[0])
+        if base[1] == "s" or base[1] == "g" or idx is None:
+            return (lst[0] if lst else None) if direction > 0 else None
+        here = idx.seq_of(base) if base[1] in ("e", "r", "p") else -1
+        diff = self.session.diff
+        assert diff is not None
+        seqs = diff.divergence_keys(base[0])
+        if direction > 0:
+            return next((x for x, q in zip(lst, seqs) if q > here), None)
+        return next((x for x, q in zip(reversed(lst), reversed(seqs)) if q < here), None)
+
+    def _reveal_divergence(self, mark: Item) -> None:
+        """A "k-th divergence of step s" request whose step arrived."""
+        diff = self.session.diff
+        lst = diff.divergences(mark[0]) if diff is not None else None
+        if not lst:
+            self._reveal((mark[0], "s", -1))
+            return
+        k = max(-len(lst), min(mark[2], len(lst) - 1))
+        self._reveal(lst[k])
 
     def action_next_violation(self) -> None:
         a, session = self.session.a, self.session

@@ -19,7 +19,7 @@ from vlmscope.trace import TraceError, preflight
 from vlmscope.tui import analysis, checks
 from vlmscope.tui.data import TraceModel
 from vlmscope.tui.diffdata import DiffModel
-from vlmscope.tui.items import B_KINDS, FILTERS, Item, Violation
+from vlmscope.tui.items import B_KINDS, DIFF_FILTERS, FILTERS, Item, Violation
 from vlmscope.tui.render import node_label, step_label
 from vlmscope.tui.stepindex import StepIndex
 from vlmscope.tui.styles import STATUS_GLYPH, STATUS_STYLE
@@ -230,7 +230,8 @@ class Session:
         return False
 
     def cycle_filter(self) -> str:
-        self.filter = FILTERS[(FILTERS.index(self.filter) + 1) % len(FILTERS)]
+        filters = DIFF_FILTERS if self.diff_mode else FILTERS
+        self.filter = filters[(filters.index(self.filter) + 1) % len(filters)]
         return self.filter
 
     def visible(self, item: Item) -> bool:

@@ -64,6 +64,11 @@ class StepIndex:
         self.failing_sub = np.zeros(n, dtype=bool)
         self.failing_rs = np.zeros(len(self.reshapes), dtype=bool)
         self.failing_pr = np.zeros(len(self.probes), dtype=bool)
+        # diff mode: divergent items (and calls holding one), set by the alignment of the step
+        self.div_events = np.zeros(n, dtype=bool)
+        self.div_sub = np.zeros(n, dtype=bool)
+        self.div_rs = np.zeros(len(self.reshapes), dtype=bool)
+        self.div_pr = np.zeros(len(self.probes), dtype=bool)
         self._outputs(t, int(st["tensor_start"]), int(st["tensor_count"]))
         self._lock = threading.Lock()
 
@@ -147,6 +152,22 @@ class StepIndex:
         hi = np.searchsorted(seqs, self.end_seq, side="left")
         self.failing_sub = hi > lo
 
+    def set_divergent(self, events: np.ndarray, reshapes: np.ndarray, probes: np.ndarray,
+                      holders: np.ndarray) -> None:
+        """Diff mode: mark the divergent calls, reshapes and probes (bool per row), and the calls
+        that hold an item only in B (``holders``, bool per call); the "divergent" filter shows
+        them and the calls that contain them."""
+        self.div_events, self.div_rs, self.div_pr = events, reshapes, probes
+        seqs = np.sort(np.concatenate([self.seq[events | holders], self.r_seq[reshapes], self.p_seq[probes]]))
+        lo = np.searchsorted(seqs, self.seq, side="left")
+        hi = np.searchsorted(seqs, self.end_seq, side="left")
+        self.div_sub = hi > lo
+
+    def sub_flags(self, filt: str) -> np.ndarray | None:
+        """Per call: whether it is visible under ``filt`` because of what it contains (None: all are)."""
+        return {"reshapes": self.has_reshape, "probes": self.has_probe, "failing": self.failing_sub,
+                "divergent": self.div_sub}.get(filt)
+
     # children ------------------------------------------------------------
     def _kids(self, csr: tuple[np.ndarray, np.ndarray], parent: int) -> np.ndarray:
         order, off = csr
@@ -159,6 +180,8 @@ class StepIndex:
             return bool(self.has_probe[i])
         if filt == "failing":
             return bool(self.failing_sub[i])
+        if filt == "divergent":
+            return bool(self.div_sub[i])
         return True
 
     def visible(self, item: Item, filt: str) -> bool:
@@ -168,9 +191,11 @@ class StepIndex:
         if kind == "e":
             return self.visible_event(i, filt)
         if kind == "r":
-            return filt in ("all", "reshapes") or (filt == "failing" and bool(self.failing_rs[i]))
+            return filt in ("all", "reshapes") or (filt == "failing" and bool(self.failing_rs[i])) \
+                or (filt == "divergent" and bool(self.div_rs[i]))
         if kind == "p":
-            return filt in ("all", "probes") or (filt == "failing" and bool(self.failing_pr[i]))
+            return filt in ("all", "probes") or (filt == "failing" and bool(self.failing_pr[i])) \
+                or (filt == "divergent" and bool(self.div_pr[i]))
         return False
 
     def children(self, item: Item, filt: str = "all") -> list[Item]:
@@ -197,6 +222,8 @@ class StepIndex:
             ev, rs = ev[self.has_probe[ev]], rs[:0]
         elif filt == "failing":
             ev, rs, pr = ev[self.failing_sub[ev]], rs[self.failing_rs[rs]], pr[self.failing_pr[pr]]
+        elif filt == "divergent":
+            ev, rs, pr = ev[self.div_sub[ev]], rs[self.div_rs[rs]], pr[self.div_pr[pr]]
         seqs = np.concatenate([self.seq[ev], self.r_seq[rs], self.p_seq[pr]])
         kinds = ["e"] * len(ev) + ["r"] * len(rs) + ["p"] * len(pr)
         locs = np.concatenate([ev, rs, pr])

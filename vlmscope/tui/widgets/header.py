@@ -29,6 +29,21 @@ def elapsed(seconds: float) -> str:
     return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _prompt(meta: dict) -> str:
+    return printable(str(meta.get("prompt", "") or "").replace("\n", " "))
+
+
+def _cut(text: str, width: int) -> str:
+    """``text`` cut to ``width`` cells, an ellipsis marking the cut (an empty prompt: "(none)")."""
+    if not text:
+        return "(none)"
+    t = Text(text)
+    if t.cell_len <= width:
+        return text
+    t.truncate(max(1, width - 1))
+    return t.plain + "…"
+
+
 class TraceHeader(Static):
     """Two lines: what was recorded, and where the viewer stands. While the checks run
     (:meth:`checks_started` .. :meth:`checks_finished`) the second line says ``checking… 12s``,
@@ -114,8 +129,19 @@ class TraceHeader(Static):
         if query:
             line2.append("  search ", "dim")
             line2.append(printable(query))
-        prompt = printable(str(meta.get("prompt", "") or "").replace("\n", " "))
-        if prompt:
+        prompt = _prompt(meta)
+        if b is not None:       # diff mode: both prompts, each cut to its share of the line
+            prompt_b = _prompt(b.meta if isinstance(b.meta, dict) else {})
+            room = max(8, (self.size.width or 120) - line2.cell_len - 16)
+            if prompt == prompt_b:
+                line2.append("  prompt A = B ", "dim")
+                line2.append(_cut(prompt, room))
+            else:
+                line2.append("  prompt A ", "dim")
+                line2.append(_cut(prompt, room // 2))
+                line2.append("  B ", "dim")
+                line2.append(_cut(prompt_b, room - room // 2))
+        elif prompt:
             line2.append("  prompt ", "dim")
             line2.append(prompt)
         both = Text("\n", no_wrap=True, overflow="ellipsis").join([line1, line2])
