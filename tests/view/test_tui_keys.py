@@ -460,9 +460,9 @@ async def _drive_damaged(paths: list[str], checks: bool) -> str:
     return state
 
 
-def _fuzz_main(work: Path) -> None:
+def _fuzz_main(work: Path, part: int = 0, parts: int = 1) -> None:
     """Subprocess: one damaged trace per mutation class, each driven under a timeout; one JSON line
-    per case on stdout."""
+    per case on stdout (this process's share: the cases ``i`` with ``i % parts == part``)."""
     import faulthandler
 
     from vlmscope.testing.fuzz import MUTATION_CLASSES, mutate
@@ -471,7 +471,7 @@ def _fuzz_main(work: Path) -> None:
     for name in names:
         shutil.copyfile(EXAMPLES / name, work / name)
     classes = list(MUTATION_CLASSES)
-    for i in range(FUZZ_CASES):
+    for i in range(part, FUZZ_CASES, parts):
         cls = classes[i % len(classes)]
         seed, name = FUZZ_SEEDS.get(cls, (1000 + i, names[i % 2]))
         src = work / name
@@ -493,14 +493,27 @@ def _fuzz_main(work: Path) -> None:
 def test_damaged_traces_show_a_message_never_hang_or_crash(tmp_path):
     env = dict(os.environ, VLMSCOPE_PREFLIGHT_TIMEOUT="2", XDG_STATE_HOME=str(tmp_path / "state"))
     t0 = time.monotonic()
-    try:
-        proc = subprocess.run([sys.executable, "-P", str(Path(__file__).resolve()), "fuzz", str(tmp_path)],
-                              capture_output=True, text=True, env=env, timeout=150)
-    except subprocess.TimeoutExpired as e:
-        raise AssertionError(f"the damaged traces did not finish: {e.stdout!r} {e.stderr!r}") from None
+    # two processes side by side (the machine has two cores), each with its share of the cases
+    parts = 2
+    procs = []
+    for part in range(parts):
+        (tmp_path / f"part{part}").mkdir()
+        procs.append(subprocess.Popen([sys.executable, "-P", str(Path(__file__).resolve()), "fuzz",
+                                       str(tmp_path / f"part{part}"), str(part), str(parts)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    outs = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=max(1.0, 150 - (time.monotonic() - t0)))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"the damaged traces did not finish: {out!r} {err!r}") from None
+        outs.append((proc.returncode, out, err))
     took = time.monotonic() - t0
-    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == FUZZ_CASES, (proc.returncode, proc.stdout[-3000:], proc.stderr[-5000:])
+    results = [json.loads(line) for _, out, _ in outs for line in out.splitlines() if line.startswith("{")]
+    assert len(results) == FUZZ_CASES, [(rc, out[-3000:], err[-5000:]) for rc, out, err in outs]
     bad = [r for r in results if not r["ok"]]
     assert not bad, json.dumps(bad, indent=1)
     screens = {r["screen"] for r in results}
@@ -510,7 +523,7 @@ def test_damaged_traces_show_a_message_never_hang_or_crash(tmp_path):
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["fuzz"]:
-        _fuzz_main(Path(sys.argv[2]))
+        _fuzz_main(Path(sys.argv[2]), *(int(x) for x in sys.argv[3:5]))
 
 
 def test_a_burst_of_keys_after_colon_or_slash_lands_in_the_bar(tmp_path):
