@@ -22,22 +22,13 @@ import vlmscope
 from vlmscope.analyze import diff
 from vlmscope.analyze.importer import import_dump, parse_name, role_of
 from vlmscope.cli import main
+from vlmscope.testing.cli import one_line_error
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_error(result, *needles: str, code: int = 2) -> str:
-    assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
-    assert "Traceback" not in result.output + result.stderr
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("vlmscope: error: "), result.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

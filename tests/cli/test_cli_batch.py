@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 import vlmscope
 from vlmscope.cli import main
+from vlmscope.testing.cli import one_line_error
 
 EX = Path(__file__).resolve().parents[2] / "examples"
 ASTRONAUT, CHELSEA, VIDEO = EX / "astronaut.png", EX / "chelsea.png", EX / "astronaut-pan.mp4"
@@ -21,16 +22,6 @@ ASTRONAUT, CHELSEA, VIDEO = EX / "astronaut.png", EX / "chelsea.png", EX / "astr
 
 def run(*args: str):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_error(result, *needles: str, code: int = 2) -> str:
-    assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
-    assert "Traceback" not in result.output + result.stderr
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("vlmscope: error: "), result.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 import vlmscope
 from vlmscope.cli import main
+from vlmscope.testing.cli import one_line_error
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = "max_pixels=12544"      # 112*112: at most 64 patches per image
@@ -27,16 +28,6 @@ def run(*args: str, cwd: Path | None = None):
         return CliRunner().invoke(main, list(args), catch_exceptions=False)
     finally:
         os.chdir(old)
-
-
-def one_line_error(result, *needles: str, code: int = 2) -> str:
-    assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
-    assert "Traceback" not in result.output + result.stderr
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("vlmscope: error: "), result.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 import vlmscope
 from vlmscope.cli import main
+from vlmscope.testing.cli import one_line_error
 
 IMAGE = Path(__file__).resolve().parents[2] / "examples" / "astronaut.png"
 
@@ -27,20 +28,6 @@ def run(*args: str, cwd: Path | None = None):
         return runner.invoke(main, list(args), catch_exceptions=False)
     finally:
         os.chdir(old)
-
-
-def one_line_error(result, *needles: str, code: int = 2) -> str:
-    """The command failed with ``code``, one error line, no traceback, mentioning ``needles``."""
-    assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
-    err = result.stderr.strip()
-    assert "Traceback" not in result.output + result.stderr
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 or lines[0].startswith("vlmscope: error:"), err
-    text = " ".join(err.split())
-    for n in needles:
-        assert n in text, (n, text)
-    assert text.startswith("vlmscope: error:")
-    return text
 
 
 # --------------------------------------------------------------------------- happy paths
