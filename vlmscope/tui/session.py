@@ -90,9 +90,13 @@ class Session:
 
     # batch rows (memory) ------------------------------------------------------------------
     def batch(self, step: int) -> int | None:
-        """B of ``step`` of trace A (None until the step is indexed)."""
+        """B of ``step`` of trace A (None until the step is indexed); in diff mode, the larger of
+        A's and B's (the selected row applies to both sides, each clamped to its rows)."""
         idx = self.a.cached(step) if self.a is not None else None
-        return idx.batch if idx is not None else None
+        if idx is None:
+            return None
+        idx_b = self.b.cached(step) if self.b is not None and step < self.b.n_steps else None
+        return max(idx.batch, idx_b.batch) if idx_b is not None else idx.batch
 
     def row_for(self, step: int) -> int:
         """The selected row as ``step`` has it: the last row when the step has fewer rows (another

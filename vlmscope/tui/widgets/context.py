@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.console import Group, RenderableType
+from rich.table import Table
 from rich.text import Text
 from textual import work
 from textual.worker import get_current_worker
 
 from vlmscope.analyze import rows as batchrows
-from vlmscope.semantics import fmt_shape, image_spans
+from vlmscope.analyze.status import Status
+from vlmscope.semantics import fmt_shape, image_spans, position_rows
 from vlmscope.trace.text import printable
 from vlmscope.tui import checks
 from vlmscope.tui.charts import cache_bars, mask_heatmap, position_plot, token_strip
@@ -28,7 +30,7 @@ from vlmscope.tui.items import Violation
 from vlmscope.tui.render import shape_of_row
 from vlmscope.tui.stepindex import StepIndex
 from vlmscope.tui.styles import (ATTEND_RGB, BLOCKED_RGB, CURRENT_STYLE, DIM, ERROR_STYLE, EXPECTED_STYLE, IMAGE_STYLE,
-                                 SHAPE_STYLE, hex_of)
+                                 SHAPE_STYLE, STATUS_STYLE, hex_of)
 from vlmscope.tui.ui import to_ui
 from vlmscope.tui.widgets.strips import StripView, render_strips
 
@@ -65,7 +67,8 @@ def prefill_image_spans(tm: TraceModel, step: int = 0, row: int = 0) -> tuple[li
     return spans, image_id
 
 
-def _tokens(tm: TraceModel, step: int, spans: list[tuple[int, int]], w: int) -> tuple[list, tuple[int, int]]:
+def _tokens(tm: TraceModel, step: int, spans: list[tuple[int, int]], w: int,
+            sig: dict | None = None) -> tuple[list, tuple[int, int]]:
     """The token strip: every token fed so far in this generate call, the image span(s) and this
     step's tokens."""
     st = tm.steps[step]
@@ -78,6 +81,8 @@ def _tokens(tm: TraceModel, step: int, spans: list[tuple[int, int]], w: int) -> 
                          (f"  image {', '.join(f'[{a}, {b})' for a, b in spans)} = {n_img}" if spans else "  no image",
                           IMAGE_STYLE if spans else DIM),
                          (f"  this step [{cur[0]}, {cur[1]})", CURRENT_STYLE.replace("bold ", "")))
+    if sig is not None:
+        sig["tokens"] = (total, tuple(spans), cur)
     return [head, token_strip(np.zeros(total, dtype=np.int64), spans, cur, w)], cur
 
 
@@ -89,7 +94,7 @@ def _row_of(a: np.ndarray | None, row: int, batch: int, axis: int) -> np.ndarray
 
 
 def _mask(tm: TraceModel, idx: StepIndex, spans: list[tuple[int, int]], w: int,
-          max_rows: int = 12, row: int = 0) -> list[RenderableType]:
+          max_rows: int = 12, row: int = 0, sig: dict | None = None) -> list[RenderableType]:
     """The attention mask that reached the decoder layers (the step's mask shape), as a heatmap
     (of batch row ``row``)."""
     st = tm.steps[idx.step]
@@ -101,6 +106,8 @@ def _mask(tm: TraceModel, idx: StepIndex, spans: list[tuple[int, int]], w: int,
                  if shape_of_row(idx.probes[j]) == want]
         if cands:
             k = int(cands[0])
+    if sig is not None:
+        sig["mask"] = None
     if k < 0:
         return [_title(("attention mask ", "bold"), ("none reached the decoder layers (e.g. SDPA is_causal)", DIM))]
     p = idx.probes[k]
@@ -110,9 +117,13 @@ def _mask(tm: TraceModel, idx: StepIndex, spans: list[tuple[int, int]], w: int,
         _title(("attention mask ", "bold"), (fmt_shape(shape), SHAPE_STYLE),
                       (f" {info.get('style', '')} {info.get('dtype', '')}", ""),
                       ("  at " + (tm.module_name(int(p["module"]))), DIM))]
+    if sig is not None:
+        sig["mask"] = (shape,)
     if int(np.prod(shape)) > MAX_MASK_ELEMENTS:
         return out + [Text("too large to draw here", DIM)]
     m = _row_of(tm.probe_value(p), row, idx.batch, 0)
+    if sig is not None and m is not None:
+        sig["mask"] = (shape, np.asarray(m, dtype=bool).tobytes())
     if m is not None:
         q_off = max(int(st["cache_before"]), 0) if m.ndim >= 2 and m.shape[-2] < m.shape[-1] else 0
         out.append(mask_heatmap(m, spans, w, max_rows=max_rows, q_offset=q_off))
@@ -150,13 +161,15 @@ def expected_lines(violations: list[Violation], width: int = 80, limit: int = 3)
 
 
 def _positions(tm: TraceModel, idx: StepIndex, spans: list[tuple[int, int]], cur: tuple[int, int],
-               w: int, row: int = 0) -> list[RenderableType]:
+               w: int, row: int = 0, sig: dict | None = None) -> list[RenderableType]:
     """Position ids (of batch row ``row``) against token index, one line per M-RoPE row, then what
     the failing ``positions.*`` checks of the step expected."""
     failing = checks.in_step(tm.violations, idx.step, "positions")
     st = tm.steps[idx.step]
     k = tm.step_probe(idx, "position_ids", prefer=tm.meta.get("text_model"),
                       rows=int(st["pos_rows"]) if int(st["pos_rows"]) > 1 else None)
+    if sig is not None:
+        sig["positions"] = None
     if k < 0:
         return [Text.assemble(("position ids ", "bold"), ("not recorded", DIM))] + expected_lines(failing, w)
     p = idx.probes[k]
@@ -166,6 +179,9 @@ def _positions(tm: TraceModel, idx: StepIndex, spans: list[tuple[int, int]], cur
     pos = tm.probe_value(p)
     if pos is not None and pos.ndim >= 2:
         pos = _row_of(pos, row, idx.batch, pos.ndim - 2)
+    if sig is not None and pos is not None:
+        # what the rotary embedding sees: 1-D positions and equal M-RoPE axes are the same ids
+        sig["positions"] = [list(r) for r in dict.fromkeys(tuple(r) for r in position_rows(pos).tolist())]
     if pos is not None and pos.size:
         off = cur[0] if pos.shape[-1] == cur[1] - cur[0] else 0
         local_spans = [(a - off, b - off) for a, b in spans if b - off > 0]
@@ -173,12 +189,14 @@ def _positions(tm: TraceModel, idx: StepIndex, spans: list[tuple[int, int]], cur
     return out + expected_lines(failing, w)
 
 
-def _cache(tm: TraceModel, idx: StepIndex, w: int) -> list[RenderableType]:
+def _cache(tm: TraceModel, idx: StepIndex, w: int, sig: dict | None = None) -> list[RenderableType]:
     """The cache length of every layer, after the step."""
     k = tm.step_probe(idx, "cache", output=True, last=True)
+    st = tm.steps[idx.step]
+    cb, ca = int(st["cache_before"]), int(st["cache_after"])
+    if sig is not None:
+        sig["cache"] = (cb, ca, (ca,))
     if k < 0:
-        st = tm.steps[idx.step]
-        cb, ca = int(st["cache_before"]), int(st["cache_after"])
         return [Text.assemble(("cache ", "bold"), ("none" if cb < 0 and ca < 0 else f"{cb} -> {ca}", DIM))]
     p = idx.probes[k]
     info = tm.probe_info(p)
@@ -186,6 +204,8 @@ def _cache(tm: TraceModel, idx: StepIndex, w: int) -> list[RenderableType]:
     if not lengths:
         v = tm.probe_value(p)
         lengths = [int(x) for x in v.ravel()] if v is not None else []
+    if sig is not None:
+        sig["cache"] = (cb, ca, tuple(sorted(set(lengths))) or (ca,))
     name = tm.s(int(p["name"]))
     when = "after the step" if name.startswith("out") else f"as {tm.module_name(int(p['module']))} received it"
     about = Text(f"  {info.get('type', '?')} {info.get('layout', '?')}  {when}", DIM)
@@ -231,7 +251,7 @@ def _span_line(sp: batchrows.Span, names: list[str], w: int) -> Text:
 MAX_SPANS = 12
 
 
-def row_section(tm: TraceModel, idx: StepIndex, row: int, w: int) -> list[RenderableType]:
+def row_section(tm: TraceModel, idx: StepIndex, row: int, w: int, sig: dict | None = None) -> list[RenderableType]:
     """The selected batch row of a batched step: its mask (padding keys, key length), its spans
     with their positions (text, image k, video k with the grid and ``second_per_grid_ts``), its
     recorded ``rope_deltas``, and, on a decode step, its images and videos in the call's prefill."""
@@ -242,6 +262,9 @@ def row_section(tm: TraceModel, idx: StepIndex, row: int, w: int) -> list[Render
         pre = pidx.probes
     d = batchrows.row_detail(tm.trace, idx.step, row, idx.probes, pre)
     names = d.pos_names
+    if sig is not None:
+        sig["row"] = (d.keys, d.allowed, tuple(d.pad_keys), d.rope_delta, _ranges(d.positions, names),
+                      tuple((sp.kind, sp.start, sp.end, sp.grid) for sp in d.spans))
     out: list[RenderableType] = [_title(
         ("batch row ", "bold"), (f"{d.row}", "bold"), (f" ({d.row + 1}/{d.batch})", DIM),
         (f"  call {d.call}" if tm.n_calls > 1 else "", DIM), ("   r R: other rows", DIM))]
@@ -276,23 +299,158 @@ def row_section(tm: TraceModel, idx: StepIndex, row: int, w: int) -> list[Render
     return out
 
 
-def build(session: "Session", step: int, width: int, height: int = 40, row: int = 0) -> RenderableType:
+def _sections(tm: TraceModel, step: int, w: int, height: int, row: int) -> tuple[list[tuple[str, list]], dict]:
+    """The panel's sections for ``step`` of ``tm`` (row, positions, cache, tokens, mask; each a
+    list of renderables whose first is its title), and what each shows, to compare with the other
+    trace's (reads probe data: worker)."""
+    idx = tm.cached(step) or tm.index(step)
+    row = max(0, min(row, idx.batch - 1))
+    sig: dict = {}
+    spans, _ = prefill_image_spans(tm, step, row)
+    tokens, cur = _tokens(tm, step, spans, w, sig)
+    out: list[tuple[str, list]] = [("row", row_section(tm, idx, row, w, sig))] if idx.batch > 1 else []
+    out += [("positions", _positions(tm, idx, spans, cur, w, row, sig)), ("cache", _cache(tm, idx, w, sig)),
+            ("tokens", tokens), ("mask", _mask(tm, idx, spans, w, max_rows=mask_rows(height), row=row, sig=sig))]
+    return out, sig
+
+
+def _join(sections: list[tuple[str, list]], gap: list) -> list[RenderableType]:
+    out: list[RenderableType] = []
+    for k, (_, parts) in enumerate(sections):
+        out += (gap if k else []) + parts
+    return out
+
+
+def build(session: "Session", step: int, width: int, height: int = 40, row: int = 0,
+          side_by_side: bool = False) -> RenderableType:
     """All four charts for ``step`` of trace A, positions and cache first (reads probe data:
-    worker); a batched step's selected row ``row`` first, and the charts show that row."""
+    worker); a batched step's selected row ``row`` first, and the charts show that row. In diff
+    mode, B's step paired with it beside A's (:func:`build_pair`)."""
     tm = session.a
     assert tm is not None
-    idx = tm.cached(step) or tm.index(step)
+    if session.b is not None:
+        return build_pair(session, step, width, height, row, side_by_side)
     w = max(20, width - 2)
-    row = max(0, min(row, idx.batch - 1))
-    spans, _ = prefill_image_spans(tm, step, row)
-    tokens, cur = _tokens(tm, step, spans, w)
     gap = [Text("")] if height >= 16 else []      # a short panel spends no line on spacing
-    parts: list[RenderableType] = row_section(tm, idx, row, w) + gap if idx.batch > 1 else []
-    parts += _positions(tm, idx, spans, cur, w, row)
-    parts += gap + _cache(tm, idx, w)
-    parts += gap + tokens
-    parts += gap + _mask(tm, idx, spans, w, max_rows=mask_rows(height), row=row)
-    return Group(*parts)
+    return Group(*_join(_sections(tm, step, w, height, row)[0], gap))
+
+
+# ---------------------------------------------------------------------------- diff mode: A beside B
+
+#: a value that differs between A and B (not wrong: red means wrong only)
+DIFFERENT_STYLE = STATUS_STYLE[Status.DRIFT]
+DIFFERENT_GLYPH = "≠"
+#: a terminal this wide shows A and B side by side; a narrower one stacks them (A, then B)
+SIDE_BY_SIDE_COLUMNS = 160
+
+
+def _name(tm: TraceModel) -> str:
+    return printable(tm.path.name)
+
+
+def step_fields(tm: TraceModel, step: int, row: int) -> dict[str, str]:
+    """The step fields the A-vs-B table compares, as text: q_len, input length, cache before ->
+    after, positions of the selected batch row per axis, mask shape, image tokens (reads the
+    step's probes: worker)."""
+    st = tm.steps[step]
+    idx = tm.cached(step) or tm.index(step)
+    row = max(0, min(row, idx.batch - 1))
+    cb, ca = int(st["cache_before"]), int(st["cache_after"])
+    md = int(st["mask_ndim"])
+    try:
+        first = batchrows.prefill_of(tm.steps, step)
+        pre = (tm.cached(first) or tm.index(first)).probes if first != step else None
+        d = batchrows.row_detail(tm.trace, step, row, idx.probes, pre)
+        positions = _ranges(d.positions, d.pos_names) if d.positions else None
+    except Exception:  # noqa: BLE001 - the user's file: fall back on the step table's range
+        positions = None
+    if positions is None:
+        lo, hi = int(st["pos_min"]), int(st["pos_max"])
+        positions = f"{lo}..{hi} (step)" if hi >= lo else "not recorded"
+    img = int(st["image_tokens"])
+    return {"q_len": str(int(st["q_len"])), "input length": str(int(st["input_len"])),
+            "cache before -> after": "none" if cb < 0 and ca < 0 else f"{cb} -> {ca}",
+            f"positions (row {row})" if idx.batch > 1 else "positions": positions,
+            "mask shape": fmt_shape(st["mask_shape"][:md]) if md > 0 else "none",
+            "image tokens": str(img) if img >= 0 else "-"}
+
+
+def _same_positions(a: str, b: str) -> bool:
+    """``4..4`` and ``4..4 x3``: 1-D RoPE and M-RoPE with equal axes give the same ids."""
+    strip = lambda t: t.rsplit(" x", 1)[0] if " x" in t and t.rsplit(" x", 1)[1].isdigit() else t  # noqa: E731
+    return strip(a) == strip(b)
+
+
+def compare_table(a: TraceModel, b: TraceModel | None, step: int, row: int, w: int) -> list[RenderableType]:
+    """The A-vs-B table of the step fields, a ``≠`` marking those that differ."""
+    fa = step_fields(a, step, row)
+    fb = step_fields(b, step, row) if b is not None and step < b.n_steps else {}
+    keys = list(fa) + [k for k in fb if k not in fa]
+    lab = max(len(k) for k in keys) + 2
+    wants = [len(v) for v in (*fa.values(), *fb.values())] + [len(_name(a)) + 2]
+    col = max(12, min(max(wants) + 2, (w - lab - 2) // 2))
+    head = Text.assemble(("  " + "step".ljust(lab), "bold"), (f"A {_name(a)}"[:col - 1].ljust(col), "bold"),
+                         (f"B {_name(b)}" if b is not None else "B", "bold"))
+    head.no_wrap, head.overflow = True, "ellipsis"
+    out: list[RenderableType] = [_title(("A vs B ", "bold"), (f"step {step}", ""),
+                                        ("" if fb else "  B has no such step", DIFFERENT_STYLE if not fb else DIM)),
+                                 head]
+    for k in keys:
+        va, vb = fa.get(k, "-"), fb.get(k, "-")
+        same = va == vb or (k.startswith("positions") and _same_positions(va, vb))
+        t = Text.assemble(("  " if same else DIFFERENT_GLYPH + " ", DIFFERENT_STYLE), (k.ljust(lab), DIM),
+                          (va[:col - 1].ljust(col), "" if same else DIFFERENT_STYLE), (vb, "" if same else DIFFERENT_STYLE))
+        t.no_wrap, t.overflow = True, "ellipsis"
+        out.append(t)
+    return out
+
+
+def _marked(parts: list[RenderableType]) -> list[RenderableType]:
+    """A section whose values differ from the other trace's: its title marked ``≠``."""
+    if not parts or not isinstance(parts[0], Text):
+        return parts
+    t = Text.assemble((DIFFERENT_GLYPH + " ", DIFFERENT_STYLE), parts[0])
+    t.no_wrap, t.overflow = True, "ellipsis"
+    return [t] + parts[1:]
+
+
+def _side_title(which: str, tm: TraceModel, step: int, w: int) -> Text:
+    t = Text.assemble((f" {which} ", "reverse bold"), (" " + _name(tm), "bold"), (f"  step {step}", DIM))
+    t.no_wrap, t.overflow = True, "ellipsis"
+    return t
+
+
+def build_pair(session: "Session", step: int, width: int, height: int = 40, row: int = 0,
+               side_by_side: bool = False) -> RenderableType:
+    """Diff mode: the A-vs-B table of the step fields, then A's context and the context of B's
+    step paired with it (the same step number), side by side or stacked (A, then B), each titled
+    with its trace name; the sections whose values differ marked ``≠``. The selected batch row
+    applies to both (each clamped to its step's rows)."""
+    a, b = session.a, session.b
+    assert a is not None and b is not None
+    w = max(20, width - 2)
+    gap = [Text("")] if height >= 16 else []
+    col_w = max(20, (w - 3) // 2) if side_by_side else w
+    sec_a, sig_a = _sections(a, step, col_w, height, row)
+    if step < b.n_steps:
+        sec_b, sig_b = _sections(b, step, col_w, height, row)
+        keys = {k for k, _ in sec_a} | {k for k, _ in sec_b}
+        differ = {k for k in keys if sig_a.get(k) != sig_b.get(k)}
+        sec_a = [(k, _marked(p) if k in differ else p) for k, p in sec_a]
+        sec_b = [(k, _marked(p) if k in differ else p) for k, p in sec_b]
+        side_b: list[RenderableType] = [_side_title("B", b, step, col_w)] + _join(sec_b, gap)
+    else:
+        side_b = [_side_title("B", b, step, col_w),
+                  Text(f"B has {b.n_steps} steps: no step {step} to pair with A's", DIFFERENT_STYLE)]
+    side_a: list[RenderableType] = [_side_title("A", a, step, col_w)] + _join(sec_a, gap)
+    head = compare_table(a, b, step, row, w) + gap
+    if side_by_side:
+        grid = Table.grid(padding=(0, 3, 0, 0))
+        grid.add_column(width=col_w, no_wrap=True)
+        grid.add_column(width=col_w, no_wrap=True)
+        grid.add_row(Group(*side_a), Group(*side_b))
+        return Group(*head, grid)
+    return Group(*head, *side_a, *gap, *side_b)
 
 
 class ContextPanel(StripView):
@@ -308,6 +466,7 @@ class ContextPanel(StripView):
         self.renderable: RenderableType = Text("")
         self._width = 0
         self._height = 0
+        self._wide = False
 
     def _content_width(self) -> int:
         """The width to draw at: the content region less the vertical scrollbar, whether or not it
@@ -323,22 +482,23 @@ class ContextPanel(StripView):
         width = self._content_width()
         height = self.scrollable_content_region.height or self.size.height or 24
         row = self.session.row_for(step)
+        wide = self.session.b is not None and self.app.size.width >= SIDE_BY_SIDE_COLUMNS
         if step == self.shown and row == self._shown_row and width == self._width and height == self._height \
-                and not force:
+                and wide == self._wide and not force:
             return
         self.step, self.row = step, row
-        self._width, self._height = width, height
-        self._load(step, width, height, row)
+        self._width, self._height, self._wide = width, height, wide
+        self._load(step, width, height, row, wide)
 
     def on_resize(self) -> None:
         if self.display and self.step is not None:
             self.show_step(self.step)
 
     @work(thread=True, exit_on_error=False, exclusive=True, group="context")
-    def _load(self, step: int, width: int, height: int = 40, row: int = 0) -> None:
+    def _load(self, step: int, width: int, height: int = 40, row: int = 0, wide: bool = False) -> None:
         worker = get_current_worker()
         try:
-            content = build(self.session, step, width, height, row)
+            content = build(self.session, step, width, height, row, side_by_side=wide)
         except Exception as e:  # noqa: BLE001 - the user's file (damaged probes): a message, not a traceback
             content = Text(f"cannot draw the step context: {type(e).__name__}: {e}", ERROR_STYLE)
         strips = render_strips(content, width)
