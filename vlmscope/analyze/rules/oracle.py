@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import mrope
 from .._index import TraceIndex
-from ._common import first_per_group, memo
+from ._common import first_per_group, memo, root_mask_2d
 from ._positions import first_text_position_probe, used_positions
 from .registry import rule
 from .report import ERROR, WARNING, Violation
@@ -88,7 +88,6 @@ def _per_step(ix: TraceIndex, kind: str, pick: Callable[[np.ndarray], np.ndarray
 @dataclass
 class _Probes:
     input_ids: dict[int, int]
-    mask2d: dict[int, int]
     mmtt: dict[int, int]
     cache_position: dict[int, int]
     spgt: dict[int, int]
@@ -101,7 +100,6 @@ def _probes(ix: TraceIndex) -> _Probes:
     names = ix.strings
     return _Probes(
         input_ids=_per_step(ix, "input_ids", lambda r: nd[r] == 2),
-        mask2d=_per_step(ix, "attention_mask", lambda r: nd[r] == 2),
         mmtt=_per_step(ix, "mm_token_type_ids", lambda r: nd[r] == 2),
         cache_position=_per_step(ix, "cache_position", lambda r: nd[r] == 1),
         spgt=_per_step(ix, "second_per_grid_ts"),
@@ -235,10 +233,9 @@ def _prefill(ix: TraceIndex, c: int, s0: int, steps: np.ndarray, fam: str, cfg: 
                               video_token_id=-1 if vid_id is None else vid_id)
     keep = np.ones((B, S0), bool)
     has_mask = False
-    if s0 in pr.mask2d:
-        m = ix.value(pr.mask2d[s0])
-        if m is not None and m.shape == (B, S0):
-            keep, has_mask = np.asarray(m, bool), True
+    m = root_mask_2d(ix, s0)           # the padding the mask rules read too
+    if m is not None and m.shape == (B, S0):
+        keep, has_mask = m, True
     merge = _int_or_none(cfg.get("spatial_merge_size")) or ix.merge_size
     n_img = int(((types == mrope.IMAGE) & keep).sum())
     n_vid = int(((types == mrope.VIDEO) & keep).sum())
