@@ -51,6 +51,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from vlmscope.analyze.rows import read_step
 from vlmscope.semantics import image_token_id_of, is_under, merge_size_of, video_token_id_of
 from vlmscope.trace import ROLE_OUTPUT, Trace, shape_of
 
@@ -186,25 +187,11 @@ class _Run:
         ev0 = int(row["event_start"])
         kind = [t.s(int(k)) for k in probes["kind"]]
         names = [t.s(int(n)) for n in probes["name"]]
-        root_ev = {int(r) for r in np.flatnonzero(ev["depth"] == 0) + ev0}
-        # the model's own inputs: the probes of the root call (the first top-level call)
-        ids = mask = None
-        for i, p in enumerate(probes):
-            if int(p["event"]) not in root_ev:
-                continue
-            if kind[i] == "input_ids" and ids is None:
-                ids = t.probe_value(p)
-            elif kind[i] == "attention_mask" and mask is None and int(p["ndim"]) == 2:
-                mask = t.probe_value(p)
+        # the model's own inputs: the step's token ids and token mask, read as the summary reads them
+        sv = read_step(t, probes)
+        ids, mask = sv.ids, sv.mask
         S = int(row["input_len"])
-        if ids is not None and ids.ndim == 2:
-            B = ids.shape[0]
-        elif mask is not None:
-            B = mask.shape[0]
-        else:
-            B = -1
-        if mask is not None:
-            mask = np.asarray(mask).astype(bool)
+        B = ids.shape[0] if ids is not None else mask.shape[0] if mask is not None else -1
         # vision calls: each call of the vision tower, its grid (grid_thw probe) and seq range
         calls: list[dict] = []
         if self.vision is not None:
