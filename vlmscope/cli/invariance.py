@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import click
 
-from vlmscope.cli.output import Command, Grid, Out, emit_json, fail, format_options, resolve_format
+from vlmscope.cli.output import Command, Grid, Out, emit_json, fail, format_options, resolve_format, writable_dir
 from vlmscope.errors import OutputError, UserError
 
 MANIFEST = "invariance.json"
@@ -81,12 +81,7 @@ def record_invariance(model: Any, processor: Any, rows: Any, out_dir: str | os.P
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputError(f"-o must be a folder: {out} is a file")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create the output folder {out}: {e.strerror or e}") from None
-    if not os.access(out, os.W_OK):
-        raise OutputError(f"output folder is not writable: {out}")
+    writable_dir(out, "output folder")
     check_outputs(out, len(rows), sides, force)
     names = trace_names(len(rows), sides)
     # every input is built before anything runs: a bad row fails fast, nothing half-recorded

@@ -90,6 +90,23 @@ class Command(OneLineErrors, click.Command):
 # ============================================================================ formats
 
 
+def writable_dir(d: Any, what: str = "output directory") -> None:
+    """Create folder ``d`` (and its parents) if needed and make sure it can be written, or raise
+    an ``OutputError`` naming it: "cannot create {what} D: ..." / "{what} is not writable: D"."""
+    import os
+    from pathlib import Path
+
+    from vlmscope.errors import OutputError
+
+    d = Path(d)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {what} {d}: {e.strerror or e}") from None
+    if not os.access(d, os.W_OK):
+        raise OutputError(f"{what} is not writable: {d}")
+
+
 def format_options(fn):
     """``--format auto|plain|rich|json`` and ``--json`` (the same as ``--format json``)."""
     fn = click.option("--json", "as_json", is_flag=True, help="Print JSON (the same as --format json).")(fn)

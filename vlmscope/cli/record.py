@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from vlmscope.cli.output import Command, fail, format_options, resolve_format
+from vlmscope.cli.output import Command, fail, format_options, resolve_format, writable_dir
 from vlmscope.errors import OutputError, UserError
 
 
@@ -77,13 +76,7 @@ def _check_free(path: Path, force: bool) -> None:
 
 
 def _check_writable(path: Path) -> None:
-    d = path.parent if str(path.parent) else Path(".")
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create output directory {d}: {e.strerror or e}") from None
-    if not os.access(d, os.W_OK):
-        raise OutputError(f"output directory is not writable: {d}")
+    writable_dir(path.parent if str(path.parent) else Path("."))
     if path.is_dir():
         raise OutputError(f"output path is a directory: {path}")
 
