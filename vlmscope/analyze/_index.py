@@ -20,6 +20,7 @@ import numpy as np
 from vlmscope.semantics import find_decoder_layers, is_under, layer_index, merge_size_of, text_model_of
 from vlmscope.trace import ENC_NONE, ROLE_OUTPUT, Trace, TraceError, decode_probe
 
+from .rows import call_index
 from .stream import COMPACT_FIELDS
 
 FLOAT_DTYPES = ("float64", "float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e5m2")
@@ -103,8 +104,7 @@ class TraceIndex:
         """The generate call of each step (int64 [n_steps]): a call begins at every prefill
         (``kind == 0``), so the call of step s is ``cumsum(kind == 0)[s] - 1`` (-1 for decode
         steps before the first prefill)."""
-        kind = self.col("steps", "kind") if self.n_steps else np.zeros(0, np.int64)
-        return (np.cumsum(np.asarray(kind) == 0) - 1).astype(np.int64)
+        return call_index(self.col("steps", "kind") if self.n_steps else np.zeros(0, np.int64))
 
     @cached_property
     def call_first_steps(self) -> np.ndarray:

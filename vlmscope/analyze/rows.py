@@ -38,11 +38,15 @@ KIND_NAME = {PAD: "pad", TEXT: "text", IMAGE: "image", VIDEO: "video"}
 # ----------------------------------------------------------------------------- steps and calls
 
 
+def call_index(kind: np.ndarray) -> np.ndarray:
+    """The generate call of every step from the steps' ``kind`` column: a call begins at every
+    prefill (kind 0), so step s is in call ``cumsum(kind == 0)[s] - 1`` (-1 before the first)."""
+    return (np.cumsum(np.asarray(kind) == 0) - 1).astype(np.int64)
+
+
 def calls(steps: np.ndarray) -> np.ndarray:
-    """The call of every step: ``cumsum(kind == 0) - 1`` (a step before any prefill is call 0)."""
-    if not len(steps):
-        return np.zeros(0, dtype=np.int64)
-    return np.maximum(np.cumsum(steps["kind"] == 0) - 1, 0).astype(np.int64)
+    """The call of every step (:func:`call_index`; a step before any prefill is call 0)."""
+    return np.maximum(call_index(steps["kind"]), 0) if len(steps) else np.zeros(0, dtype=np.int64)
 
 
 def prefill_of(steps: np.ndarray, step: int) -> int:
