@@ -218,15 +218,17 @@ def is_rotary_class(class_name: str) -> bool:
 # ---------------------------------------------------------------------------- image spans
 
 
+def runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """``[start, end)`` of every run of True in a 1-D array."""
+    d = np.diff(np.concatenate([[0], np.asarray(flags, dtype=np.int8), [0]]))
+    return [(int(a), int(b)) for a, b in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1))]
+
+
 def image_spans(ids: np.ndarray, image_token_id: int) -> list[list[int]]:
     """Runs of image placeholder tokens, ``[[batch_row, start, end), ...]``, row by row.
     ``ids`` is ``input_ids`` of any rank (the last axis is the sequence)."""
     rows = ids.reshape(-1, ids.shape[-1]) if ids.ndim else ids.reshape(1, 1)
-    spans: list[list[int]] = []
-    for b, row in enumerate(rows):
-        d = np.diff(np.concatenate([[0], (row == image_token_id).astype(np.int8), [0]]))
-        spans += [[b, int(s), int(e)] for s, e in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1))]
-    return spans
+    return [[b, s, e] for b, row in enumerate(rows) for s, e in runs(row == image_token_id)]
 
 
 def image_token_count(ids: np.ndarray, image_token_id: int) -> int:

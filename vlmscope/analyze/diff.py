@@ -27,6 +27,7 @@ from typing import Iterable
 
 import numpy as np
 
+from vlmscope.semantics import runs
 from vlmscope.trace import Trace, open_trace
 
 from ._index import TraceIndex
@@ -514,11 +515,7 @@ def _spans_of(ids: np.ndarray | None, tok: int | None) -> list[list[list[int]]] 
     """Per batch row, the [start, end) runs of placeholder token ``tok``."""
     if ids is None or ids.ndim != 2 or tok is None:
         return None
-    out = []
-    for row in np.asarray(ids) == tok:
-        d = np.diff(np.concatenate([[0], row.astype(np.int8), [0]]))
-        out.append([[int(a), int(e)] for a, e in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1))])
-    return out
+    return [[[a, e] for a, e in runs(row)] for row in np.asarray(ids) == tok]
 
 
 def _cmp_spans(sa, sb) -> list[tuple]:

@@ -52,7 +52,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from vlmscope.analyze.rows import read_step
-from vlmscope.semantics import image_token_id_of, is_under, merge_size_of, video_token_id_of
+from vlmscope.semantics import image_token_id_of, is_under, merge_size_of, runs, video_token_id_of
 from vlmscope.trace import ROLE_OUTPUT, Trace, shape_of
 
 #: Relative tolerance by the recorded tensor's dtype (see the module docstring).
@@ -269,8 +269,7 @@ def _int(v: Any) -> int | None:
 def _runs(row: np.ndarray, token: int | None) -> int:
     if token is None or row.size == 0:
         return 0
-    x = (row == token).astype(np.int8)
-    return int(np.count_nonzero(np.diff(np.concatenate([[0], x])) == 1))
+    return len(runs(row == token))
 
 
 # ============================================================================ slices

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmscope.semantics import is_vision_path
+from vlmscope.semantics import is_vision_path, runs
 from vlmscope.trace import Trace
 
 __all__ = ["RowSummary", "Span", "RowDetail", "StepValues", "calls", "prefill_of", "batch_size", "token_ids",
@@ -254,12 +254,6 @@ def read_step(trace: Trace, probes: np.ndarray) -> StepValues:
             sv.pos = np.asarray(v)[None] if v.ndim == 2 else np.asarray(v)
             sv.pos_module = int(p["module"])
     return sv
-
-
-def runs(flags: np.ndarray) -> list[tuple[int, int]]:
-    """``[start, end)`` of every run of True."""
-    d = np.diff(np.concatenate([[0], np.asarray(flags, dtype=np.int8), [0]]))
-    return [(int(a), int(b)) for a, b in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1))]
 
 
 def _ranges(p: np.ndarray) -> list[list[int]]:
