@@ -9,6 +9,8 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers the Blosc2 HDF5 filter; C plugins only, no torch)
 import numpy as np
 
+from .sketch import SKETCH_DTYPE
+
 FORMAT_NAME = "vlmscope-trace"
 #: Version 3: every chunk carries a Fletcher-32 checksum (a flipped bit is an error, never a
 #: value), and a recording in progress is a journal (``trace/journal.py``) until it is closed.
@@ -151,6 +153,10 @@ TABLES = {
     "reshapes": RESHAPE_DTYPE,
     "probes": PROBE_DTYPE,
 }
+
+#: Tables a trace may lack (older traces, synthetic ones): readers accept their absence.
+#: ``sketches`` indexes the float16 ``/sketch_data`` (value sketches, :mod:`.sketch`).
+OPTIONAL_TABLES = {"sketches": SKETCH_DTYPE}
 
 
 class TraceError(Exception):

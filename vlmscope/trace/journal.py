@@ -40,7 +40,7 @@ import numpy as np
 
 from .format import (
     _CACHE_BYTES, CHUNK_BYTES, COMPRESSION, FORMAT_NAME, FORMAT_VERSION, STATUS_INCOMPLETE, STATUS_RECORDING, TABLES,
-    TraceError, _first_line,
+    OPTIONAL_TABLES, TraceError, _first_line,
 )
 
 MAGIC = b"VLMSCOPE-JOURNAL"
@@ -54,9 +54,11 @@ _TYPES = {META, ROWS, PAYLOAD, ERROR, COMMIT, CLOSE}
 _MAX_NAME = 256
 _MAX_JSON = 64 << 20
 #: every dataset a ROWS record may name, with its row dtype
-ROW_DTYPES: dict[str, np.dtype] = {**TABLES, "strings": np.dtype(np.uint8), "string_ends": np.dtype(np.int64),
-                                   "probe_data": np.dtype(np.uint8)}
-_CHUNK_ROWS = {"strings": CHUNK_BYTES // 4, "string_ends": CHUNK_BYTES // 32, "probe_data": CHUNK_BYTES // 4}
+ROW_DTYPES: dict[str, np.dtype] = {**TABLES, **OPTIONAL_TABLES, "strings": np.dtype(np.uint8),
+                                   "string_ends": np.dtype(np.int64), "probe_data": np.dtype(np.uint8),
+                                   "sketch_data": np.dtype(np.float16)}
+_CHUNK_ROWS = {"strings": CHUNK_BYTES // 4, "string_ends": CHUNK_BYTES // 32, "probe_data": CHUNK_BYTES // 4,
+               "sketch_data": CHUNK_BYTES // 2}
 _PAYLOAD_KINDS = set("biuf")
 _PAYLOAD_MAX_DIMS = 32
 

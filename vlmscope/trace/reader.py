@@ -16,7 +16,7 @@ from . import notebook
 from .journal import is_journal, replay_in_memory
 from .format import (
     _CACHE_BYTES, CHUNK_BYTES, ENC_NONE, FORMAT_NAME, FORMAT_VERSION, STATUS_COMPLETE, STATUS_FAILED, STATUS_INCOMPLETE,
-    STATUS_RECORDING, TABLES, TraceError, _decode, _first_line, decode_probe, read_strings, shape_of,
+    STATUS_RECORDING, TABLES, OPTIONAL_TABLES, TraceError, _decode, _first_line, decode_probe, read_strings, shape_of,
 )
 from .validate import (
     Sizes, _q, attr_int, attr_json, attr_str, check_link, check_payload, check_rows, check_table, corrupt, loads,
@@ -252,6 +252,39 @@ class Trace:
                     check_rows(name, arr[s:e], self._sizes, self.path, base=s)
             self._cache[name] = arr
         return arr
+
+    def has_sketches(self) -> bool:
+        """Whether the trace holds value sketches (``/sketches`` and ``/sketch_data``, optional)."""
+        key = ("has", "sketches")
+        if key not in self._cache:
+            self._cache[key] = (self._has(self._f, "sketches") and self._has(self._f, "sketch_data")
+                                and self.n_rows("sketches") > 0)
+        return self._cache[key]
+
+    def sketch_table(self) -> np.ndarray:
+        """The ``/sketches`` rows (empty when the trace has none), read once, references checked."""
+        if not self.has_sketches():
+            return np.zeros(0, OPTIONAL_TABLES["sketches"])
+        return self._table("sketches")
+
+    def sketch_values(self, off: int, count: int) -> np.ndarray:
+        """``count`` float16 values of ``/sketch_data`` from element ``off`` (checked against its size)."""
+        if not self.has_sketches():
+            raise corrupt(self.path, "no /sketch_data")
+        total = self.n_rows("sketch_data")
+        if off < 0 or count < 0 or off > total or count > total - off:
+            raise corrupt(self.path, f"sketch values [{off}, +{count}) lie outside /sketch_data ({total:,} values)")
+        data = self._cache.get("sketch_data")
+        if data is not None:
+            return data[off:off + count]
+        ds = self._layout("sketch_data")[0]
+        return self._guard(lambda: ds[off:off + count])
+
+    def all_sketch_values(self) -> np.ndarray:
+        """The whole ``/sketch_data`` (float16), read once and cached."""
+        if not self.has_sketches():
+            return np.zeros(0, np.float16)
+        return self._table("sketch_data")
 
     def table(self, name: str) -> np.ndarray:
         """A whole table (``steps``, ``events``, ``tensors``, ``reshapes``, ``probes``,
@@ -539,9 +572,9 @@ class Trace:
 
 #: Bytes per block when a whole table is read and checked (see :meth:`Trace._table`).
 _CHECK_BYTES = 8 << 20
-_ROW_TABLES = ("modules", "events", "tensors", "reshapes", "probes")
-_DTYPES = {**TABLES, "strings": np.dtype(np.uint8), "string_ends": np.dtype(np.int64),
-           "probe_data": np.dtype(np.uint8)}
+_ROW_TABLES = ("modules", "events", "tensors", "reshapes", "probes", "sketches")
+_DTYPES = {**TABLES, **OPTIONAL_TABLES, "strings": np.dtype(np.uint8), "string_ends": np.dtype(np.int64),
+           "probe_data": np.dtype(np.uint8), "sketch_data": np.dtype(np.float16)}
 _STATUSES = (STATUS_RECORDING, STATUS_COMPLETE, STATUS_INCOMPLETE, STATUS_FAILED)
 #: Types of the run metadata fields the analyses and commands use (each may also be null).
 _META_TYPES: dict[str, type | tuple[type, ...]] = {

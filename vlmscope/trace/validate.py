@@ -33,6 +33,7 @@ import h5py
 import numpy as np
 
 from .format import ENC_BITS, ENC_FLOAT64, ENC_NONE, MAX_DIMS, TraceError, _first_line
+from .sketch import MAX_SKETCH_ROWS
 
 #: A table (or payload) may declare at most this many bytes per byte it stores...
 MAX_EXPANSION = 1024
@@ -247,6 +248,7 @@ STRING_FIELDS = {
     "tensors": ("name", "dtype", "device"),
     "reshapes": ("op", "in_shapes", "in_dtypes", "args", "out_dtype", "site_file", "site_func"),
     "probes": ("kind", "name", "dtype", "info"),
+    "sketches": ("dtype",),
 }
 #: Row references per table: field -> (table it points into, whether -1 means "none").
 ROW_FIELDS = {
@@ -255,6 +257,7 @@ ROW_FIELDS = {
     "tensors": {"event": ("events", False)},
     "reshapes": {"event": ("events", True), "module": ("modules", True)},
     "probes": {"event": ("events", True), "module": ("modules", True)},
+    "sketches": {"tensor": ("tensors", False)},
 }
 #: (ndim field, shape field, most dimensions) per table. Tensors and reshapes keep the first
 #: MAX_DIMS dimensions of a longer shape (and its real ndim); a probe's values have its shape
@@ -398,6 +401,21 @@ def check_rows(table: str, rows: Any, sizes: Sizes, path: Any, base: int = 0, st
     # (a tensor's ``payload`` is checked when it is read: Trace.payload names a missing one)
     if table == "probes" and "data_off" in names:
         _check_probes(rows, sizes, fail)
+    if table == "sketches" and "off" in names:
+        _check_sketches(rows, sizes, fail)
+
+
+def _check_sketches(rows: Any, sizes: Sizes, fail: Callable) -> None:
+    """A sketch's ``rows x width`` float16 values lie in ``/sketch_data`` (no product overflows)."""
+    n, w, off = rows["rows"].astype(np.int64), rows["width"].astype(np.int64), rows["off"].astype(np.int64)
+    total = sizes["sketch_data"]
+    if n.min() < 1 or n.max() > MAX_SKETCH_ROWS or w.min() < 2 or w.max() > 65:
+        bad = (n < 1) | (n > MAX_SKETCH_ROWS) | (w < 2) | (w > 65)
+        fail(bad, lambda i: f"sketch of {int(n[i])} rows x {int(w[i])} values is outside 1..{MAX_SKETCH_ROWS} x 2..65")
+    ln = n * w                               # both bounded above: no overflow
+    if off.min() < 0 or off.max() > total or (ln > total - off).any():
+        bad = (off < 0) | (off > total) | (ln > total - np.minimum(off, total))
+        fail(bad, lambda i: f"sketch values [{int(off[i])}, +{int(ln[i])}) lie outside /sketch_data ({total:,} values)")
 
 
 def _check_probes(rows: Any, sizes: Sizes, fail: Callable) -> None:

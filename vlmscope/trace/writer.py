@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 
 from . import journal as J
-from .format import _CACHE_BYTES, STATUS_COMPLETE, TABLES, _encode_strings, _first_line, _jsonable
+from .format import _CACHE_BYTES, OPTIONAL_TABLES, STATUS_COMPLETE, TABLES, _encode_strings, _first_line, _jsonable
 
 
 class TraceWriteError(OSError):
@@ -76,7 +76,8 @@ class TraceWriter:
         self._pending_strings: list[str] = []
         self.string_bytes = 0
         self.n_strings = 0
-        self.counts = {name: 0 for name in TABLES}
+        self.counts = {name: 0 for name in (*TABLES, *OPTIONAL_TABLES)}
+        self.sketch_values = 0   # float16 values in /sketch_data
         self.probe_bytes = 0
         self.n_payloads = 0
         self.payload_bytes = 0
@@ -141,7 +142,8 @@ class TraceWriter:
         """Append a block of rows; returns the index of the first one."""
         n = self.counts[table]
         if len(rows):
-            self._put(J.ROWS, table, _bytes(rows.astype(TABLES[table], copy=False)))
+            dt = TABLES[table] if table in TABLES else OPTIONAL_TABLES[table]
+            self._put(J.ROWS, table, _bytes(rows.astype(dt, copy=False)))
             self.counts[table] = n + len(rows)
         return n
 
@@ -152,6 +154,15 @@ class TraceWriter:
         if len(data):
             self._put(J.ROWS, "probe_data", _bytes(data))
             self.probe_bytes = n + len(data)
+        return n
+
+    def append_sketch_data(self, values: np.ndarray) -> int:
+        """Append float16 sketch values; returns the element offset of the first one."""
+        data = np.ascontiguousarray(values, dtype=np.float16).ravel()
+        n = self.sketch_values
+        if len(data):
+            self._put(J.ROWS, "sketch_data", _bytes(data))
+            self.sketch_values = n + len(data)
         return n
 
     def add_payload(self, array: np.ndarray, **attrs: Any) -> int:

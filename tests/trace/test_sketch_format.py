@@ -1,0 +1,70 @@
+"""Value sketches in the trace (``/sketches``, ``/sketch_data``): recorded by default, optional
+for readers, and validated before anything is allocated or read, like every other table."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+import vlmscope
+from vlmscope.trace import TraceError
+from vlmscope.trace.sketch import MAX_SKETCH_ROWS, SKETCH_WIDTH
+
+
+def test_a_recording_has_sketches_of_its_floating_tensors(qwen25_trace_path):
+    with vlmscope.open_trace(qwen25_trace_path) as t:
+        assert t.has_sketches()
+        sk = t.sketch_table()
+        tt = t.table("tensors")
+        strings = t.strings
+        dtypes = strings[tt["dtype"][sk["tensor"]]]
+        names = strings[tt["name"][sk["tensor"]]]
+        assert set(dtypes) <= {"float32", "bfloat16", "float16", "float64"}
+        assert not any("mask" in str(n) for n in names)
+        assert (sk["width"] == SKETCH_WIDTH).all() and (sk["rows"] >= 1).all()
+        # every floating output of the text model's layers is sketched
+        floating = np.isin(strings[tt["dtype"]], ["float32"]) & (tt["role"] == 2)
+        assert np.isin(np.nonzero(floating)[0], sk["tensor"]).mean() > 0.95
+        vals = t.all_sketch_values()
+        assert vals.dtype == np.float16 and len(vals) >= int((sk["off"] + sk["rows"] * sk["width"]).max())
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("off", 1 << 40, "outside /sketch_data"),
+    ("rows", MAX_SKETCH_ROWS + 1, "sketch of"),
+    ("width", 1000, "sketch of"),
+    ("tensor", 10**9, "outside /tensors"),
+    ("dtype", 10**8, "strings"),
+])
+def test_a_damaged_sketch_row_is_a_one_line_error(qwen25_trace_path, tmp_path, field, value, needle):
+    bad = tmp_path / "bad.h5"
+    shutil.copy(qwen25_trace_path, bad)
+    with h5py.File(bad, "r+") as f:
+        rows = f["sketches"][:]
+        rows[3][field] = value
+        f["sketches"][:] = rows
+    with vlmscope.open_trace(bad) as t:
+        with pytest.raises(TraceError, match=needle):
+            t.sketch_table()
+    p = subprocess.run([sys.executable, "-P", "-m", "vlmscope.cli", "diff", str(bad), str(qwen25_trace_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 3 and p.stderr.startswith("vlmscope: error:") and p.stderr.count("\n") == 1, p.stderr
+    assert needle in p.stderr
+
+
+def test_a_trace_without_sketches_reads_and_diffs(tmp_path, qwen25_trace_path):
+    """Older traces (and --no-sketches) have no sketch datasets: every reader goes on."""
+    old = tmp_path / "old.h5"
+    shutil.copy(qwen25_trace_path, old)
+    with h5py.File(old, "r+") as f:
+        del f["sketches"], f["sketch_data"]
+    with vlmscope.open_trace(old) as t:
+        assert not t.has_sketches() and len(t.sketch_table()) == 0
+    from vlmscope.analyze.diff import diff
+    rep = diff(old, qwen25_trace_path)
+    assert rep.same and rep.culprit.status == "same"
