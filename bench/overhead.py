@@ -5,7 +5,8 @@ hidden 1024, 8 decoder layers, a 4-layer vision tower, a 448x448 image (256 merg
 image tokens) and ~64 text tokens. Alternating rounds time:
 
   * untraced ``forward`` (the prefill) and ``generate`` (16 new tokens);
-  * the same under vlmscope's full default recording (modules + reshapes + probes + stats);
+  * the same under vlmscope's full default recording (modules + reshapes + probes + stats +
+    value sketches), and without the value sketches (their cost: the ratio of the two);
   * the same under transformers' ``model_addition_debugger_context`` (the reference).
 
 It prints medians and the ratios to untraced. Run:
@@ -131,12 +132,14 @@ def main() -> None:
     cases = {
         "prefill untraced": forward,
         "prefill vlmscope": under_vlmscope(forward),
+        "prefill no-sketches": under_vlmscope(forward, sketches=False),
         "prefill hf-debugger": under_hf(forward),
     }
     if not args.skip_generate:
         cases.update({
             "generate untraced": generate,
             "generate vlmscope": under_vlmscope(generate),
+            "generate no-sketches": under_vlmscope(generate, sketches=False),
             "generate hf-debugger": under_hf(generate),
         })
         if args.durability:
@@ -164,6 +167,11 @@ def main() -> None:
             h = med[f"{kind} hf-debugger"] / med[f"{kind} untraced"]
             print(f"{kind}: vlmscope {v:.2f}x untraced, hf-debugger {h:.2f}x untraced, "
                   f"vlmscope/hf-debugger {med[f'{kind} vlmscope'] / med[f'{kind} hf-debugger']:.2f}")
+            # the value sketches' own cost: the default recording against one without them,
+            # per round (the two run back to back), then the median of those ratios
+            per_round = [a / b for a, b in zip(times[f"{kind} vlmscope"], times[f"{kind} no-sketches"])]
+            print(f"{kind}: value sketches add {100 * (statistics.median(per_round) - 1):+.1f}% to recording "
+                  f"(vlmscope / no-sketches, median of per-round ratios {statistics.median(per_round):.3f})")
     if writer_time is not None and "generate vlmscope" in med:
         steps = args.new_tokens
         for name in ("generate vlmscope", "generate vlmscope+fsync"):

@@ -170,6 +170,9 @@ class InputSpec:
               help="Cap on saved tensor payload bytes; past it only stats are kept.")
 @click.option("--no-reshapes", is_flag=True, help="Do not record reshape events.")
 @click.option("--no-stats", is_flag=True, help="Do not compute tensor stats.")
+@click.option("--no-sketches", is_flag=True,
+              help="Do not record value sketches (per-token norms and projections that let diff see reordered "
+                   "or shifted values and name a culprit).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Extra keyword option for the model factory (e.g. use_cache_quantization=true).")
 @click.option("--verbose", "-v", is_flag=True, help="Print one line per recorded step (useful in logs).")
@@ -178,8 +181,8 @@ class InputSpec:
 @format_options
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def record(model_spec, images, prompts, videos, fps, batches, repeat, padding_side, out, max_new_tokens, device,
-           dtype, attn_implementation, seed, save_tensors, max_tensor_bytes, no_reshapes, no_stats, options, verbose,
-           force, fsync, fmt, as_json, debug):
+           dtype, attn_implementation, seed, save_tensors, max_tensor_bytes, no_reshapes, no_stats, no_sketches, options,
+           verbose, force, fsync, fmt, as_json, debug):
     """Run generation on a model and record every step into an HDF5 trace.
 
     Batches: repeated --prompt/--image/--video make one batched generate call; each --batch
@@ -204,7 +207,7 @@ def record(model_spec, images, prompts, videos, fps, batches, repeat, padding_si
                          repeat=repeat, padding_side=padding_side, fps=fps)
         code = _record(model_spec, spec, out, max_new_tokens, device, dtype, attn_implementation, seed,
                        save_tensors, max_tensor_bytes, no_reshapes, no_stats, opts, verbose,
-                       force=force, fsync=fsync, mode=mode)
+                       force=force, fsync=fsync, mode=mode, sketches=not no_sketches)
     except UserError as e:
         if debug:
             raise
@@ -249,7 +252,7 @@ def _install_signal_handlers() -> None:
 
 def _record(model_spec, spec: InputSpec, out, max_new_tokens, device, dtype, attn_implementation, seed,
             save_tensors, max_tensor_bytes, no_reshapes, no_stats, options, verbose=False, *,
-            force: bool = False, fsync: bool = False, mode: str = "rich") -> int:
+            force: bool = False, fsync: bool = False, mode: str = "rich", sketches: bool = True) -> int:
     """Record the generate calls into one trace, print its summary; returns the exit code."""
     from rich.console import Console
     from rich.markup import escape as rich_escape
@@ -284,7 +287,7 @@ def _record(model_spec, spec: InputSpec, out, max_new_tokens, device, dtype, att
         from vlmscope.recorder import Recorder
 
         rec = Recorder(model, out, meta=meta, save_tensors=list(save_tensors), max_tensor_bytes=max_tensor_bytes,
-                       reshapes=not no_reshapes, stats=not no_stats, on_step=on_step, overwrite=force, fsync=fsync)
+                       reshapes=not no_reshapes, stats=not no_stats, sketches=sketches, on_step=on_step, overwrite=force, fsync=fsync)
         _start(rec, model_spec, spec.name_hint(), auto_named)
         failure = _generate(rec, model, processor, prepared * spec.repeat, max_new_tokens)
     return _report(rec, failure, console, mode)

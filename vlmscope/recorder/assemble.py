@@ -17,7 +17,8 @@ import numpy as np
 
 from vlmscope import trace as T
 from vlmscope.recorder.buffer import ProbeRow, StepBuffer, columns
-from vlmscope.recorder.stats import copy_to_host, float_at, stats_from_blob
+from vlmscope.trace.sketch import digests
+from vlmscope.recorder.stats import StepSketches, copy_to_host, float_at, sketches_from_blob, stats_from_blob
 from vlmscope.recorder.structure import ModelInfo
 from vlmscope.semantics import image_spans, image_token_count, is_under, segments
 
@@ -43,7 +44,8 @@ def write_step(w: T.TraceWriter, st: StepBuffer, model: ModelInfo,
     base = Bases(w.counts["events"], w.counts["tensors"], w.counts["reshapes"], w.counts["probes"])
     payload_ids = write_payloads(w, st, blob)
     events = events_table(st, base)
-    tensors = tensors_table(st, blob, base, payload_ids)
+    sk = sketches_from_blob(blob, st.sketch_slots) if st.sketch_slots else None
+    tensors = tensors_table(st, blob, base, payload_ids, sk)
     reshapes = reshapes_table(st, base)
     probes, pos_rows = ProbeAssembly(w, st, blob, model).table(base)
     st.kind = kind_of(st) if kind_of is not None else (T.KIND_PREFILL if st.index == 0 else T.KIND_DECODE)
@@ -51,6 +53,8 @@ def write_step(w: T.TraceWriter, st: StepBuffer, model: ModelInfo,
     w.append("tensors", tensors)
     w.append("reshapes", reshapes)
     w.append("probes", probes)
+    if sk is not None:
+        w.append("sketches", sketches_block(w, st, sk, base))
     w.append("steps", step_row(st, base, pos_rows))
     w.end_step()
     return len(events)
@@ -89,12 +93,14 @@ def events_table(st: StepBuffer, base: Bases) -> np.ndarray:
     return ev
 
 
-def tensors_table(st: StepBuffer, blob: np.ndarray, base: Bases, payload_ids: list[int]) -> np.ndarray:
+def tensors_table(st: StepBuffer, blob: np.ndarray, base: Bases, payload_ids: list[int],
+                  sk: StepSketches | None = None) -> np.ndarray:
     tt = np.zeros(len(st.tensors), T.TENSOR_DTYPE)
     if not st.tensors:
         return tt
-    event, role, name, ndim, shape, dtype, device, numel, slots, payload = columns(
-        st.tensors, "event", "role", "name", "ndim", "shape", "dtype", "device", "numel", "stats", "payload")
+    event, role, name, ndim, shape, dtype, device, numel, slots, payload, sketch = columns(
+        st.tensors, "event", "role", "name", "ndim", "shape", "dtype", "device", "numel", "stats", "payload",
+        "sketch")
     tt["step"] = st.index
     tt["event"] = np.asarray(event, dtype=np.int64) + base.events
     tt["role"] = role
@@ -104,7 +110,7 @@ def tensors_table(st: StepBuffer, blob: np.ndarray, base: Bases, payload_ids: li
     tt["dtype"] = dtype
     tt["device"] = device
     tt["numel"] = numel
-    stats = stats_from_blob(blob, slots)
+    stats = stats_from_blob(blob, slots, np.asarray(sketch, dtype=np.int64), sk)
     mn, mx, total, norm, nan, inf = stats.T
     n = np.maximum(np.asarray(numel, dtype=np.float64), 1)
     mean = total / n
@@ -116,6 +122,27 @@ def tensors_table(st: StepBuffer, blob: np.ndarray, base: Bases, payload_ids: li
     tt["inf"] = np.nan_to_num(inf, nan=0).astype(np.int64)
     tt["payload"] = [payload_ids[p] if p >= 0 else -1 for p in payload]
     return tt
+
+
+def sketches_block(w: T.TraceWriter, st: StepBuffer, sk: StepSketches, base: "Bases") -> np.ndarray:
+    """Write the step's encoded sketches into ``/sketch_data`` and return their ``/sketches`` rows
+    (a tensor seen by several calls shares its sketch's values)."""
+    scales, data, n = sk.scales, sk.data, sk.counts
+    first = w.append_sketch_data(data)
+    width = data.shape[1]
+    slot_off = first + (np.cumsum(n) - n) * width
+    pairs = [(i, r.sketch) for i, r in enumerate(st.tensors) if r.sketch >= 0]
+    rows = np.zeros(len(pairs), T.OPTIONAL_TABLES["sketches"])
+    if pairs:
+        ti, si = np.asarray(pairs, dtype=np.int64).T
+        rows["tensor"] = ti + base.tensors
+        rows["rows"] = n[si]
+        rows["width"] = width
+        rows["scale"] = scales[si]
+        rows["dtype"] = [st.tensors[i].dtype for i in ti]
+        rows["digest"] = digests(data, n)[si]
+        rows["off"] = slot_off[si]
+    return rows
 
 
 def reshapes_table(st: StepBuffer, base: Bases) -> np.ndarray:

@@ -17,8 +17,9 @@ import numpy as np
 
 
 #: Where a tensor's stats wait in the step's device blob: ``(byte offset, width)``, the width
-#: being 4 float64 values (min, max, sum, L2 norm) or 6 (and the NaN and Inf counts); the
-#: offset is -1 when no stats were queued. A plain pair, unpacked where it is read: one is
+#: being 4 float64 values (min, max, sum, L2 norm) or 6 (and the NaN and Inf counts), or, for a
+#: sketched tensor whose sum and norm come from its sketch, -2 (min, max) or -4 (min, max, NaN
+#: and Inf counts); the offset is -1 when no stats were queued. A plain pair, unpacked where it is read: one is
 #: built per tensor on the hot path, where a NamedTuple costs several times more.
 StatSlot = tuple[int, int]
 NO_STATS: StatSlot = (-1, 0)
@@ -75,6 +76,7 @@ class TensorRow:
     numel: int
     stats: StatSlot  # (byte offset, width) in the device blob
     payload: int     # step-local payload request index, -1 when not saved
+    sketch: int = -1  # index in the step's ``sketch_slots``, -1 when not sketched
 
 
 @dataclass(slots=True)
@@ -148,6 +150,10 @@ class StepBuffer:
     # the identity cache: (id, version) -> (weak reference to the tensor, its StatSlot)
     stat_dedupe: dict[tuple, tuple[weakref.ref, StatSlot]] = field(default_factory=dict)
     probe_cache: dict[tuple, QueuedValues] = field(default_factory=dict)
+    # value sketches: (byte offset in the blob, tokens, values per token) of each queued sketch,
+    # and the identity cache (id, version) -> (weak reference, index in sketch_slots)
+    sketch_slots: list[tuple[int, int, int]] = field(default_factory=list)
+    sketch_dedupe: dict[tuple, tuple[weakref.ref, int]] = field(default_factory=dict)
     nth: dict[int, int] = field(default_factory=dict)              # module id -> calls so far
     op_nth: dict[tuple[int, int], int] = field(default_factory=dict)  # (event, op) -> calls so far
     seq: int = 0             # execution-order counter shared by events, reshapes and probes

@@ -24,7 +24,7 @@ from vlmscope.recorder.assemble import write_step
 from vlmscope.recorder.buffer import NO_STATS, EventRow, StepBuffer, TensorRow
 from vlmscope.recorder.probes import CACHE_ARG_NAMES, FLOAT_PROBE_NAMES, MASK_NAMES, Probes, is_cache_object
 from vlmscope.recorder.reshapes import ReshapeCapture
-from vlmscope.recorder.stats import PayloadBudget, dtype_name, queue_stats
+from vlmscope.recorder.stats import PayloadBudget, dtype_name, queue_sketch, queue_stats, queue_stats_sketch
 from vlmscope.recorder.structure import analyse, config_json, module_rows, run_meta
 
 DEFAULT_MAX_TENSOR_BYTES = 256 * 1024 * 1024
@@ -67,6 +67,7 @@ class Recorder:
         max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
         reshapes: bool = True,
         stats: bool = True,
+        sketches: bool = True,
         on_step: Callable[[int, "Recorder"], None] | None = None,
         image_token_id: int | None = None,
         overwrite: bool = True,
@@ -81,6 +82,7 @@ class Recorder:
         self.max_tensor_bytes = int(max_tensor_bytes)
         self.record_reshapes = reshapes
         self.record_stats = stats
+        self.record_sketches = sketches
         self.on_step = on_step
         self.overwrite = overwrite
         self.fsync = fsync
@@ -431,7 +433,15 @@ class Recorder:
 
     def _tensor(self, st: StepBuffer, ev: int, role: int, name: str, t: Tensor, mod_id: int) -> None:
         w = self._writer
-        slot = queue_stats(st, t) if self.record_stats else NO_STATS
+        # value sketches of floating tensors, masks excepted (rows of -inf say nothing per token);
+        # with them, the stats of a float tensor come mostly from the sketch's own matmul
+        if self.record_sketches and t.is_floating_point() and name.partition("[")[0] not in MASK_NAMES:
+            if self.record_stats:
+                slot, sketch = queue_stats_sketch(st, t)
+            else:
+                slot, sketch = NO_STATS, queue_sketch(st, t)
+        else:
+            slot, sketch = (queue_stats(st, t) if self.record_stats else NO_STATS), -1
         payload = -1
         if role == T.ROLE_OUTPUT and mod_id in self.model_info.save_ids:
             payload = self._payloads.request(st, t, self._paths[mod_id], name)
@@ -445,7 +455,7 @@ class Recorder:
             device_id = self._device_ids[t.device] = w.intern(str(t.device))
         # TensorRow(event, role, name, ndim, shape, dtype, device, numel, stats, payload)
         st.events[ev].pending.append(TensorRow(ev, role, name_id, t.dim(), tuple(t.shape), dtype_id, device_id,
-                                               t.numel(), slot, payload))
+                                               t.numel(), slot, payload, sketch))
 
     # ------------------------------------------------------------------ steps
     def _begin_step(self) -> None:

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import math
 import weakref
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from vlmscope.recorder.buffer import NO_STATS, PayloadRequest, StatSlot, StepBuffer
+from vlmscope.trace.sketch import MAX_SKETCH_ROWS, sketch_dim
+from vlmscope.trace.sketch import encode as encode_sketches
+from vlmscope.trace.sketch import projection_signs
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {}
 
@@ -92,6 +96,130 @@ def queue_stats(st: StepBuffer, t: Tensor) -> StatSlot:
     return slot
 
 
+_PROJ: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _projection(d: int, device: torch.device) -> Tensor:
+    """The sketch directions for hidden size ``d`` (:func:`vlmscope.trace.sketch.projection`) on
+    ``device``, plus a column of ones (each token's sum, for the tensor's sum: the statistics of a
+    sketched tensor need no pass of their own); copied there once per (size, device)."""
+    p = _PROJ.get((d, device))
+    if p is None:
+        # built on the device (integer ops, no host-to-device copy: nothing to synchronise);
+        # stored [K + 1, D] and used transposed: a matmul against a narrow [D, K] operand runs at
+        # half the speed on CPU BLAS (each output is then a dot product over contiguous memory)
+        with torch.device(device):
+            signs = projection_signs(d, xp=torch).to(torch.float32) * (1.0 / math.sqrt(d))
+            p = torch.cat((signs.t(), torch.ones((1, d), dtype=torch.float32))).contiguous()
+        _PROJ[(d, device)] = p
+    return p.t()
+
+
+#: dtypes whose statistics can come from the sketch's matmul (float32 accumulation, as before)
+_FUSED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def queue_stats_sketch(st: StepBuffer, t: Tensor) -> tuple[StatSlot, int]:
+    """The statistics and the value sketch of ``t`` together: ``(stat slot, sketch slot)``.
+
+    For a float32/16/bfloat16 tensor the sketch's matmul also yields each token's sum, and its
+    per-token norms the tensor's norm, so the statistics need only ``aminmax`` on the device
+    (their sum and norm are added up on the host, in float64, from the sketch's columns): the
+    stat slot then has a negative width (-2: min, max; -4: and the NaN/Inf counts). Anything else
+    gets the two separately."""
+    key = (id(t), version_of(t))
+    hit = st.stat_dedupe.get(key)
+    if hit is not None:
+        ref, slot = hit
+        if ref() is t:
+            return slot, queue_sketch(st, t)
+    if t.dtype not in _FUSED or t.dim() == 0 or t.layout != torch.strided or t.is_meta or t.numel() == 0:
+        return queue_stats(st, t), queue_sketch(st, t)
+    d = sketch_dim(t.shape)
+    if t.numel() // d > MAX_SKETCH_ROWS:
+        return queue_stats(st, t), -1
+    x = t.detach()
+    mn, mx = torch.aminmax(x)
+    counts = x.device.type != "cpu" or not (math.isfinite(mn) and math.isfinite(mx))
+    if counts:
+        vec = torch.stack([p.to(torch.float64) for p in (mn, mx, torch.isnan(x).sum(), torch.isinf(x).sum())])
+    else:
+        vec = torch.stack([mn, mx]).to(torch.float64)
+    slot = (st.device_bytes, -vec.shape[0])
+    st.device_chunks.append(vec.view(torch.uint8))
+    st.device_bytes += 8 * vec.shape[0]
+    try:
+        st.stat_dedupe[key] = (weakref.ref(t), slot)
+    except TypeError:
+        pass
+    return slot, queue_sketch(st, t)
+
+
+def queue_sketch(st: StepBuffer, t: Tensor) -> int:
+    """Queue the value sketch of a floating tensor ``[..., D]`` on its device: per token (row of
+    the last dimension) its L2 norm and its projection on the fixed directions for ``D``
+    (float32, ``[N, 2 + K]``: the norm, the K projections and the token's sum; encoded to float16
+    on the host when the step is written, see :mod:`vlmscope.trace.sketch`). Returns the index of its slot, or -1 (not floating, no tokens,
+    more than ``MAX_SKETCH_ROWS`` tokens). Two ops (a norm and a matmul) and a concatenation; a
+    tensor passed on from module to module is sketched once per step."""
+    key = (id(t), version_of(t))
+    hit = st.sketch_dedupe.get(key)
+    if hit is not None:
+        ref, slot = hit
+        if ref() is t:
+            return slot
+    if not t.is_floating_point() or t.dim() == 0 or t.layout != torch.strided or t.is_meta:
+        return -1
+    d = sketch_dim(t.shape)
+    numel = t.numel()
+    if d == 0 or numel == 0 or numel // d > MAX_SKETCH_ROWS:
+        return -1
+    n = numel // d
+    x = t.detach().reshape(n, d)
+    if x.dtype != torch.float32:
+        x = x.float()
+    vals = torch.cat((torch.linalg.vector_norm(x, dim=1).unsqueeze(1), torch.mm(x, _projection(d, x.device))), 1)
+    width = vals.shape[1]
+    off = st.device_bytes
+    st.device_chunks.append(vals.view(-1).view(torch.uint8))
+    nbytes = 4 * n * width
+    if nbytes % 8:
+        st.device_chunks.append(torch.zeros(4, dtype=torch.uint8, device=x.device))
+        nbytes += 4
+    st.device_bytes += nbytes
+    slot = len(st.sketch_slots)
+    st.sketch_slots.append((off, n, width))
+    try:
+        st.sketch_dedupe[key] = (weakref.ref(t), slot)
+    except TypeError:
+        pass
+    return slot
+
+
+class StepSketches(NamedTuple):
+    scales: np.ndarray    # [S] float32, per slot
+    data: np.ndarray      # [T, 1 + K] float16, the slots' tokens back to back
+    counts: np.ndarray    # [S] tokens per slot
+    sums: np.ndarray      # [S] float64: the tensor's sum (from its tokens' sums)
+    norms: np.ndarray     # [S] float64: the tensor's L2 norm (from its tokens' norms)
+
+
+def sketches_from_blob(blob: np.ndarray, slots: list[tuple[int, int, int]]) -> StepSketches:
+    """Decode and encode the step's queued sketches, vectorised over the whole step."""
+    off, n, width = np.asarray(slots, dtype=np.int64).reshape(-1, 3).T
+    w = int(width[0])
+    f32 = blob[: len(blob) - len(blob) % 4].view(np.float32)
+    total = int(n.sum())
+    starts = np.repeat(off // 4, n) + (np.arange(total) - np.repeat(np.cumsum(n) - n, n)) * w
+    vals = f32[starts[:, None] + np.arange(w)[None, :]]
+    first = np.cumsum(n) - n
+    with np.errstate(over="ignore", invalid="ignore"):
+        sums = np.add.reduceat(vals[:, -1].astype(np.float64), first)
+        norms = np.sqrt(np.add.reduceat(np.square(vals[:, 0].astype(np.float64)), first))
+    scales, data = encode_sketches(vals[:, 0], vals[:, 1:-1], n)
+    return StepSketches(scales, data, n, sums, norms)
+
+
 def queue_bytes(st: StepBuffer, t: Tensor) -> tuple[int, int]:
     """Queue a device tensor's bytes for the end-of-step copy; returns (byte offset, length)."""
     t = t.contiguous().reshape(-1)
@@ -148,17 +276,25 @@ def copy_to_host(st: StepBuffer) -> np.ndarray:
     return torch.cat(st.device_chunks).cpu().numpy()
 
 
-def stats_from_blob(blob: np.ndarray, slots: list[StatSlot] | tuple[StatSlot, ...]) -> np.ndarray:
-    """Rows of [min, max, sum, norm, nan, inf] (nan/inf 0 where they were not counted)."""
+def stats_from_blob(blob: np.ndarray, slots: list[StatSlot] | tuple[StatSlot, ...],
+                    sketch_of_row: np.ndarray | None = None, sk: "StepSketches | None" = None) -> np.ndarray:
+    """Rows of [min, max, sum, norm, nan, inf] (nan/inf 0 where they were not counted). Slots of
+    negative width (:func:`queue_stats_sketch`) take their sum and norm from the row's sketch
+    (``sketch_of_row``: each row's sketch slot, ``sk``: the step's decoded sketches)."""
     off, width = np.asarray(list(slots), dtype=np.int64).reshape(-1, 2).T  # StatSlot pairs
     out = np.full((len(off), 6), np.nan)
     out[:, 4:] = 0.0
     f64 = blob[: len(blob) - len(blob) % 8].view(np.float64) if len(blob) >= 8 else np.zeros(0)
-    for w in (4, 6):
+    for w, cols in ((4, (0, 1, 2, 3)), (6, (0, 1, 2, 3, 4, 5)), (-2, (0, 1)), (-4, (0, 1, 4, 5))):
         ok = (off >= 0) & (width == w)
         if ok.any():
-            idx = (off[ok] // 8)[:, None] + np.arange(w)[None, :]
-            out[np.flatnonzero(ok)[:, None], np.arange(w)[None, :]] = f64[idx]
+            idx = (off[ok] // 8)[:, None] + np.arange(len(cols))[None, :]
+            out[np.flatnonzero(ok)[:, None], np.asarray(cols)[None, :]] = f64[idx]
+            if w < 0 and sk is not None and sketch_of_row is not None:
+                rows = np.flatnonzero(ok)
+                slot = sketch_of_row[rows]
+                out[rows, 2] = sk.sums[slot]
+                out[rows, 3] = sk.norms[slot]
     return out
 
 
