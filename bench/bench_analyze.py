@@ -1,11 +1,12 @@
 """Benchmark ``check`` and ``diff`` on large synthetic traces (1M module calls each).
 
-    PYTHONPATH=. python bench/bench_analyze.py [--events 1000000] [--runs 5] [--dir /tmp/vlmscope-bench]
+    PYTHONPATH=. python bench/bench_analyze.py [--events 1000000] [--runs 5] [--dir /tmp/vlmscope-bench] [--no-sketches]
 
 Writes three traces with :func:`vlmscope.testing.make_trace` (cached in ``--dir``): A clean;
 B with a numeric drift injected half-way (``layers.10.mlp.down_proj`` from the middle step
 on) and a shape change in one decode step; C, whose cache grows twice in one layer at step 1
 (every later shape shifts, so the traces stop lining up row for row: diff's slower path).
+The traces carry value sketches unless ``--no-sketches`` (then other files, without them).
 Each timed run is a fresh Python process that opens the traces (cold reader caches and heap,
 warm OS page cache) and times ``open + check`` or ``open + diff`` in-process; check and diff
 runs alternate. It prints the median of ``--runs`` runs, and the median wall time of the CLI
@@ -39,10 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 N_LAYERS = 28
 
 
-def traces(n_events: int, folder: Path) -> tuple[Path, Path, Path, int]:
+def traces(n_events: int, folder: Path, sketches: bool = True) -> tuple[Path, Path, Path, int]:
     """A clean; B drifts from the middle step on and has a shape change three steps later;
     C appends one layer's cache twice in step 1, so every later step's shapes shift (the
-    traces stop lining up row for row early: diff's slower path)."""
+    traces stop lining up row for row early: diff's slower path). With value sketches (the
+    default) or without (``sketches=False``: other files, ``*_nosk.h5``)."""
     folder.mkdir(parents=True, exist_ok=True)
     per_step = 13 * N_LAYERS + 7            # decode module calls per step (see vlmscope.testing)
     mid = max(1, n_events // per_step // 2)
@@ -50,8 +52,8 @@ def traces(n_events: int, folder: Path) -> tuple[Path, Path, Path, int]:
     out = []
     for name, faults in specs.items():
         t0 = time.perf_counter()
-        p, written = cached_trace(folder / f"bench_{name}_{n_events}.h5", n_events, n_layers=N_LAYERS,
-                                  faults=faults)
+        p, written = cached_trace(folder / f"bench_{name}_{n_events}{'' if sketches else '_nosk'}.h5", n_events,
+                                  n_layers=N_LAYERS, faults=faults, sketches=sketches)
         if written:
             print(f"wrote {p} in {time.perf_counter() - t0:.1f}s")
         out.append(p)
@@ -126,15 +128,19 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/vlmscope-bench"))
     ap.add_argument("--phases", action="store_true", help="also break diff's time into read / align / report")
     ap.add_argument("--v1", action="store_true", help="also run on format-1 copies, side by side")
+    ap.add_argument("--no-sketches", action="store_true",
+                    help="use traces written without value sketches (as before sketches existed)")
     ap.add_argument("--child", nargs=3, metavar=("WHAT", "A", "B"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child[0], Path(args.child[1]), Path(args.child[2]))
         return
-    a, b, c, mid = traces(args.events, args.dir)
+    a, b, c, mid = traces(args.events, args.dir, sketches=not args.no_sketches)
     with open_trace(a) as t:
         n = {k: t.n_rows(k) for k in ("events", "tensors", "reshapes", "probes")}
+        n["sketches"] = len(t.sketch_table())
         print(f"trace A: {t.n_steps} steps, " + ", ".join(f"{v:,} {k}" for k, v in n.items())
+              + f" ({t.n_rows('sketch_data') if n['sketches'] else 0:,} sketch values)"
               + f", {a.stat().st_size / 1e6:.0f} MB")
     sets = {"format 2": (a, b)}
     if args.v1:

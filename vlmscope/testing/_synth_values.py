@@ -52,7 +52,7 @@ def downstream(tags: np.ndarray, layer: int, n_layers: int, include_end: bool, w
     if whole:
         # later steps: every hidden state of every layer is affected (through the cache)
         hit |= np.char.startswith(tags.astype(str), "h") | np.char.startswith(tags.astype(str), "d")
-    want = {f"d{layer}"} | {f"h{i}" for i in range(layer + 1, n_layers)} | {f"d{i}" for i in range(layer + 1, n_layers)}
+    want = {f"d{layer}"} | {f"{t}{i}" for i in range(layer + 1, n_layers) for t in ("h", "ha", "d")}
     if include_end:
         want.add("end")
     hit |= np.isin(tags, list(want))

@@ -97,8 +97,13 @@ DEMO_LAYOUT = Layout(return_takes_seq=True, tensors_on_return=False, intern_as_s
 
 
 def _tensor(role: int, spec: tuple) -> tuple:
-    """(role, name, shape, dtype, tag) from a (name, shape, dtype[, tag]) spec."""
-    return (role, spec[0], tuple(spec[1]), spec[2], spec[3] if len(spec) > 3 else "")
+    """(role, name, shape, dtype, tag, same) from a (name, shape, dtype[, tag[, same]]) spec.
+
+    ``same`` names the logical tensor within the step: rows with the same ``same`` (and shape and
+    dtype) are one tensor object seen by several calls (an output passed on as the next module's
+    input), so they share one value sketch. None: a tensor of its own."""
+    return (role, spec[0], tuple(spec[1]), spec[2], spec[3] if len(spec) > 3 else "",
+            spec[4] if len(spec) > 4 else None)
 
 
 class Emitter:
@@ -152,7 +157,7 @@ class Emitter:
         self.exit(outputs)
 
     def leaf(self, path: str, inp: tuple, out: tuple, in_name: str = "input") -> None:
-        """A call without children: one positional input ``(shape, dtype[, tag])``, one output."""
+        """A call without children: one positional input ``(shape, dtype[, tag[, same]])``, one output."""
         self.call(path, [(in_name, *inp)], [("out", *out)])
 
     def reshape(self, op: str, ins, out, *, args: str, in_dtypes: str, out_dtype: str,
@@ -235,15 +240,16 @@ def build_tables(em: Emitter, S: Strings) -> dict[str, Any]:
     """One step's rows, with row references local to the step (see :func:`place`).
 
     Returns the four tables, ``tensor_specs`` ((module, role, name, shape, dtype) of each tensor
-    row), ``tensor_tags`` (the emitter's tensor tags, for faults) and ``probe_data`` (each
-    probe's ``data``, for :func:`attach_probe_data`).
+    row), ``tensor_tags`` (the emitter's tensor tags, for faults), ``probe_data`` (each
+    probe's ``data``, for :func:`attach_probe_data`) and ``sketch_src`` (see :func:`sketch_sources`).
     """
     order = em.returned if em.layout.tensors_on_return else list(range(len(em.calls)))
     for text, maybe_template in _step_strings(em, order):   # ids first, in the layout's order
         (S.tpl if maybe_template else S)(text)
-    starts, trows, specs = [0] * len(em.calls), [], []
+    starts, trows, specs, all_t = [0] * len(em.calls), [], [], []
     for ev in order:
         starts[ev] = len(trows)
+        all_t += em.call_tensors[ev]
         trows += [(ev, t[0], S(t[1]), len(t[2]), pad_shape(t[2]), S(t[3]), S(DEVICE), t[4])
                   for t in em.call_tensors[ev]]
         specs += [(em.calls[ev][2], *t[:4]) for t in em.call_tensors[ev]]
@@ -267,7 +273,20 @@ def build_tables(em: Emitter, S: Strings) -> dict[str, Any]:
     return {"events": events, "tensors": tensors, "reshapes": reshapes, "probes": probes,
             "tensor_specs": specs,
             "tensor_tags": np.array([r[7] for r in trows], dtype=str) if trows else np.zeros(0, str),
-            "probe_data": [p[8] for p in em.probes]}
+            "probe_data": [p[8] for p in em.probes], "sketch_src": sketch_sources(all_t)}
+
+
+def sketch_sources(tensors: list[tuple]) -> np.ndarray:
+    """Per tensor row (emitter tuples, in row order): the row whose value sketch it shares (the
+    first row of its logical tensor, itself when alone), or -1 when it gets none (not floating,
+    a mask, a 0-d tensor). Rows share when their ``same`` names, shapes and dtypes agree."""
+    src = np.full(len(tensors), -1, np.int64)
+    first: dict[tuple, int] = {}
+    for i, t in enumerate(tensors):
+        if "float" not in t[3] or "mask" in t[1] or not t[2]:
+            continue
+        src[i] = first.setdefault((t[5], t[2], t[3]) if t[5] is not None else (i,), i)
+    return src
 
 
 def place(tables: dict[str, Any], step: int, e0: int, t0: int) -> dict[str, np.ndarray]:
@@ -362,18 +381,22 @@ class TableSink:
 
     def __init__(self, w: TraceWriter, every: int = 256):
         self.w, self.every = w, every
-        self.counts = {k: 0 for k in (*_BLOCKS, "steps")}
+        self.counts = {k: 0 for k in (*_BLOCKS, "steps", "sketches")}
         self.data_bytes = 0
+        self.sketch_values = 0      # float16 values in /sketch_data, pending ones included
         self._pending: dict[str, list[np.ndarray]] = {k: [] for k in self.counts}
         self._data: list[np.ndarray] = []
+        self._sketch_data: list[np.ndarray] = []
 
     def probe_data(self) -> ProbeData:
         """The next step's probe-data block."""
         return ProbeData(self.data_bytes)
 
-    def add(self, tables: dict[str, np.ndarray], data: ProbeData, **step: Any) -> None:
-        """Queue a step: its placed tables, its probe data, and its ``/steps`` row fields
-        (the ``*_start`` / ``*_count`` fields are filled here)."""
+    def add(self, tables: dict[str, np.ndarray], data: ProbeData, sketches: tuple | None = None,
+            **step: Any) -> None:
+        """Queue a step: its placed tables, its probe data, its value sketches (``/sketches``
+        rows at their global offsets and their ``[T, width]`` float16 values, or None), and its
+        ``/steps`` row fields (the ``*_start`` / ``*_count`` fields are filled here)."""
         st = np.zeros(1, STEP_DTYPE)
         for k, v in step.items():
             st[0][k] = v
@@ -382,6 +405,11 @@ class TableSink:
         for k, a in (*((k, tables[k]) for k in _BLOCKS), ("steps", st)):
             self._pending[k].append(a)
             self.counts[k] += len(a)
+        if sketches is not None and len(sketches[0]):
+            self._pending["sketches"].append(sketches[0])
+            self.counts["sketches"] += len(sketches[0])
+            self._sketch_data.append(sketches[1])
+            self.sketch_values += sketches[1].size
         self._data += data.chunks
         self.data_bytes += data.size
         if self.counts["steps"] % self.every == 0:
@@ -395,6 +423,9 @@ class TableSink:
         if self._data:
             self.w.append_probe_data(np.concatenate(self._data))
             self._data.clear()
+        if self._sketch_data:
+            self.w.append_sketch_data(np.concatenate([d.ravel() for d in self._sketch_data]))
+            self._sketch_data.clear()
         self.w.end_step()
 
 

@@ -48,6 +48,7 @@ import numpy as np
 
 from vlmscope.testing._modules import module_table
 from vlmscope.testing._qwen2_vl import emit_step
+from vlmscope.testing._sketches import step_sketches
 from vlmscope.testing._synth_values import infos, probe_values, tensor_stats, value_faults
 from vlmscope.testing._writer import (
     SENT_C, SENT_K, SENT_KM, SYNTH_LAYOUT, Emitter, Strings, TableSink, attach_probe_data, build_tables,
@@ -61,13 +62,14 @@ IMAGE_TOKEN_ID = 151655
 
 
 def cached_trace(path, *args: Any, **kwargs: Any) -> tuple[Path, bool]:
-    """``make_trace(path, ...)`` unless ``path`` already holds a trace of the current format
-    (benchmarks cache their big traces across runs). Returns (path, written)."""
+    """``make_trace(path, ...)`` unless ``path`` already holds a trace of the current format,
+    with value sketches or without as ``sketches=`` asks (benchmarks cache their big traces
+    across runs). Returns (path, written)."""
     path = Path(path)
     if path.exists():
         try:
             with open_trace(path) as t:
-                if t.format_version == FORMAT_VERSION:
+                if t.format_version == FORMAT_VERSION and t.has_sketches() == bool(kwargs.get("sketches", True)):
                     return path, False
         except Exception:  # noqa: BLE001 - unreadable: write it again
             pass
@@ -80,13 +82,16 @@ def make_trace(path, n_events: int = 1_000_000, *, n_steps: int | None = None, n
                merge: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2, intermediate: int = 256,
                vocab: int = 1024, dtype: str = "bfloat16", rope: str = "mrope", family: str | None = None,
                seed: int = 0, faults: dict | None = None, payloads: bool = False,
-               status: str = "complete") -> Path:
+               status: str = "complete", sketches: bool = True) -> Path:
     """Write a synthetic trace to ``path`` and return it.
 
     ``n_events`` module calls are written (whole steps: the count is reached or passed by less
     than one step), unless ``n_steps`` is given. ``rope`` is ``"mrope"`` (Qwen2-VL-style
     ``[4,B,S]`` positions reaching the text model) or ``"1d"``. See the module docstring for
-    ``faults``. With ``payloads=True`` the ``lm_head`` logits are saved as payloads.
+    ``faults``. With ``payloads=True`` the ``lm_head`` logits are saved as payloads. With
+    ``sketches=True`` (the default) every floating tensor row but masks gets a value sketch
+    (made-up values: :mod:`vlmscope.testing._sketches`); ``False`` writes the trace without
+    ``/sketches`` and ``/sketch_data``, as before sketches existed.
     """
     faults = dict(faults or {})
     if family is None:
@@ -104,7 +109,7 @@ def make_trace(path, n_events: int = 1_000_000, *, n_steps: int | None = None, n
         rope_delta=int(img_start + max(gh // merge, gw // merge) - (img_start + n_img))
         if rope == "mrope" and not faults.get("fallback_1d") else 0)
     w = TraceWriter(Path(path), meta=_meta(c, family, seed), config_json=json.dumps(_config(c, family)))
-    run = _Run(w, c, faults, seed, payloads)
+    run = _Run(w, c, faults, seed, payloads, sketches)
     step = 0
     while step < n_steps if n_steps is not None else run.n_events < n_events:
         run.write_step(step)
@@ -136,8 +141,9 @@ def _config(c: Any, family: str) -> dict:
 class _Run:
     """The state of one ``make_trace``: the writer's helpers, the decode template, the cache."""
 
-    def __init__(self, w: TraceWriter, c: Any, faults: dict, seed: int, payloads: bool):
+    def __init__(self, w: TraceWriter, c: Any, faults: dict, seed: int, payloads: bool, sketches: bool = True):
         self.w, self.c, self.faults, self.seed, self.payloads = w, c, faults, seed, payloads
+        self.sketches = sketches
         self.S = Strings(w, templates=True)
         self.mods = write_modules(w, module_table("qwen2_vl", c.n_layers, c.n_vision))
         self.sink = TableSink(w)
@@ -175,8 +181,13 @@ class _Run:
         for shapes in (te["shape"], rs["in_shape"], rs["out_shape"]):
             sub_sentinels(shapes, K, C, KM)
         fill_numel(te)
-        tensor_stats(te, self.module_scale[ev["module"][te["event"] - e0]], rng, [S("int64"), S("int32")])
+        tmod = ev["module"][te["event"] - e0]
+        tensor_stats(te, self.module_scale[tmod], rng, [S("int64"), S("int32")])
         value_faults(te, tpl["tensor_tags"], self.faults, step, c.n_layers)
+        # sketches follow the stats (seeded by them): a fault changes the sketches of exactly the
+        # rows whose stats or shapes it changes, as values and their statistics move together
+        sk = step_sketches(te, tpl["sketch_src"], tmod, step, self.seed, t0, sink.sketch_values,
+                           None) if self.sketches else None
         values, pos = probe_values(c, self.faults, step, q, C, KM, self.cache_len, rng)
         self.cache_len = values["cache_after"]
         S.resolve(infos(c, self.faults, step, values, pos, B=c.batch, q=q, K=K, C=C, KM=KM),
@@ -191,7 +202,7 @@ class _Run:
         rp = pos["rope"]
         ranges = list(zip(rp.reshape(3, -1).min(1), rp.reshape(3, -1).max(1))) if c.rope == "mrope" \
             else [(rp.min(), rp.max())]
-        sink.add(t, data, **step_fields(
+        sink.add(t, data, sk, **step_fields(
             ranges, (c.batch, 1, q, KM), step=step, kind=0 if step == 0 else 1, status=0, input_len=q, q_len=q,
             cache_before=C, cache_after=int(self.cache_len[0]), image_tokens=c.batch * c.n_img if step == 0 else 0,
             wall_ms=float(ev["dur_us"][0]) / 10))
@@ -220,7 +231,8 @@ if __name__ == "__main__":  # pragma: no cover
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--rope", default="mrope")
+    ap.add_argument("--no-sketches", action="store_true")
     a = ap.parse_args()
     t = time.perf_counter()
-    p = make_trace(a.out, a.events, n_layers=a.layers, rope=a.rope)
+    p = make_trace(a.out, a.events, n_layers=a.layers, rope=a.rope, sketches=not a.no_sketches)
     print(f"{p} written in {time.perf_counter() - t:.1f}s, {p.stat().st_size / 1e6:.0f} MB")
