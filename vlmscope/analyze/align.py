@@ -49,6 +49,7 @@ from .compare import (  # noqa: F401  (DEFAULT_TOLERANCES, tensor_metrics: re-ex
     tensor_block_status, tensor_metrics, tensor_status, tolerance_luts,
 )
 from .maps import MapRules, parse_maps
+from .sketchdiff import sketch_drift
 from .match import (
     match_cols, match_keys, occurrence, pack, pair_col, sequence_match, take, translate_strings, with_prefix,
 )
@@ -63,8 +64,10 @@ __all__ = ["align", "Aligned", "Alignment", "MapRules", "parse_maps", "tensor_me
 
 def align(trace_a: Trace | str | os.PathLike, trace_b: Trace | str | os.PathLike,
           maps: Iterable[str] | str | MapRules | None = None, *, rtol: float | None = None,
-          atol: float | None = None, payloads: bool = True) -> Alignment:
-    """Align two traces (see the module docstring). Paths are opened (and stay open on the result)."""
+          atol: float | None = None, payloads: bool = True, path_map: dict[int, str] | None = None) -> Alignment:
+    """Align two traces (see the module docstring). Paths are opened (and stay open on the result).
+    ``path_map``: A's module rows -> B's paths (an inferred module map, :mod:`.automap`), applied
+    after the ``maps`` rules to the modules it names."""
     with ExitStack() as opened:          # closes what was opened here if anything fails
         ta = trace_a if isinstance(trace_a, Trace) else opened.enter_context(open_trace(trace_a))
         tb = trace_b if isinstance(trace_b, Trace) else opened.enter_context(open_trace(trace_b))
@@ -72,9 +75,14 @@ def align(trace_a: Trace | str | os.PathLike, trace_b: Trace | str | os.PathLike
         A, B = index_of(ta), index_of(tb)
         tr = translate_strings(A, B)
         mapped = _mapped_paths(A, rules)
+        if path_map:
+            mapped = mapped.astype(object, copy=True)
+            for m, p in path_map.items():
+                mapped[m] = p
         calls = _match_calls(A, B, rules, mapped)
         proj = _projector(A, B, calls)
         tensors, metrics = _align_tensors(A, B, tr, _arg_lut(A, B, tr, rules), calls, proj, rtol, atol, payloads)
+        _sketch_pass(A, B, tensors, rtol)
         events, status_a, status_b = _event_status(A, B, calls, tensors, proj)
         reshapes = _align_reshapes(A, B, tr, calls, proj)
         probes = _align_probes(A, B, tr, calls, proj)
@@ -229,6 +237,16 @@ def _align_tensors(A: TraceIndex, B: TraceIndex, tr: np.ndarray, name_lut: np.nd
                        B.col("tensors", "step") if ntb else np.zeros(0, np.int64),
                        lambda r: tensor_time_key(A, r), lambda r: tensor_time_key(B, r), proj)
     return tensors, metrics
+
+
+def _sketch_pass(A: TraceIndex, B: TraceIndex, tensors: Aligned, rtol: float | None) -> None:
+    """Pairs whose statistics agree but whose value sketches do not (reordered or shifted
+    tokens) drift."""
+    same = np.nonzero(tensors.status == SAME)[0]
+    same = same[(tensors.a[same] >= 0) & (tensors.b[same] >= 0)]
+    if len(same):
+        hit = sketch_drift(A, B, tensors.a[same], tensors.b[same], rtol)
+        tensors.status[same[hit]] = DRIFT
 
 
 # ============================================================================ reshapes and probes

@@ -16,6 +16,7 @@ from vlmscope.trace import ROLE_NAMES, ROLE_OUTPUT
 from vlmscope.trace.validate import check_tensor_shapes
 
 from ._index import TraceIndex
+from .sketchdiff import compare_sketches, sketch_table, sketch_tol
 from .aligned import Alignment
 from .status import MISSING_A, MISSING_B, SHAPE, STATUS_NAMES
 
@@ -139,11 +140,31 @@ def _render_tensor(al: Alignment, i: int, a: int, b: int, st: int, step: int) ->
         detail = (f"stats drift {m['stat_err']:.3g} of the magnitude (rtol {m['rtol']:.3g}): "
                   f"{_stats_desc(A, a)} -> {_stats_desc(B, b)} (no payloads: tokens are the step's)")
         tokens = _step_tokens(A, step)
+    sk = tensor_sketch_detail(A, B, a, b, ra)
+    if sk is not None and "max_abs" not in m:
+        # the value sketches see what the statistics may not (a reordering, a shift)
+        detail = f"value sketches differ: {sk}; {detail}"
+        return Divergence("numeric", node, status, step, mod, name, da, db, detail, tokens, seq_a, seq_b, mod_b,
+                          origin or "", f"sketch: {sk}")
     short = (f"max abs {m['max_abs']:.3g}, cos {m['cosine']:.4f}" if "max_abs" in m else
              f"stats drift {m['stat_err']:.3g} (rtol {m['rtol']:.2g}); mean {float(ra['mean']):.4g} -> "
              f"{float(rb['mean']):.4g}" + (f", nan {int(ra['nan'])} -> {int(rb['nan'])}" if ra["nan"] != rb["nan"] else ""))
     return Divergence("numeric", node, status, step, mod, name, da, db, detail, tokens, seq_a, seq_b, mod_b,
                       origin or "", short)
+
+
+def tensor_sketch_detail(A: TraceIndex, B: TraceIndex, a: int, b: int, ra) -> str | None:
+    """What the two tensors' value sketches say differs (None: no sketches, or they agree)."""
+    ska, skb = sketch_table(A), sketch_table(B)
+    if not len(ska) or not len(skb):
+        return None
+    ja, jb = int(np.searchsorted(ska["tensor"], a)), int(np.searchsorted(skb["tensor"], b))
+    if ja >= len(ska) or jb >= len(skb) or int(ska["tensor"][ja]) != a or int(skb["tensor"][jb]) != b:
+        return None
+    xa, xb = ska[ja], skb[jb]
+    va = A.trace.sketch_values(int(xa["off"]), int(xa["rows"]) * int(xa["width"])).reshape(int(xa["rows"]), -1)
+    vb = B.trace.sketch_values(int(xb["off"]), int(xb["rows"]) * int(xb["width"])).reshape(int(xb["rows"]), -1)
+    return compare_sketches(va, float(xa["scale"]), vb, float(xb["scale"]), sketch_tol(A.s(int(ra["dtype"]))))
 
 
 def _tensor_desc(ix: TraceIndex, r: int) -> str:

@@ -25,6 +25,7 @@ from vlmscope.trace import (
     ENC_INT64, EVENT_DTYPE, KIND_DECODE, KIND_PREFILL, MAX_DIMS, MODULE_DTYPE, PROBE_DTYPE, ROLE_INPUT, ROLE_KWARG,
     ROLE_OUTPUT, STEP_DTYPE, TENSOR_DTYPE, TraceWriter, pad_shape,
 )
+from vlmscope.trace.sketch import SKETCH_DTYPE, digests, sketch_of
 
 MANIFEST = "manifest.json"
 SUFFIXES = (".safetensors", ".npy", ".npz")
@@ -584,6 +585,7 @@ def import_dump(dump: str | os.PathLike, out: str | os.PathLike, *, max_tensor_b
             trows: list[np.ndarray] = []
             prows: list[tuple] = []
             blobs: list[np.ndarray] = []
+            sketches: list[tuple] = []
             step_row = np.zeros(1, STEP_DTYPE)
             sr = step_row[0]
             sr["step"], sr["kind"] = s, KIND_PREFILL if s == 0 else KIND_DECODE
@@ -621,6 +623,11 @@ def import_dump(dump: str | os.PathLike, out: str | os.PathLike, *, max_tensor_b
                     r["dtype"], r["device"], r["numel"] = w.intern(e.source_dtype), w.intern(run["device"]), a.size
                     (r["min"], r["max"], r["mean"], r["std"], r["absmax"], r["nan"], r["inf"]) = tensor_stats(a)
                     r["payload"] = -1
+                    if np.issubdtype(a.dtype, np.floating) and "mask" not in e.tensor:
+                        sk = sketch_of(a)      # the value sketch a recording computes
+                        if sk is not None:
+                            sketches.append((counts["tensors"] + sum(len(x) for x in trows) + j, sk[0], sk[1],
+                                             r["dtype"]))
                     stored = a.astype(np.uint8) if a.dtype == bool else \
                         a.astype(np.float32) if a.dtype == np.float16 else a
                     if counts["payload_bytes"] + stored.nbytes <= max_tensor_bytes:
@@ -673,6 +680,13 @@ def import_dump(dump: str | os.PathLike, out: str | os.PathLike, *, max_tensor_b
             w.append("probes", pr)
             if blobs:
                 w.append_probe_data(np.concatenate(blobs))
+            if sketches:
+                srows = np.zeros(len(sketches), SKETCH_DTYPE)
+                for k, (trow, scale, data, dt) in enumerate(sketches):
+                    srows[k] = (trow, data.shape[0], data.shape[1], scale, dt, digests(data, np.array([data.shape[0]]))[0],
+                                w.append_sketch_data(data))
+                w.append("sketches", srows)
+                sketches.clear()
             w.append("steps", step_row)
             counts["events"] += len(ev)
             counts["tensors"] += len(tensors)
