@@ -215,6 +215,69 @@ def is_rotary_class(class_name: str) -> bool:
     return "rotary" in class_name.lower()
 
 
+# ---------------------------------------------------------------------------- module roles
+
+#: a module's role from its own name (last path component, lower case), for aligning two
+#: implementations whose modules are named differently (``vlmscope.analyze.automap``)
+_ROLE_NAMES = {
+    "qkv": ("qkv", "qkv_proj", "wqkv", "c_attn", "query_key_value", "in_proj", "to_qkv"),
+    "q": ("q_proj", "q", "query", "wq", "q_lin", "to_q"),
+    "k": ("k_proj", "k", "key", "wk", "k_lin", "to_k"),
+    "v": ("v_proj", "v", "value", "wv", "v_lin", "to_v"),
+    "gate_up": ("gate_up_proj", "gate_up", "w13", "w1_w3"),
+    "gate": ("gate_proj", "gate", "w1", "wi_0"),
+    "up": ("up_proj", "up", "w3", "wi_1"),
+    "head": ("lm_head", "head", "output", "embed_out", "output_layer"),
+}
+#: inside an attention block these name its output projection; inside an MLP, its down projection
+_ATTN_OUT = ("o_proj", "out_proj", "out", "o", "dense", "c_proj", "wo", "proj", "to_out", "output")
+_MLP_DOWN = ("down_proj", "down", "w2", "fc2", "c_proj", "wo", "dense_4h_to_h", "proj", "out")
+
+
+def module_role(name: str, cls: str, parent_role: str = "") -> str:
+    """The role of a module in a VLM, from its own name and class (and its parent's role):
+    ``embed``, ``patch_embed``, ``norm``, ``rotary``, ``attn``, ``mlp``, ``merger``, ``head``, the
+    projections ``qkv`` (fused), ``q``, ``k``, ``v``, ``o``, ``gate_up`` (fused), ``gate``, ``up``,
+    ``down``, ``act``, or ``other``. Roles name what a module computes, so a port's
+    ``blocks.0.attn.out`` and the reference's ``layers.0.self_attn.o_proj`` both get ``o``."""
+    n, c = name.lower(), cls.lower()
+    if is_rotary_class(cls) or "rotary" in n:
+        return "rotary"
+    if parent_role == "attn":
+        for role in ("qkv", "q", "k", "v"):
+            if n in _ROLE_NAMES[role]:
+                return role
+        if n in _ATTN_OUT:
+            return "o"
+    if parent_role == "mlp":
+        for role in ("gate_up", "gate", "up"):
+            if n in _ROLE_NAMES[role]:
+                return role
+        if n in _MLP_DOWN:
+            return "down"
+    if "act" in n or c.endswith(("activation", "silu", "gelu", "relu", "gelutanh", "quickgelu")):
+        return "act"
+    if n in MERGER_NAMES:
+        return "merger"
+    if "patch_embed" in n or "patchembed" in c:
+        return "patch_embed"
+    if "embed" in n or "embedding" in c:
+        return "embed"
+    if "norm" in n or "norm" in c or n.startswith("ln"):
+        return "norm"
+    if "attn" in n or "attention" in n or "attention" in c:
+        return "attn"
+    if "mlp" in n or "ffn" in n or "feed_forward" in n or "mlp" in c:
+        return "mlp"
+    if n in _ROLE_NAMES["head"]:
+        return "head"
+    return "other"
+
+
+#: roles a fused module stands for (a port's fused qkv is the reference's q, k and v)
+FUSED_ROLES = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
+
+
 # ---------------------------------------------------------------------------- image spans
 
 

@@ -29,13 +29,18 @@ def test_readme_comparison_headlines_the_positions_not_the_vision_tower():
     assert r.exit_code == 1, r.output
     lines = r.stdout.splitlines()
     sem = next(i for i, ln in enumerate(lines) if ln.startswith("first semantic divergence: "))
-    ten = next(i for i, ln in enumerate(lines) if ln.startswith("first divergence: "))
-    assert sem == 1 and ten > sem, r.stdout          # right under the title, before any tensor
+    loc = next(i for i, ln in enumerate(lines) if ln.startswith("localization: "))
+    ten = next(i for i, ln in enumerate(lines) if ln.startswith("first divergence detected: "))
+    assert sem == 2 and loc > sem and ten > loc, r.stdout   # under the title and the map line, before any tensor
+    assert lines[1].startswith("module map inferred: ")
+    # two different models fed different token ids: no module is blamed
+    assert lines[loc] == ("localization: no culprit: the runs' own inputs differ at step 0 (prefill) "
+                          "(input_ids: shape [1, 24] vs [1, 281])")
     # MQwen's 1-D positions against Qwen2.5-VL's t/h/w: the first token where they part (the
     # image's second placeholder: Qwen2.5-VL's h/w stay on the grid, MQwen counts on)
     assert lines[sem] == ("first semantic divergence: step 0 (prefill): positions differ: row 0 t/h/w "
                           "[16, 16, 16] vs [15, 15, 16] at token 16 (A's 1-D positions compared on each axis)")
-    assert "model.visual" not in lines[sem] and "model.visual" in lines[ten]
+    assert "model.visual" not in lines[sem]
     assert "may lie downstream of its cause" in lines[ten + 1] and "no culprit" in lines[ten + 1]
     # the decode steps' positions, side by side, the differing cells marked, the others not
     table = lines[next(i for i, ln in enumerate(lines) if ln.startswith("semantic, A | B side by side")):]
@@ -61,7 +66,8 @@ def test_json_carries_the_semantic_list():
     assert (img["row"], img["a"], img["b"]) == (0, [[14, 15]], [[15, 271]])
     assert j["semantic_counts"] == {"positions": 4, "mask": 4, "cache": 4, "q_len": 1, "image_spans": 1,
                                     "video_spans": 0}
-    assert "downstream" in j["first_divergence_caveat"] and j["first_divergence"]["module"] == "model.visual"
+    assert "downstream" in j["first_divergence_caveat"] and j["first_divergence"]["what"] == "input_ids"
+    assert j["culprit"]["status"] == "inputs" and j["culprit"]["step_a"] == 0 and j["module_map"]["pairs"]
 
 
 def test_identical_traces_have_no_semantic_divergence():

@@ -165,7 +165,7 @@ def test_diff_shows_trace_strings_as_text(hostile, colour):
     r = vlmscope("diff", str(a), str(b), colour=colour)
     assert r.returncode == 1, r.err                 # the traces differ
     text = assert_inert(r, colour)
-    assert "first divergence: step 0, " + LEAF + LINK in text
+    assert "first divergence detected: step 0, " + LEAF + LINK in text
     assert_literal(text)
     j = vlmscope("diff", "--json", str(a), str(b))
     assert j.returncode == 1 and json.loads(j.out)["first_divergence"]["module"].startswith(HOSTILE_MODULE)

@@ -9,8 +9,16 @@ Built on :func:`vlmscope.analyze.align.align`. It reports
 - **numeric** drift: from the stats (min/max/mean/std/absmax) with dtype-aware tolerances, or
   from max abs / max rel / cosine where both traces saved the tensor as a payload.
 
-The headline is the **first divergence in execution order** (in A's timeline; nodes only in
-B are placed after their nearest aligned predecessor).
+Semantic divergences (positions, mask, cache lengths, image spans) are headlined first. Then
+the **culprit** (:mod:`.culprit`): the first module, in data-flow order, whose inputs agree with
+the other run and whose outputs do not, found on the value sketches where both traces hold
+them; and, separately, the **first divergence detected** in execution order (in A's timeline;
+nodes only in B are placed after their nearest aligned predecessor), which may lie downstream
+of the culprit.
+
+Two implementations with different module names are aligned by an inferred module map
+(:mod:`.automap`; ``--map`` rules take precedence); ``only`` / ``ignore`` glob patterns set the
+scope of the culprit search and of the listed divergences.
 
 API::
 
@@ -30,11 +38,13 @@ import numpy as np
 from vlmscope.semantics import runs
 from vlmscope.trace import Trace, open_trace
 
-from ._index import TraceIndex
+from ._index import TraceIndex, index_of
 from .aligned import Alignment
 from .align import align
 from .diff_render import Divergence, fmt_tokens, render
-from .maps import MapRules
+from .automap import ModuleMap, in_scope, infer_map
+from .culprit import Culprit, localize
+from .maps import MapRules, parse_maps
 from .status import DRIFT, MISSING_A, MISSING_B, SAME, SHAPE, STATUS_NAMES  # noqa: F401  (re-exported)
 
 _STEP_FIELDS = ("kind", "status", "input_len", "q_len", "cache_before", "cache_after", "pos_min", "pos_max",
@@ -42,11 +52,10 @@ _STEP_FIELDS = ("kind", "status", "input_len", "q_len", "cache_before", "cache_a
 _KINDS = {0: "prefill", 1: "decode"}
 _fmt_tokens = fmt_tokens   # the CLI imports it under this name
 
-#: said under the first tensor divergence: no culprit (the first module whose inputs agree and
-#: whose outputs do not) is established yet, so the first node detected may lie downstream
-FIRST_CAVEAT = ("the first divergence detected may lie downstream of its cause: no culprit is established "
-                "(diff compares summary statistics, blind to reordered or shifted values; the value "
-                "sketches that would establish one are not built yet)")
+#: said under the first tensor divergence when no culprit (the first module whose inputs agree
+#: and whose outputs do not) is established: the first node detected may lie downstream
+FIRST_CAVEAT = ("the first divergence detected may lie downstream of its cause, and no culprit is established "
+                "(see the culprit line)")
 
 
 @dataclass
@@ -67,6 +76,16 @@ class DiffReport:
     semantic: list = field(default_factory=list)          # SemanticDivergence, in step order
     semantic_counts: dict[str, int] = field(default_factory=dict)   # field -> step pairs where it differs
     semantic_steps: list[dict] = field(default_factory=list)       # A and B side by side, per differing step
+    culprit: Culprit | None = None
+    module_map: ModuleMap | None = None
+    only: list[str] = field(default_factory=list)
+    ignore: list[str] = field(default_factory=list)
+    cross: bool = False      # two implementations, aligned by an inferred module map
+
+    @property
+    def culprit_established(self) -> bool:
+        c = self.culprit
+        return c is not None and c.status in ("found", "upstream") and c.caveat is None
 
     @property
     def first_semantic(self):
@@ -78,8 +97,12 @@ class DiffReport:
             "first_semantic": self.semantic[0].to_dict() if self.semantic else None,
             "semantic": [d.to_dict() for d in self.semantic], "semantic_counts": self.semantic_counts,
             "semantic_steps": self.semantic_steps,
+            "culprit": self.culprit.to_dict() if self.culprit else None,
             "first_divergence": self.first.to_dict() if self.first else None,
-            "first_divergence_caveat": FIRST_CAVEAT if self.n_divergent else None,
+            "first_divergence_caveat": FIRST_CAVEAT if self.n_divergent and not self.culprit_established else None,
+            "module_map": self.module_map.to_dict() if self.module_map is not None and not self.module_map.identity
+            else None,
+            "only": self.only, "ignore": self.ignore, "cross_implementation": self.cross,
             "n_divergent": self.n_divergent, "n_steps": list(self.n_steps), "counts": self.counts,
             "steps": self.steps, "groups": self.groups, "divergences": [d.to_dict() for d in self.divergences],
             "rtol": self.rtol, "atol": self.atol, "maps": self.maps,
@@ -88,13 +111,98 @@ class DiffReport:
 
 def diff(trace_a: Trace | str | os.PathLike, trace_b: Trace | str | os.PathLike,
          maps: Iterable[str] | str | MapRules | None = None, *, rtol: float | None = None,
-         atol: float | None = None, limit: int = 50, alignment: Alignment | None = None) -> DiffReport:
-    """Compare two traces. ``limit`` bounds the individual divergences listed (groups cover all)."""
+         atol: float | None = None, limit: int = 50, alignment: Alignment | None = None,
+         only: Iterable[str] | None = None, ignore: Iterable[str] | None = None, auto_map: bool = True) -> DiffReport:
+    """Compare two traces. ``limit`` bounds the individual divergences listed (groups cover all).
+    ``only`` / ``ignore``: glob patterns of module paths (either side's) in scope; ``auto_map``
+    infers the module map when the two traces' module paths differ."""
+    only, ignore = list(only or []), list(ignore or [])
     with ExitStack() as opened:          # the traces opened here are closed on the way out
         ta = trace_a if isinstance(trace_a, Trace) else opened.enter_context(open_trace(trace_a))
         tb = trace_b if isinstance(trace_b, Trace) else opened.enter_context(open_trace(trace_b))
-        al = alignment or align(ta, tb, maps, rtol=rtol, atol=atol)
-        return _report(al, limit, rtol, atol, maps)
+        rules = parse_maps(maps)
+        A, B = index_of(ta), index_of(tb)
+        mm = infer_map(A, B, rules) if auto_map else None
+        path_map = _path_map(mm)
+        al = alignment or align(ta, tb, rules, rtol=rtol, atol=atol, path_map=path_map)
+        rep = _report(al, limit, rtol, atol, maps)
+        rep.module_map, rep.only, rep.ignore = mm, only, ignore
+        if only or ignore:
+            _scope(rep, only, ignore)
+        rep.culprit = _culprit(A, B, mm, rep, rtol, atol, only, ignore)
+        if path_map is not None:
+            _cross(rep)
+        return rep
+
+
+def _cross(rep: DiffReport) -> None:
+    """Two implementations: nodes on one side only, and the shape-changing ops, are how two
+    implementations differ, not divergences (the report keeps them all: counts, groups, the
+    node list). The verdict is the localization's over every paired call, and the semantic
+    diff's."""
+    rep.cross = True
+    c = rep.culprit
+    rep.same = (c is not None and c.status == "same" and not rep.semantic and rep.n_steps[0] == rep.n_steps[1])
+
+
+def cross_view(rep: DiffReport) -> tuple[list, list[dict]]:
+    """What a reader of two implementations' diff wants listed: value and semantic divergences of
+    the nodes paired across them (the divergences and the groups)."""
+    keep = lambda d: d.category == "semantic" or (d.status in ("drift", "shape") and d.category != "structural"  # noqa: E731
+                                                  and not d.node.startswith("reshape"))
+    return ([d for d in rep.divergences if keep(d)],
+            [g for g in rep.groups if g["status"] in ("drift", "shape") and g["table"] in ("tensors", "probes")])
+
+
+def _path_map(mm: ModuleMap | None) -> dict[int, str] | None:
+    if mm is None or mm.identity:
+        return None
+    return {a: mm.paths_b[b] for a, b in mm.one_to_one().items()}
+
+
+def diff_alignment(ta: Trace, tb: Trace, maps: Iterable[str] | str | MapRules | None = None, *,
+                   rtol: float | None = None, atol: float | None = None) -> Alignment:
+    """The node-by-node alignment ``diff`` uses (the inferred module map applied), for the
+    viewer's diff mode."""
+    rules = parse_maps(maps)
+    return align(ta, tb, rules, rtol=rtol, atol=atol, path_map=_path_map(infer_map(index_of(ta), index_of(tb), rules)))
+
+
+def _scope(rep: DiffReport, only: list[str], ignore: list[str]) -> None:
+    """Keep the listed divergences and groups of modules in scope."""
+    keep = lambda d: in_scope(d.module or "", only, ignore) or in_scope(d.module_b or "", only, ignore)  # noqa: E731
+    rep.divergences = [d for d in rep.divergences if keep(d)]
+    rep.groups = [g for g in rep.groups if in_scope(g["module"] if g["module"] != "<outside modules>" else "",
+                                                    only, ignore)]
+    if rep.first is not None and rep.first.category != "semantic" and not keep(rep.first):
+        rep.first = rep.divergences[0] if rep.divergences else None
+
+
+def _culprit(A: TraceIndex, B: TraceIndex, mm: ModuleMap | None, rep: DiffReport, rtol, atol,
+             only: list[str], ignore: list[str]) -> Culprit | None:
+    """Localize from the first step pair where anything differs (a port's module map: from the
+    first step, since tensors of differently named arguments are not aligned node by node)."""
+    if mm is None:
+        return None
+    sa, sb = _step_pairs(A, B)
+    if not len(sa):
+        return None
+    cross = not mm.identity
+    if not cross:
+        if rep.n_divergent == 0:
+            return localize(A, B, mm, (sa, sb), max_steps=0)
+        first_step = min([d.step for d in rep.divergences[:1]] + [s.step for s in rep.semantic[:1]]
+                         or [0])
+        start = int(np.searchsorted(sa, first_step)) if len(sa) else 0
+        c = localize(A, B, mm, (sa, sb), rtol=rtol, atol=atol, only=only, ignore=ignore,
+                     start=min(start, len(sa) - 1), max_steps=8)
+        if c.status == "same":
+            c = Culprit("unknown", int(sa[min(start, len(sa) - 1)]), int(sb[min(start, len(sa) - 1)]),
+                        reason="no paired call's outputs differ in value or shape where the divergences begin: "
+                               "they are structural (calls, tensors or ops on one side only) or lie in "
+                               "tensors no call returns", sketches=c.sketches)
+        return c
+    return localize(A, B, mm, (sa, sb), rtol=rtol, atol=atol, only=only, ignore=ignore)
 
 
 # ============================================================================ report

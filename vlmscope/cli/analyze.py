@@ -148,9 +148,19 @@ def _print_udiff(out, text: str, limit: int = 200) -> None:
 @format_options
 @click.option("--limit", type=click.IntRange(1, 100_000), default=30, show_default=True,
               help="Individual divergences listed (groups cover all).")
+@click.option("--show-map", is_flag=True,
+              help="Print the module map used (inferred when the traces' module paths differ; --map rules first).")
+@click.option("--only", "only", multiple=True, metavar="PATTERN",
+              help="Only modules matching this glob (and what lies below them), on either side (repeatable).")
+@click.option("--ignore", "ignore", multiple=True, metavar="PATTERN",
+              help="Leave out modules matching this glob (and what lies below them) (repeatable).")
 def diff(trace_a: Path, trace_b: Path, maps: tuple[str, ...], rtol: float | None, atol: float | None,
-         fmt: str, as_json: bool, limit: int) -> None:
-    """Compare two traces; headline the first divergence in execution order.
+         fmt: str, as_json: bool, limit: int, show_map: bool, only: tuple[str, ...], ignore: tuple[str, ...]) -> None:
+    """Compare two traces: semantic divergences first, then the culprit (the first module whose
+    inputs agree and whose outputs do not), then the first divergence detected.
+
+    Two implementations with different module names are aligned by an inferred module map
+    (--show-map prints it; --map rules override it).
 
     Exit status: 0 same within tolerance, 1 different, 2 usage, 3 unreadable trace.
     """
@@ -169,15 +179,32 @@ def diff(trace_a: Path, trace_b: Path, maps: tuple[str, ...], rtol: float | None
     try:
         preflight(trace_a)
         preflight(trace_b)
-        report = run_diff(trace_a, trace_b, rules, rtol=rtol, atol=atol, limit=limit)
+        report = run_diff(trace_a, trace_b, rules, rtol=rtol, atol=atol, limit=limit, only=only, ignore=ignore)
     except TraceError as e:
         _fail_trace(e)
         return
     if mode == "json":
-        emit_json(report.to_dict())
+        d = report.to_dict()
+        if show_map and report.module_map is not None:
+            d["module_map"] = report.module_map.to_dict()
+        emit_json(d)
     else:
-        _print_diff(report, Out(mode))
+        out = Out(mode)
+        if show_map and report.module_map is not None:
+            _print_map(report.module_map, out)
+        _print_diff(report, out)
     sys.exit(EXIT_OK if report.same else EXIT_FOUND)
+
+
+def _print_map(mm, out) -> None:
+    from rich.text import Text
+
+    if mm.identity:
+        out.print(Text("module map: ", "bold"), _t("identity (the traces share their module paths)"))
+        return
+    out.print(Text("module map (A -> B):", "bold"))
+    for line in mm.lines():
+        out.print(_t("  " + line))
 
 
 def _print_diff(rep, out) -> None:
@@ -191,8 +218,15 @@ def _print_diff(rep, out) -> None:
     summary = ", ".join(f"{k}: {v['same']} same" + "".join(f", {v[s]} {s.replace('_', ' ')}" for s in
                                                             ("shape", "drift", "missing_in_a", "missing_in_b") if v[s])
                         for k, v in c.items())
+    mm = rep.module_map
+    if mm is not None and not mm.identity:
+        ua, ub = mm.unmatched()
+        out.print(_t(f"module map inferred: {len(mm.pairs)} pairs, {len(ua)} only in A, {len(ub)} only in B"
+                     + (f"; {len(mm.notes)} note(s)" if mm.notes else "") + " (--show-map prints it)", "dim"))
     if rep.same:
         out.print(Text("same", style="bold green"), Text(f" within tolerance ({summary})"))
+        if rep.culprit is not None and rep.culprit.caveat:
+            out.print(_t(f"note: {rep.culprit.caveat}", "dim"))
         return
     sem = rep.first_semantic
     if sem is not None:     # what the steps were fed differs: said before any tensor drift
@@ -200,20 +234,42 @@ def _print_diff(rep, out) -> None:
         n_pairs = min(rep.n_steps)
         counts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in rep.semantic_counts.items() if v)
         out.print(_t(f"semantic differences, aligned steps where each differs (of {n_pairs}): {counts}", "dim"))
+    c = rep.culprit
+    if c is not None and c.status != "same":
+        if c.status in ("found", "upstream"):
+            out.print(Text("culprit: ", "bold red"), _t(c.headline().removeprefix("culprit: ")))
+        else:
+            out.print(Text("localization: ", "bold"), _t(c.headline()))
+        if c.walked:
+            out.print(_t("walked upstream from: " + " <- ".join(reversed(c.walked)), "dim"))
+        if c.detected_a is not None and c.detected_a != c.module_a:
+            out.print(_t(f"first call whose outputs differ (data-flow order): {c.detected_a or '<root>'}", "dim"))
+        if c.caveat:
+            out.print(_t(f"note: {c.caveat}", "dim"))
+    divergences, groups = rep.divergences, rep.groups
     f = rep.first
-    if f is not None and (rep.n_divergent or sem is None):    # the first tensor (or node) divergence, as before
-        out.print(Text("first divergence: ", "bold red"), _t(f.headline()))
-        if rep.n_divergent:
+    if rep.cross:   # two implementations: what exists on one side only is how they differ
+        from vlmscope.analyze.diff import cross_view
+
+        divergences, groups = cross_view(rep)
+        f = divergences[0] if divergences else None
+    if f is not None and (rep.n_divergent or sem is None):    # the first tensor (or node) divergence detected
+        out.print(Text("first divergence detected: ", "bold yellow"), _t(f.headline()))
+        if rep.n_divergent and not rep.culprit_established:
             out.print(_t(f"note: {FIRST_CAVEAT}", "dim"))
-    out.print(_t(f"{rep.n_divergent} divergent node(s); {summary}", "dim"))
+    if rep.cross:
+        out.print(_t(f"{sum(g['count'] for g in groups)} divergent node(s) among the paired ones (the nodes on one "
+                     f"side only are how the implementations differ; --json lists them); {summary}", "dim"))
+    else:
+        out.print(_t(f"{rep.n_divergent} divergent node(s); {summary}", "dim"))
     if rep.semantic_steps:
         _print_semantic_steps(rep, out)
-    if rep.divergences:
+    if divergences:
         tbl = Grid((("#", {"justify": "right"}), ("step", {"justify": "right"}), ("kind", {"no_wrap": True}),
                     ("module", {"no_wrap": True}), ("what", {}), ("status", {}), ("A", {}), ("B", {}),
                     ("tokens / detail", {"ratio": 1})))
         st_style = {"shape": "red", "drift": "yellow", "missing_in_a": "magenta", "missing_in_b": "magenta"}
-        for i, d in enumerate(rep.divergences):
+        for i, d in enumerate(divergences):
             tok = ""
             if d.tokens:
                 from vlmscope.analyze.diff import _fmt_tokens
@@ -222,16 +278,16 @@ def _print_diff(rep, out) -> None:
             tbl.add_row(str(i + 1), str(d.step), _t(f"{d.category} {d.node}"), _t(d.module or "<root>"), _t(d.what),
                         _t(d.status, st_style.get(d.status, "")), _t(d.a), _t(d.b), _t(tok + (d.short or d.detail)))
         out.grid(tbl)
-        if rep.n_divergent > len(rep.divergences):
-            out.print(Text(f"... {rep.n_divergent - len(rep.divergences)} more (use --limit or --json)", "dim"))
-    if rep.groups:
+        if not rep.cross and rep.n_divergent > len(divergences):
+            out.print(Text(f"... {rep.n_divergent - len(divergences)} more (use --limit or --json)", "dim"))
+    if groups:
         g = Grid([(col, {}) for col in ("table", "module", "status", "count", "steps")], title="by module")
-        for r in rep.groups[:20]:
+        for r in groups[:20]:
             steps = str(r["first_step"]) if r["first_step"] == r["last_step"] else f"{r['first_step']}-{r['last_step']}"
             g.add_row(_t(r["table"]), _t(r["module"] or "<root>"), _t(r["status"]), str(r["count"]), steps)
         out.grid(g)
-        if len(rep.groups) > 20:
-            out.print(Text(f"... {len(rep.groups) - 20} more groups", "dim"))
+        if len(groups) > 20:
+            out.print(Text(f"... {len(groups) - 20} more groups", "dim"))
     if rep.steps:
         s = Grid([(col, {}) for col in ("step", "field", "A", "B")], title="step table")
         for r in rep.steps[:20]:

@@ -66,6 +66,7 @@ class AlignResult:
     first: dict | None
     same: bool = True               # ``vlmscope diff``'s verdict, whether or not ``first`` can be placed
     headline: str | None = None     # the first divergence as ``vlmscope diff`` prints it
+    culprit: str | None = None      # the module ``vlmscope diff`` names as the culprit (when established)
 
 
 def _sides(tbl, n_a: int, n_b: int) -> Sides:
@@ -83,10 +84,21 @@ def _sides(tbl, n_a: int, n_b: int) -> Sides:
 
 def align_sides(path_a: str, path_b: str, maps: list[str]) -> AlignResult:
     """Align two traces as ``vlmscope diff`` does (``--map`` rules ``maps``) (worker)."""
-    from vlmscope.analyze.align import align
-    from vlmscope.analyze.diff import diff
+    from vlmscope.analyze.diff import diff, diff_alignment
+    from vlmscope.trace import open_trace
 
-    al = align(path_a, path_b, maps or None)
+    ta = open_trace(path_a)
+    try:
+        tb = open_trace(path_b)
+    except BaseException:
+        ta.close()
+        raise
+    try:
+        al = diff_alignment(ta, tb, maps or None)   # the module map diff infers, applied
+    except BaseException:
+        ta.close()
+        tb.close()
+        raise
     try:
         ta, tb = al.trace_a, al.trace_b
         events = _sides(al.events, len(al.event_status_a), len(al.event_status_b))
@@ -97,12 +109,29 @@ def align_sides(path_a: str, path_b: str, maps: list[str]) -> AlignResult:
                   for name in ("tensors", "reshapes", "probes")}
         rep = diff(ta, tb, maps or None, alignment=al, limit=1)
         first = rep.first
+        fdict = first.to_dict() if first is not None else None
+        if rep.culprit is not None and (fdict is None or rep.cross) and rep.culprit.as_divergence() is not None:
+            # two implementations: the nodes on one side only are not divergences; g goes to the culprit
+            fdict = rep.culprit.as_divergence()
         return AlignResult(events, tables["tensors"], tables["reshapes"], tables["probes"],
-                           first.to_dict() if first is not None else None, same=bool(rep.same),
-                           headline=first.headline() if first is not None else None)
+                           fdict, same=bool(rep.same),
+                           headline=first.headline() if first is not None else
+                           (rep.culprit.headline() if rep.culprit is not None and not rep.same else None),
+                           culprit=_culprit_line(rep))
     finally:
         al.trace_a.close()
         al.trace_b.close()
+
+
+def _culprit_line(rep) -> str | None:
+    """The culprit for the summary line, when established and not the first divergence's module."""
+    c = rep.culprit
+    if c is None or c.status not in ("found", "upstream"):
+        return None
+    f = rep.first
+    if f is not None and f.step == c.step_a and (f.module or "") == (c.module_a or ""):
+        return None
+    return f"step {c.step_a} {c.module_a or '<root>'}" + (" (cause may lie upstream)" if c.caveat else "")
 
 
 # --------------------------------------------------------------------------- viewer side

@@ -184,10 +184,10 @@ class MainScreen(Screen):
             return
         if first is None and diff is not None and diff.unplaced:
             summary.show_unplaced(diff.unplaced)
-        elif first is None:
-            summary.show_first(None, None)
         else:
-            summary.show_first(self._where(first[0]), first[1])
+            culprit = diff.result.culprit if diff is not None and diff.result is not None else None
+            summary.show_first(None if first is None else self._where(first[0]), None if first is None else first[1],
+                               culprit)
         self.nav.rebuild()
         self.detail.redraw()
 

@@ -24,8 +24,13 @@ class DiffSummary(Static):
                                   (printable(headline), STATUS_STYLE[Status.MISSING_A] or "bold")),
                     layout=False)
 
-    def show_first(self, where: str | None, status: Status | None) -> None:
+    def show_first(self, where: str | None, status: Status | None, culprit: str | None = None) -> None:
         t = Text(no_wrap=True, overflow="ellipsis")
+        if culprit:
+            # the module whose inputs agree and whose outputs do not, as vlmscope diff names it
+            t.append("culprit ", "bold")
+            t.append(printable(culprit), "bold red")
+            t.append("  ")
         if where is None:
             t.append("no divergence: A and B agree", "bold green")
         else:
