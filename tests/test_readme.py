@@ -9,6 +9,8 @@ of an example trace. A block that defines pytest tests runs under pytest with th
 once with ``--vlmscope-update`` and once comparing. A block that needs the optional ``notebook``
 extra (pandas, matplotlib) runs for real when they are installed, and must otherwise fail with the
 ImportError that names the extra.
+The blocks (and the commands) run side by side, each in its own process with one torch thread,
+then are judged in order.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -76,6 +79,7 @@ for stmt in ast.parse(src, path).body:
 def _run(argv: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("VLMSCOPE_NO_FORK", None)
+    env.setdefault("OMP_NUM_THREADS", "1")      # runs side by side (_parallel): no two torch thread pools spinning
     return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -97,36 +101,57 @@ def _place_traces(argv: list[str], cwd: Path) -> None:
             shutil.copy(MQWEN if "mqwen" in Path(a).name else QWEN25, cwd / a)
 
 
+def _parallel(jobs: list) -> list:
+    """Run independent jobs (each a callable that runs subprocesses) all at the same time (one
+    thread each: see ``_run``); their results in order. The README's blocks and commands share
+    no files they write."""
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        return list(pool.map(lambda job: job(), jobs))
+
+
 def test_readme_python_blocks_run(workdir):
     text = README.read_text(encoding="utf-8")
     py = [code for lang, code in blocks(text) if lang == "python"]
     assert len(py) >= 5, "the README's python examples were not found"
-    kinds = set()
+    (workdir / "readme_runner.py").write_text(RUNNER, encoding="utf-8")
+    # set-up in order (traces placed, files written), then every block's run(s) at once
+    jobs = []
     for i, code in enumerate(py):
         written = set(re.findall(r"out=[\"']([^\"']+)", code))          # traces the block records
         _place_traces([p for p in re.findall(r"[\"']([\w./-]+\.h5)[\"']", code) if p not in written], workdir)
         if re.search(r"^def test_", code, re.M):
-            kinds.add("pytest")
             d = workdir / f"plugin{i}"
             d.mkdir()
             (d / "examples").symlink_to(workdir / "examples")
             (d / "test_readme_example.py").write_text(code, encoding="utf-8")
             base = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", *_plugin_args(),
                     "test_readme_example.py"]
-            r = _run(base + ["--vlmscope-update"], d)
-            assert r.returncode == 0, f"README block {i} (--vlmscope-update):\n{code}\n{r.stdout}{r.stderr}"
-            goldens = list((d / "__vlmscope__").rglob("*.json"))
-            assert goldens, f"README block {i} wrote no golden snapshot"
-            r = _run(base, d)
-            assert r.returncode == 0 and "1 passed" in r.stdout, f"README block {i}:\n{code}\n{r.stdout}{r.stderr}"
+
+            def plugin_runs(base=base, d=d):
+                first = _run(base + ["--vlmscope-update"], d)
+                goldens = list((d / "__vlmscope__").rglob("*.json"))
+                return first, goldens, _run(base, d)        # the comparing run needs the goldens
+            jobs.append(plugin_runs)
             continue
         script = workdir / f"block{i}.py"
         script.write_text(code, encoding="utf-8")
-        (workdir / "readme_runner.py").write_text(RUNNER, encoding="utf-8")
-        r = _run([sys.executable, "-P", "readme_runner.py", script.name], workdir)
+        jobs.append(lambda name=script.name: _run([sys.executable, "-P", "readme_runner.py", name], workdir))
+    jobs.append(lambda: _has_notebook_extra(workdir))
+    *results, has_extra = _parallel(jobs)
+    kinds = set()
+    for i, (code, res) in enumerate(zip(py, results)):
+        if re.search(r"^def test_", code, re.M):
+            kinds.add("pytest")
+            r, goldens, r2 = res
+            assert r.returncode == 0, f"README block {i} (--vlmscope-update):\n{code}\n{r.stdout}{r.stderr}"
+            assert goldens, f"README block {i} wrote no golden snapshot"
+            r = r2
+            assert r.returncode == 0 and "1 passed" in r.stdout, f"README block {i}:\n{code}\n{r.stdout}{r.stderr}"
+            continue
+        r = res
         if ".to_pandas()" in code or "vlmscope.plot." in code:
             kinds.add("notebook-extra")
-            if _has_notebook_extra(workdir):
+            if has_extra:
                 assert r.returncode == 0, f"README block {i}:\n{code}\n{r.stderr}"
                 for out in re.findall(r"savefig\(\"([^\"]+)\"\)", code):
                     assert (workdir / out).stat().st_size > 1000, out
@@ -152,7 +177,9 @@ def test_readme_trace_commands_run(workdir):
     assert {c[0] for c in cmds} == READERS, cmds
     for argv in cmds:
         _place_traces(argv, workdir)
-        r = _run([sys.executable, "-P", "-m", "vlmscope.cli", *argv], workdir)
+    runs = _parallel([lambda argv=argv: _run([sys.executable, "-P", "-m", "vlmscope.cli", *argv], workdir)
+                      for argv in cmds])
+    for argv, r in zip(cmds, runs):
         where = f"vlmscope {shlex.join(argv)}:\n{r.stdout[-2000:]}{r.stderr}"
         assert "Traceback" not in r.stderr, where
         assert r.stdout.strip() or "-o" in argv, where
