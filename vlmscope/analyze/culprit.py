@@ -109,9 +109,19 @@ class _Step:
         self.by_key = {(int(m), int(n)): i for i, (m, n) in enumerate(zip(self.ev["module"], self.ev["nth"]))}
         sk = sketch_table(ix)
         self.sk_rows = None
+        self.sk_base, self.sk_vals = 0, None
         if len(sk):
-            lo, hi = np.searchsorted(sk["tensor"], [t0, t0 + nt])
+            col = ix.__dict__.get("_sketch_tensor_col")
+            if col is None:
+                col = ix.__dict__["_sketch_tensor_col"] = np.ascontiguousarray(sk["tensor"])
+            lo, hi = np.searchsorted(col, [t0, t0 + nt])
             self.sk_rows = sk[lo:hi]
+            if hi > lo:
+                # the step's sketch values, one read (a step's sketches lie together)
+                offs = self.sk_rows["off"].astype(np.int64)
+                end = offs + self.sk_rows["rows"].astype(np.int64) * self.sk_rows["width"].astype(np.int64)
+                self.sk_base = int(offs.min())
+                self.sk_vals = ix.trace.sketch_values(self.sk_base, int(end.max()) - self.sk_base)
         strings = ix.strings
         self.names = [str(strings[x]) for x in self.tt["name"]] if nt else []
         self.dtypes = [str(strings[x]).removeprefix("torch.") for x in self.tt["dtype"]] if nt else []
@@ -141,7 +151,7 @@ class _Step:
         if j >= len(sk) or int(sk["tensor"][j]) != g:
             return None
         n, w, off = int(sk["rows"][j]), int(sk["width"][j]), int(sk["off"][j])
-        vals = self.ix.trace.sketch_values(off, n * w).reshape(n, w)
+        vals = self.sk_vals[off - self.sk_base:off - self.sk_base + n * w].reshape(n, w)
         return vals, float(sk["scale"][j]), off
 
     def identity(self, r: int) -> tuple:

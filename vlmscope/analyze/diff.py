@@ -195,7 +195,7 @@ def _culprit(A: TraceIndex, B: TraceIndex, mm: ModuleMap | None, rep: DiffReport
                          or [0])
         start = int(np.searchsorted(sa, first_step)) if len(sa) else 0
         c = localize(A, B, mm, (sa, sb), rtol=rtol, atol=atol, only=only, ignore=ignore,
-                     start=min(start, len(sa) - 1), max_steps=8)
+                     start=min(start, len(sa) - 1), max_steps=2)
         if c.status == "same":
             c = Culprit("unknown", int(sa[min(start, len(sa) - 1)]), int(sb[min(start, len(sa) - 1)]),
                         reason="no paired call's outputs differ in value or shape where the divergences begin: "

@@ -16,7 +16,7 @@ from vlmscope.trace import ROLE_NAMES, ROLE_OUTPUT
 from vlmscope.trace.validate import check_tensor_shapes
 
 from ._index import TraceIndex
-from .sketchdiff import compare_sketches, sketch_table, sketch_tol
+from .sketchdiff import compare_sketches, sketch_lookup, sketch_table, sketch_tol
 from .aligned import Alignment
 from .status import MISSING_A, MISSING_B, SHAPE, STATUS_NAMES
 
@@ -158,8 +158,8 @@ def tensor_sketch_detail(A: TraceIndex, B: TraceIndex, a: int, b: int, ra) -> st
     ska, skb = sketch_table(A), sketch_table(B)
     if not len(ska) or not len(skb):
         return None
-    ja, jb = int(np.searchsorted(ska["tensor"], a)), int(np.searchsorted(skb["tensor"], b))
-    if ja >= len(ska) or jb >= len(skb) or int(ska["tensor"][ja]) != a or int(skb["tensor"][jb]) != b:
+    ja, jb = int(sketch_lookup(A, ska, np.array([a]))[0]), int(sketch_lookup(B, skb, np.array([b]))[0])
+    if ja < 0 or jb < 0:
         return None
     xa, xb = ska[ja], skb[jb]
     va = A.trace.sketch_values(int(xa["off"]), int(xa["rows"]) * int(xa["width"])).reshape(int(xa["rows"]), -1)

@@ -101,18 +101,21 @@ def sketch_drift(A: TraceIndex, B: TraceIndex, ra: np.ndarray, rb: np.ndarray, r
     ska, skb = sketch_table(A), sketch_table(B)
     if not len(ska) or not len(skb) or not len(ra):
         return out
-    ia = _find(ska["tensor"], ra)
-    ib = _find(skb["tensor"], rb)
+    ia = sketch_lookup(A, ska, ra)
+    ib = sketch_lookup(B, skb, rb)
     ok = (ia >= 0) & (ib >= 0)
     sel = np.nonzero(ok)[0]
     if not len(sel):
         return out
-    xa, xb = ska[ia[sel]], skb[ib[sel]]
-    same_shape = (xa["rows"] == xb["rows"]) & (xa["width"] == xb["width"])
-    # equal digests and scales: equal sketches, no value read (the common case)
-    equal = (xa["digest"] == xb["digest"]) & ((xa["scale"] == xb["scale"]) | (np.isnan(xa["scale"]) & np.isnan(xb["scale"])))
-    todo = same_shape & ~equal
-    sel, xa, xb = sel[todo], xa[todo], xb[todo]
+    ia, ib = ia[sel], ib[sel]
+    # equal fingerprints (digest, scale, tokens, width): equal sketches, no value read (the
+    # common case; one gather per side from a contiguous array)
+    todo = np.nonzero(_fingerprints(A, ska)[ia] != _fingerprints(B, skb)[ib])[0]
+    if not len(todo):
+        return out
+    sel, xa, xb = sel[todo], ska[ia[todo]], skb[ib[todo]]
+    keep = (xa["rows"] == xb["rows"]) & (xa["width"] == xb["width"])
+    sel, xa, xb = sel[keep], xa[keep], xb[keep]
     if not len(sel):
         return out
     # one comparison per distinct (A sketch, B sketch)
@@ -164,10 +167,32 @@ def _gather(v, offs: np.ndarray, n: np.ndarray, within: np.ndarray) -> np.ndarra
     return v[np.repeat(offs, n) + within]
 
 
-def _find(sorted_keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    j = np.searchsorted(sorted_keys, rows)
-    j = np.minimum(j, len(sorted_keys) - 1)
-    return np.where(sorted_keys[j] == rows, j, -1)
+def _fingerprints(ix: TraceIndex, sk: np.ndarray) -> np.ndarray:
+    """One uint64 per sketch row from its digest, scale (bits; every NaN alike), tokens and width
+    (cached): equal fingerprints, equal sketches."""
+    fp = ix.__dict__.get("_sketch_fp")
+    if fp is None:
+        scale = np.where(np.isnan(sk["scale"]), np.float32(np.nan), sk["scale"]).astype(np.float32)
+        with np.errstate(over="ignore"):
+            fp = (sk["digest"].astype(np.uint64)
+                  ^ (scale.view(np.uint32).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+                  ^ (sk["rows"].astype(np.uint64) << np.uint64(24)) ^ sk["width"].astype(np.uint64))
+        ix.__dict__["_sketch_fp"] = fp
+    return fp
+
+
+def sketch_lookup(ix: TraceIndex, sk: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The sketch row of each tensor row (-1: none), through a dense table (cached)."""
+    lut = ix.__dict__.get("_sketch_lut")
+    if lut is None:
+        n = ix.n_rows("tensors")
+        lut = np.full(n + 1, -1, np.int64)
+        t = sk["tensor"]
+        ok = (t >= 0) & (t < n)           # checked by the reader; kept safe here
+        lut[t[ok]] = np.nonzero(ok)[0]
+        ix.__dict__["_sketch_lut"] = lut
+    r = np.asarray(rows, np.int64)
+    return lut[np.where((r >= 0) & (r < len(lut) - 1), r, len(lut) - 1)]
 
 
 def _tol_lut(ix: TraceIndex) -> np.ndarray:

@@ -18,8 +18,8 @@ import numpy as np
 
 #: Where a tensor's stats wait in the step's device blob: ``(byte offset, width)``, the width
 #: being 4 float64 values (min, max, sum, L2 norm) or 6 (and the NaN and Inf counts), or, for a
-#: sketched tensor whose sum and norm come from its sketch, -2 (min, max) or -4 (min, max, NaN
-#: and Inf counts); the offset is -1 when no stats were queued. A plain pair, unpacked where it is read: one is
+#: sketched tensor whose stats come from its sketch chunk, -2 (``(-2, -2)``: no bytes of its own)
+#: or -4 (the NaN and Inf counts, int64, at the offset); the offset is -1 when no stats were queued. A plain pair, unpacked where it is read: one is
 #: built per tensor on the hot path, where a NamedTuple costs several times more.
 StatSlot = tuple[int, int]
 NO_STATS: StatSlot = (-1, 0)
@@ -154,6 +154,7 @@ class StepBuffer:
     # and the identity cache (id, version) -> (weak reference, index in sketch_slots)
     sketch_slots: list[tuple[int, int, int]] = field(default_factory=list)
     sketch_dedupe: dict[tuple, tuple[weakref.ref, int]] = field(default_factory=dict)
+    fused_stats: dict[tuple, int] = field(default_factory=dict)   # (id, version) -> sketch slot of fused stats
     nth: dict[int, int] = field(default_factory=dict)              # module id -> calls so far
     op_nth: dict[tuple[int, int], int] = field(default_factory=dict)  # (event, op) -> calls so far
     seq: int = 0             # execution-order counter shared by events, reshapes and probes

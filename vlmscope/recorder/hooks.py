@@ -24,7 +24,7 @@ from vlmscope.recorder.assemble import write_step
 from vlmscope.recorder.buffer import NO_STATS, EventRow, StepBuffer, TensorRow
 from vlmscope.recorder.probes import CACHE_ARG_NAMES, FLOAT_PROBE_NAMES, MASK_NAMES, Probes, is_cache_object
 from vlmscope.recorder.reshapes import ReshapeCapture
-from vlmscope.recorder.stats import PayloadBudget, dtype_name, queue_sketch, queue_stats, queue_stats_sketch
+from vlmscope.recorder.stats import PayloadBudget, dtype_name, queue_stats, queue_stats_sketch
 from vlmscope.recorder.structure import analyse, config_json, module_rows, run_meta
 
 DEFAULT_MAX_TENSOR_BYTES = 256 * 1024 * 1024
@@ -436,10 +436,7 @@ class Recorder:
         # value sketches of floating tensors, masks excepted (rows of -inf say nothing per token);
         # with them, the stats of a float tensor come mostly from the sketch's own matmul
         if self.record_sketches and t.is_floating_point() and name.partition("[")[0] not in MASK_NAMES:
-            if self.record_stats:
-                slot, sketch = queue_stats_sketch(st, t)
-            else:
-                slot, sketch = NO_STATS, queue_sketch(st, t)
+            slot, sketch = queue_stats_sketch(st, t, self.record_stats)
         else:
             slot, sketch = (queue_stats(st, t) if self.record_stats else NO_STATS), -1
         payload = -1

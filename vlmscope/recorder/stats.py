@@ -18,6 +18,7 @@ from torch import Tensor
 
 from vlmscope.recorder.buffer import NO_STATS, PayloadRequest, StatSlot, StepBuffer
 from vlmscope.trace.sketch import MAX_SKETCH_ROWS, sketch_dim
+from vlmscope.trace.sketch import stride as sketch_stride
 from vlmscope.trace.sketch import encode as encode_sketches
 from vlmscope.trace.sketch import projection_signs
 
@@ -100,100 +101,100 @@ _PROJ: dict[tuple[int, torch.device], Tensor] = {}
 
 
 def _projection(d: int, device: torch.device) -> Tensor:
-    """The sketch directions for hidden size ``d`` (:func:`vlmscope.trace.sketch.projection`) on
-    ``device``, plus a column of ones (each token's sum, for the tensor's sum: the statistics of a
-    sketched tensor need no pass of their own); copied there once per (size, device)."""
+    """``[K + 1, D]``: the sketch directions for hidden size ``d``
+    (:func:`vlmscope.trace.sketch.projection`, transposed) on ``device``, plus a row of ones (each
+    token's sum, for the tensor's sum: the statistics of a sketched tensor need no pass of their
+    own); made there once per (size, device), for ``torch.nn.functional.linear``."""
     p = _PROJ.get((d, device))
     if p is None:
         # built on the device (integer ops, no host-to-device copy: nothing to synchronise);
-        # stored [K + 1, D] and used transposed: a matmul against a narrow [D, K] operand runs at
-        # half the speed on CPU BLAS (each output is then a dot product over contiguous memory)
+        # [K + 1, D] for linear(): a matmul against a narrow [D, K] operand runs at half the
+        # speed on CPU BLAS (here each output is a dot product over contiguous memory). A wide
+        # token (logits) is projected on every s-th value: [K, m] for x[:, ::s], no ones row
+        s = sketch_stride(d)
+        m = len(range(0, d, s))
         with torch.device(device):
-            signs = projection_signs(d, xp=torch).to(torch.float32) * (1.0 / math.sqrt(d))
-            p = torch.cat((signs.t(), torch.ones((1, d), dtype=torch.float32))).contiguous()
+            signs = projection_signs(m, xp=torch).to(torch.float32) * (1.0 / math.sqrt(m))
+            p = signs.t().contiguous() if s > 1 else \
+                torch.cat((signs.t(), torch.ones((1, d), dtype=torch.float32))).contiguous()
         _PROJ[(d, device)] = p
-    return p.t()
+    return p
 
 
-#: dtypes whose statistics can come from the sketch's matmul (float32 accumulation, as before)
+#: dtypes whose statistics can come from the sketch's own ops (float32 accumulation, as before)
 _FUSED = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def queue_stats_sketch(st: StepBuffer, t: Tensor) -> tuple[StatSlot, int]:
-    """The statistics and the value sketch of ``t`` together: ``(stat slot, sketch slot)``.
+def queue_stats_sketch(st: StepBuffer, t: Tensor, stats: bool = True) -> tuple[StatSlot, int]:
+    """The value sketch of a floating tensor ``[..., D]`` and (``stats``) its statistics, queued
+    on its device: ``(stat slot, sketch slot)`` (``NO_STATS`` / -1 when there are none).
 
-    For a float32/16/bfloat16 tensor the sketch's matmul also yields each token's sum, and its
-    per-token norms the tensor's norm, so the statistics need only ``aminmax`` on the device
-    (their sum and norm are added up on the host, in float64, from the sketch's columns): the
-    stat slot then has a negative width (-2: min, max; -4: and the NaN/Inf counts). Anything else
-    gets the two separately."""
-    key = (id(t), version_of(t))
-    hit = st.stat_dedupe.get(key)
-    if hit is not None:
-        ref, slot = hit
-        if ref() is t:
-            return slot, queue_sketch(st, t)
-    if t.dtype not in _FUSED or t.dim() == 0 or t.layout != torch.strided or t.is_meta or t.numel() == 0:
-        return queue_stats(st, t), queue_sketch(st, t)
-    d = sketch_dim(t.shape)
-    if t.numel() // d > MAX_SKETCH_ROWS:
-        return queue_stats(st, t), -1
-    x = t.detach()
-    mn, mx = torch.aminmax(x)
-    counts = x.device.type != "cpu" or not (math.isfinite(mn) and math.isfinite(mx))
-    if counts:
-        vec = torch.stack([p.to(torch.float64) for p in (mn, mx, torch.isnan(x).sum(), torch.isinf(x).sum())])
-    else:
-        vec = torch.stack([mn, mx]).to(torch.float64)
-    slot = (st.device_bytes, -vec.shape[0])
-    st.device_chunks.append(vec.view(torch.uint8))
-    st.device_bytes += 8 * vec.shape[0]
-    try:
-        st.stat_dedupe[key] = (weakref.ref(t), slot)
-    except TypeError:
-        pass
-    return slot, queue_sketch(st, t)
-
-
-def queue_sketch(st: StepBuffer, t: Tensor) -> int:
-    """Queue the value sketch of a floating tensor ``[..., D]`` on its device: per token (row of
-    the last dimension) its L2 norm and its projection on the fixed directions for ``D``
-    (float32, ``[N, 2 + K]``: the norm, the K projections and the token's sum; encoded to float16
-    on the host when the step is written, see :mod:`vlmscope.trace.sketch`). Returns the index of its slot, or -1 (not floating, no tokens,
-    more than ``MAX_SKETCH_ROWS`` tokens). Two ops (a norm and a matmul) and a concatenation; a
-    tensor passed on from module to module is sketched once per step."""
+    The sketch: per token (row of the last dimension larger than 1) its L2 norm and its
+    projection on the K fixed directions for ``D`` plus a column of ones (the token's sum),
+    computed as one ``aminmax``, one norm and one ``linear``, and queued as one float32 chunk
+    ``[min, max, norms (N), projections and sums (N x (K + 1))]`` (encoded to float16 on the host
+    when the step is written, see :mod:`vlmscope.trace.sketch`). For float32/16/bfloat16 tensors
+    the statistics come from that chunk (the sum from the tokens' sums, the norm from their
+    norms, min and max), so they cost no pass of their own: the stat slot then has a negative
+    width (-2; -4 with the NaN/Inf counts, queued separately as int64 at its offset). Other
+    tensors (float64, too many tokens) get :func:`queue_stats` and, when it fits, a sketch of the
+    same layout. A tensor passed on from module to module is done once per step."""
     key = (id(t), version_of(t))
     hit = st.sketch_dedupe.get(key)
     if hit is not None:
         ref, slot = hit
         if ref() is t:
-            return slot
+            s_hit = st.stat_dedupe.get(key) if stats else None
+            return (s_hit[1] if s_hit is not None and s_hit[0]() is t else
+                    (queue_stats(st, t) if stats else NO_STATS)), slot
     if not t.is_floating_point() or t.dim() == 0 or t.layout != torch.strided or t.is_meta:
-        return -1
+        return (queue_stats(st, t) if stats else NO_STATS), -1
     d = sketch_dim(t.shape)
     numel = t.numel()
-    if d == 0 or numel == 0 or numel // d > MAX_SKETCH_ROWS:
-        return -1
+    if numel == 0 or numel // d > MAX_SKETCH_ROWS:
+        return (queue_stats(st, t) if stats else NO_STATS), -1
     n = numel // d
+    fused = stats and t.dtype in _FUSED
+    stat_slot = queue_stats(st, t) if stats and not fused else NO_STATS
     x = t.detach().reshape(n, d)
     if x.dtype != torch.float32:
         x = x.float()
-    vals = torch.cat((torch.linalg.vector_norm(x, dim=1).unsqueeze(1), torch.mm(x, _projection(d, x.device))), 1)
-    width = vals.shape[1]
+    mn, mx = torch.aminmax(x)
+    norms = torch.linalg.vector_norm(x, dim=1)
+    s = sketch_stride(d)
+    if s == 1:
+        proj = torch.nn.functional.linear(x, _projection(d, x.device))
+    else:   # a wide token: every s-th value projected, its sum from all of them
+        proj = torch.cat((torch.nn.functional.linear(x[:, ::s], _projection(d, x.device)), x.sum(1, keepdim=True)), 1)
+    chunk = torch.cat((mn.reshape(1), mx.reshape(1), norms, proj.reshape(-1)))
     off = st.device_bytes
-    st.device_chunks.append(vals.view(-1).view(torch.uint8))
-    nbytes = 4 * n * width
-    if nbytes % 8:
-        st.device_chunks.append(torch.zeros(4, dtype=torch.uint8, device=x.device))
-        nbytes += 4
-    st.device_bytes += nbytes
+    st.device_chunks.append(chunk.view(torch.uint8))
+    st.device_bytes += 4 * chunk.shape[0]       # 8 + 4 N (K + 2): a multiple of 8 (K + 2 is even)
     slot = len(st.sketch_slots)
-    st.sketch_slots.append((off, n, width))
+    st.sketch_slots.append((off, n, proj.shape[1]))
+    if fused:
+        # NaN/Inf counts only when they can be non-zero (as queue_stats decides)
+        if x.device.type != "cpu" or not (math.isfinite(mn) and math.isfinite(mx)):
+            cnt = torch.stack((torch.isnan(x).sum(), torch.isinf(x).sum()))
+            stat_slot = (st.device_bytes, -4)
+            st.device_chunks.append(cnt.view(torch.uint8))
+            st.device_bytes += 16
+        else:
+            stat_slot = (-2, -2)      # no bytes of its own: everything is in the sketch chunk
+        st.fused_stats[key] = slot
     try:
-        st.sketch_dedupe[key] = (weakref.ref(t), slot)
+        ref = weakref.ref(t)
+        st.sketch_dedupe[key] = (ref, slot)
+        if stats:
+            st.stat_dedupe[key] = (ref, stat_slot)
     except TypeError:
         pass
-    return slot
+    return stat_slot, slot
+
+
+def queue_sketch(st: StepBuffer, t: Tensor) -> int:
+    """The value sketch alone (statistics off): see :func:`queue_stats_sketch`."""
+    return queue_stats_sketch(st, t, stats=False)[1]
 
 
 class StepSketches(NamedTuple):
@@ -202,22 +203,26 @@ class StepSketches(NamedTuple):
     counts: np.ndarray    # [S] tokens per slot
     sums: np.ndarray      # [S] float64: the tensor's sum (from its tokens' sums)
     norms: np.ndarray     # [S] float64: the tensor's L2 norm (from its tokens' norms)
+    mins: np.ndarray      # [S] float64
+    maxs: np.ndarray      # [S] float64
 
 
 def sketches_from_blob(blob: np.ndarray, slots: list[tuple[int, int, int]]) -> StepSketches:
     """Decode and encode the step's queued sketches, vectorised over the whole step."""
-    off, n, width = np.asarray(slots, dtype=np.int64).reshape(-1, 3).T
-    w = int(width[0])
+    off, n, w = np.asarray(slots, dtype=np.int64).reshape(-1, 3).T   # w = K + 1 (projections + sum)
     f32 = blob[: len(blob) - len(blob) % 4].view(np.float32)
+    base = off // 4
     total = int(n.sum())
-    starts = np.repeat(off // 4, n) + (np.arange(total) - np.repeat(np.cumsum(n) - n, n)) * w
-    vals = f32[starts[:, None] + np.arange(w)[None, :]]
     first = np.cumsum(n) - n
+    within = np.arange(total) - np.repeat(first, n)
+    norms_t = f32[np.repeat(base + 2, n) + within]
+    k1 = int(w[0])
+    proj = f32[(np.repeat(base + 2 + n, n) + within * k1)[:, None] + np.arange(k1)[None, :]]
     with np.errstate(over="ignore", invalid="ignore"):
-        sums = np.add.reduceat(vals[:, -1].astype(np.float64), first)
-        norms = np.sqrt(np.add.reduceat(np.square(vals[:, 0].astype(np.float64)), first))
-    scales, data = encode_sketches(vals[:, 0], vals[:, 1:-1], n)
-    return StepSketches(scales, data, n, sums, norms)
+        sums = np.add.reduceat(proj[:, -1].astype(np.float64), first)
+        norms = np.sqrt(np.add.reduceat(np.square(norms_t.astype(np.float64)), first))
+    scales, data = encode_sketches(norms_t, proj[:, :-1], n)
+    return StepSketches(scales, data, n, sums, norms, f32[base].astype(np.float64), f32[base + 1].astype(np.float64))
 
 
 def queue_bytes(st: StepBuffer, t: Tensor) -> tuple[int, int]:
@@ -285,16 +290,22 @@ def stats_from_blob(blob: np.ndarray, slots: list[StatSlot] | tuple[StatSlot, ..
     out = np.full((len(off), 6), np.nan)
     out[:, 4:] = 0.0
     f64 = blob[: len(blob) - len(blob) % 8].view(np.float64) if len(blob) >= 8 else np.zeros(0)
-    for w, cols in ((4, (0, 1, 2, 3)), (6, (0, 1, 2, 3, 4, 5)), (-2, (0, 1)), (-4, (0, 1, 4, 5))):
+    for w in (4, 6):
         ok = (off >= 0) & (width == w)
         if ok.any():
-            idx = (off[ok] // 8)[:, None] + np.arange(len(cols))[None, :]
-            out[np.flatnonzero(ok)[:, None], np.asarray(cols)[None, :]] = f64[idx]
-            if w < 0 and sk is not None and sketch_of_row is not None:
-                rows = np.flatnonzero(ok)
-                slot = sketch_of_row[rows]
-                out[rows, 2] = sk.sums[slot]
-                out[rows, 3] = sk.norms[slot]
+            idx = (off[ok] // 8)[:, None] + np.arange(w)[None, :]
+            out[np.flatnonzero(ok)[:, None], np.arange(w)[None, :]] = f64[idx]
+    fused = width < 0
+    if fused.any() and sk is not None and sketch_of_row is not None:
+        rows = np.flatnonzero(fused)
+        slot = sketch_of_row[rows]
+        out[rows, 0], out[rows, 1] = sk.mins[slot], sk.maxs[slot]
+        out[rows, 2], out[rows, 3] = sk.sums[slot], sk.norms[slot]
+        cnt = rows[width[rows] == -4]
+        if len(cnt):
+            i64 = blob[: len(blob) - len(blob) % 8].view(np.int64)
+            out[cnt, 4] = i64[off[cnt] // 8]
+            out[cnt, 5] = i64[off[cnt] // 8 + 1]
     return out
 
 

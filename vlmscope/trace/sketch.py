@@ -30,6 +30,14 @@ SKETCH_DIRS = 8
 SKETCH_WIDTH = 1 + SKETCH_DIRS
 #: tensors with more tokens than this are not sketched (their stats still are)
 MAX_SKETCH_ROWS = 1 << 16
+#: a token wider than this (vocabulary logits) is projected on every ``stride(D)``-th value only
+#: (its norm still covers every value): the projection then costs at most 4096 values per token
+MAX_SKETCH_COLS = 4096
+
+
+def stride(d: int) -> int:
+    """Every how many values of a token of ``d`` values the projection reads."""
+    return -(-int(d) // MAX_SKETCH_COLS)
 
 SKETCH_DTYPE = np.dtype([
     ("tensor", np.int64),   # row in /tensors
@@ -67,9 +75,13 @@ def projection_signs(d: int, k: int = SKETCH_DIRS, xp=np):
 
 @lru_cache(maxsize=64)
 def projection(dim: int, k: int = SKETCH_DIRS) -> np.ndarray:
-    """``[dim, k]`` float32 unit columns (random signs over sqrt(dim)), the same for every trace
-    with this hidden size."""
-    p = projection_signs(dim, k).astype(np.float32) * np.float32(1.0 / np.sqrt(dim))
+    """``[dim, k]`` float32 unit columns, the same for every trace with this hidden size: random
+    signs over sqrt(m) on the m rows read (every ``stride(dim)``-th; all of them up to 4096),
+    zero elsewhere."""
+    s = stride(dim)
+    m = len(range(0, int(dim), s))
+    p = np.zeros((int(dim), k), np.float32)
+    p[::s] = projection_signs(m, k).astype(np.float32) * np.float32(1.0 / np.sqrt(m))
     p.setflags(write=False)
     return p
 
