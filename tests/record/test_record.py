@@ -406,9 +406,13 @@ def test_sigint_during_cli_record_leaves_readable_incomplete_trace(tmp_path):
     import signal
 
     out = tmp_path / "sig.h5"
+    # a run started in the background by a shell without job control (nohup ... &) inherits
+    # SIGINT ignored, as POSIX has it: the child is given the default disposition, as a
+    # terminal's Ctrl-C finds it
     proc = subprocess.Popen(
         [sys.executable, "-P", "-m", "vlmscope.cli", "record", "-v", "--image", str(IMAGE), "-o", str(out),
-         "-n", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "-n", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     try:
         for line in proc.stderr:  # one line per recorded step with -v
