@@ -216,3 +216,27 @@ def test_sketch_projection_depends_on_the_hidden_size_only():
     assert S.projection(64).shape == (64, S.SKETCH_DIRS)
     assert np.allclose(np.linalg.norm(S.projection(48), axis=0), 1.0, atol=1e-6)
     assert S.sketch_dim((1024, 64, 1, 1, 1)) == 64 and S.sketch_dim((3, 1)) == 3
+
+
+def test_the_viewer_names_the_culprit_and_g_goes_to_it(port_traces):
+    """The viewer's diff mode uses diff's alignment and localization: between two
+    implementations its summary names the culprit, and g lands on that call."""
+    import asyncio
+
+    from vlmscope.tui.app import ViewerApp
+    from vlmscope.tui.pilot import press, settle
+    from vlmscope.tui.widgets.summary import DiffSummary
+
+    async def go():
+        app = ViewerApp([port_traces["window_reverse"], port_traces["ref"]], checks=False)
+        async with app.run_test(size=(160, 48)) as pilot:
+            await settle(pilot)
+            scr = app.screen
+            summary = scr.query_one(DiffSummary).content
+            text = summary.plain if hasattr(summary, "plain") else str(summary)
+            assert text.startswith("culprit prefill visual"), text
+            await press(pilot, "g")
+            item = scr.nav.current
+            tm, idx = scr.session.model_for(item)
+            assert tm.module_path(int(idx.module[idx.event_of(item)])) == "visual" and item[0] == 0
+    asyncio.run(go())

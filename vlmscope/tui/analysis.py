@@ -67,6 +67,7 @@ class AlignResult:
     same: bool = True               # ``vlmscope diff``'s verdict, whether or not ``first`` can be placed
     headline: str | None = None     # the first divergence as ``vlmscope diff`` prints it
     culprit: str | None = None      # the module ``vlmscope diff`` names as the culprit (when established)
+    first_is_culprit: bool = False  # ``first`` is that culprit call (two implementations)
 
 
 def _sides(tbl, n_a: int, n_b: int) -> Sides:
@@ -110,14 +111,15 @@ def align_sides(path_a: str, path_b: str, maps: list[str]) -> AlignResult:
         rep = diff(ta, tb, maps or None, alignment=al, limit=1)
         first = rep.first
         fdict = first.to_dict() if first is not None else None
+        is_culprit = False
         if rep.culprit is not None and (fdict is None or rep.cross) and rep.culprit.as_divergence() is not None:
             # two implementations: the nodes on one side only are not divergences; g goes to the culprit
-            fdict = rep.culprit.as_divergence()
+            fdict, is_culprit = rep.culprit.as_divergence(), True
         return AlignResult(events, tables["tensors"], tables["reshapes"], tables["probes"],
                            fdict, same=bool(rep.same),
                            headline=first.headline() if first is not None else
                            (rep.culprit.headline() if rep.culprit is not None and not rep.same else None),
-                           culprit=_culprit_line(rep))
+                           culprit=None if is_culprit else _culprit_line(rep), first_is_culprit=is_culprit)
     finally:
         al.trace_a.close()
         al.trace_b.close()

@@ -185,9 +185,10 @@ class MainScreen(Screen):
         if first is None and diff is not None and diff.unplaced:
             summary.show_unplaced(diff.unplaced)
         else:
-            culprit = diff.result.culprit if diff is not None and diff.result is not None else None
+            res = diff.result if diff is not None else None
             summary.show_first(None if first is None else self._where(first[0]), None if first is None else first[1],
-                               culprit)
+                               res.culprit if res is not None else None,
+                               first_is_culprit=res is not None and res.first_is_culprit)
         self.nav.rebuild()
         self.detail.redraw()
 

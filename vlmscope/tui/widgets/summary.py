@@ -24,7 +24,8 @@ class DiffSummary(Static):
                                   (printable(headline), STATUS_STYLE[Status.MISSING_A] or "bold")),
                     layout=False)
 
-    def show_first(self, where: str | None, status: Status | None, culprit: str | None = None) -> None:
+    def show_first(self, where: str | None, status: Status | None, culprit: str | None = None,
+                   first_is_culprit: bool = False) -> None:
         t = Text(no_wrap=True, overflow="ellipsis")
         if culprit:
             # the module whose inputs agree and whose outputs do not, as vlmscope diff names it
@@ -35,7 +36,8 @@ class DiffSummary(Static):
             t.append("no divergence: A and B agree", "bold green")
         else:
             st = status if status is not None else Status.SHAPE
-            t.append("first divergence ", "bold")
+            # two implementations: g goes to the culprit (inputs agree, outputs do not)
+            t.append("culprit " if first_is_culprit else "first divergence ", "bold")
             t.append(printable(where), STATUS_STYLE[st] or "bold")
             t.append(f" ({STATUS_TEXT[st]})", STATUS_STYLE[st])
             t.append("  g: go", "dim")
