@@ -32,7 +32,8 @@ from vlmscope.trace import ROLE_OUTPUT
 
 from ._index import TraceIndex
 from .automap import ModuleMap, in_scope
-from .sketchdiff import compare_sketches, sketch_table, sketch_tol
+from .compare import STATS, stats_drift
+from .sketchdiff import compare_sketches, sketch_lookup, sketch_table, sketch_tol
 
 #: tolerances (rtol on the magnitude, atol) of statistics when two implementations are compared:
 #: two correct kernels of one dtype differ by a few ulps per op, which accumulate over a model
@@ -108,20 +109,17 @@ class _Step:
         self.tt = ix.rows("tensors", slice(t0, t0 + nt)) if nt else np.zeros(0, ix.trace.dataset_dtype("tensors"))
         self.by_key = {(int(m), int(n)): i for i, (m, n) in enumerate(zip(self.ev["module"], self.ev["nth"]))}
         sk = sketch_table(ix)
-        self.sk_rows = None
+        self.sk = sk
+        # each local tensor row's sketch row (-1: none), and the step's sketch values, one read
+        # (a step's sketches lie together)
+        self.sk_of = sketch_lookup(ix, sk, np.arange(t0, t0 + nt)) if len(sk) else np.full(nt, -1, np.int64)
         self.sk_base, self.sk_vals = 0, None
-        if len(sk):
-            col = ix.__dict__.get("_sketch_tensor_col")
-            if col is None:
-                col = ix.__dict__["_sketch_tensor_col"] = np.ascontiguousarray(sk["tensor"])
-            lo, hi = np.searchsorted(col, [t0, t0 + nt])
-            self.sk_rows = sk[lo:hi]
-            if hi > lo:
-                # the step's sketch values, one read (a step's sketches lie together)
-                offs = self.sk_rows["off"].astype(np.int64)
-                end = offs + self.sk_rows["rows"].astype(np.int64) * self.sk_rows["width"].astype(np.int64)
-                self.sk_base = int(offs.min())
-                self.sk_vals = ix.trace.sketch_values(self.sk_base, int(end.max()) - self.sk_base)
+        have = self.sk_of[self.sk_of >= 0]
+        if len(have):
+            offs = sk["off"][have].astype(np.int64)
+            end = offs + sk["rows"][have].astype(np.int64) * sk["width"][have].astype(np.int64)
+            self.sk_base = int(offs.min())
+            self.sk_vals = ix.trace.sketch_values(self.sk_base, int(end.max()) - self.sk_base)
         strings = ix.strings
         self.names = [str(strings[x]) for x in self.tt["name"]] if nt else []
         self.dtypes = [str(strings[x]).removeprefix("torch.") for x in self.tt["dtype"]] if nt else []
@@ -143,13 +141,10 @@ class _Step:
 
     def sketch(self, r: int) -> tuple[np.ndarray, float, int] | None:
         """(values [N, width] float16, scale, off) of local tensor row ``r``, or None."""
-        sk = self.sk_rows
-        if sk is None or not len(sk):
+        j = int(self.sk_of[r])
+        if j < 0:
             return None
-        g = self.t0 + r
-        j = int(np.searchsorted(sk["tensor"], g))
-        if j >= len(sk) or int(sk["tensor"][j]) != g:
-            return None
+        sk = self.sk
         n, w, off = int(sk["rows"][j]), int(sk["width"][j]), int(sk["off"][j])
         vals = self.sk_vals[off - self.sk_base:off - self.sk_base + n * w].reshape(n, w)
         return vals, float(sk["scale"][j]), off
@@ -157,12 +152,9 @@ class _Step:
     def identity(self, r: int) -> tuple:
         """What makes two tensor rows of this step the same tensor: the shared sketch, else the
         shape, dtype and exact statistics."""
-        sk = self.sk_rows
-        if sk is not None and len(sk):
-            g = self.t0 + r
-            j = int(np.searchsorted(sk["tensor"], g))
-            if j < len(sk) and int(sk["tensor"][j]) == g:
-                return ("sketch", int(sk["off"][j]))
+        j = int(self.sk_of[r])
+        if j >= 0:
+            return ("sketch", int(self.sk["off"][j]))
         t = self.tt[r]
         return ("stats", self.shape(r), self.dtypes[r], float(t["min"]), float(t["max"]), float(t["mean"]),
                 float(t["std"]))
@@ -181,16 +173,16 @@ def compare_stats(ra: np.void, rb: np.void, dtype: str, rtol: float | None, atol
     if int(ra["nan"]) != int(rb["nan"]) or int(ra["inf"]) != int(rb["inf"]):
         return f"NaN/Inf counts {int(ra['nan'])}/{int(ra['inf'])} vs {int(rb['nan'])}/{int(rb['inf'])}"
     r, a = _tol(dtype, rtol, atol)
-    mag = max(abs(float(ra["absmax"])), abs(float(rb["absmax"])))
-    if not np.isfinite(mag):
-        mag = 0.0
-    for f in ("mean", "std", "min", "max", "absmax"):
-        x, y = float(ra[f]), float(rb[f])
-        if x == y or (np.isnan(x) and np.isnan(y)):
-            continue
-        if not abs(x - y) <= a + r * mag:
-            return f"{f} {x:.6g} vs {y:.6g}"
-    return None
+    sa = np.array([[float(ra[f]) for f in STATS]])
+    sb = np.array([[float(rb[f]) for f in STATS]])
+    counts = np.array([[int(ra["nan"]), int(ra["inf"])]])
+    if not stats_drift(sa, sb, counts, counts, np.array([r]), np.array([a]))[0]:
+        return None
+    # they differ (the drift test diff uses): name the statistic that moved most
+    with np.errstate(invalid="ignore"):
+        d = np.nan_to_num(np.abs(sa[0] - sb[0]), nan=np.inf)
+    f = STATS[int(np.argmax(d))]
+    return f"{f} {float(ra[f]):.6g} vs {float(rb[f]):.6g}"
 
 
 # ============================================================================ the walk
@@ -236,23 +228,15 @@ def _localize_step(A, B, mm, sa, sb, rtol, atol, only, ignore, sketched) -> Culp
     if roots is not None:
         return Culprit("inputs", sa, sb, reason=roots, sketches=sketched, kind=kind)
     results: dict[int, _Pair] = {}
-    b_call: dict[int, int] = {}
     for i in order:
         i = int(i)
         m = int(xa.ev["module"][i])
         if not in_scope(str(pa[m]), only, ignore):
             continue
-        mb = mm.pairs.get(m)
-        if mb is None:
+        res = _result_of(xa, xb, mm, results, i, rtol, atol, sketched)
+        if res is None or res.out is None:
             continue
-        j = xb.by_key.get((mb, int(xa.ev["nth"][i])))
-        if j is None:
-            continue
-        b_call[i] = j
-        res = _compare_call(xa, xb, i, j, rtol, atol, sketched, mm.identity)
-        results[i] = res
-        if res.out is None:
-            continue
+        mb = mm.pairs[m]
         # the first call whose outputs differ
         c = Culprit("found", sa, sb, str(pa[m]), str(B.module_paths[mb]), sketches=sketched, kind=kind,
                     seq_a=int(xa.ev["seq"][i]))
@@ -299,6 +283,22 @@ def _root_inputs_differ(xa: _Step, xb: _Step) -> str | None:
             if what is not None:
                 return f"{name}: {what}"
     return None
+
+
+def _counterpart_call(xb: _Step, mm: ModuleMap, xa: _Step, i: int) -> int | None:
+    """B's call of the module the map pairs with A's call ``i``, the same call number (None: none)."""
+    mb = mm.pairs.get(int(xa.ev["module"][i]))
+    return xb.by_key.get((mb, int(xa.ev["nth"][i]))) if mb is not None else None
+
+
+def _result_of(xa: _Step, xb: _Step, mm: ModuleMap, results: dict, i: int, rtol, atol, sketched) -> "_Pair | None":
+    """Call ``i``'s comparison with its counterpart (already made, or made now); None without one."""
+    res = results.get(i)
+    if res is None:
+        j = _counterpart_call(xb, mm, xa, i)
+        if j is not None:
+            res = results[i] = _compare_call(xa, xb, i, j, rtol, atol, sketched, mm.identity)
+    return res
 
 
 def _weak(sketched: bool) -> str:
@@ -416,12 +416,7 @@ def _walk(A, B, mm: ModuleMap, xa: _Step, xb: _Step, i: int, res: _Pair, c: Culp
         passed = [r for r in ins_p if xa.identity(r) == ident]
         if passed:
             cur, row = p_local, passed[0]
-            pres = results.get(cur)
-            if pres is None:
-                m = int(ev["module"][cur])
-                mb = mm.pairs.get(m)
-                j = xb.by_key.get((mb, int(ev["nth"][cur]))) if mb is not None else None
-                pres = _compare_call(xa, xb, cur, j, rtol, atol, sketched) if j is not None else _Pair()
+            pres = _result_of(xa, xb, mm, results, cur, rtol, atol, sketched) or _Pair()
             cur_res = pres if pres.ins_differ else _Pair(ins_differ=[(row, cur_res.ins_differ[0][1])], ins_known=True)
             continue
         # not the caller's input: made by an earlier call under the caller, or by the caller's own code
@@ -443,11 +438,7 @@ def _walk(A, B, mm: ModuleMap, xa: _Step, xb: _Step, i: int, res: _Pair, c: Culp
             c.reason = (f"its output feeds {child}, whose {cur_res.ins_differ[0][1]}; it has no counterpart to compare "
                         "with, so the cause lies in it or upstream")
         else:
-            pres = results.get(where)
-            if pres is None:
-                mb = mm.pairs.get(m)
-                j = xb.by_key.get((mb, int(ev["nth"][where]))) if mb is not None else None
-                pres = _compare_call(xa, xb, where, j, rtol, atol, sketched) if j is not None else None
+            pres = _result_of(xa, xb, mm, results, where, rtol, atol, sketched)
             if pres is not None and pres.ins_differ:
                 # the caller's own inputs differ too: keep walking from the caller
                 cur, cur_res = where, pres
