@@ -68,3 +68,40 @@ def test_a_trace_without_sketches_reads_and_diffs(tmp_path, qwen25_trace_path):
     from vlmscope.analyze.diff import diff
     rep = diff(old, qwen25_trace_path)
     assert rep.same and rep.culprit.status == "same"
+
+
+def test_the_recorders_device_encoding_is_sketch_encode_bit_for_bit():
+    """The recorder divides and rounds the cosines on the device for the whole step; the host
+    adds column 0. The stored bits equal numpy's ``sketch.encode`` of the same projections and
+    norms (zero tokens, NaN tokens, wide and narrow tokens, several sizes in one step), and the
+    statistics derived from the sketches are the tensors' own."""
+    import torch
+
+    from vlmscope.recorder.buffer import StepBuffer
+    from vlmscope.recorder.stats import copy_to_host, queue_stats, queue_stats_sketch, sketches_from_blob
+    from vlmscope.trace.sketch import encode
+
+    rng = np.random.default_rng(0)
+    xs = [torch.from_numpy((rng.standard_normal(shape) * 10.0 ** e).astype(np.float32))
+          for shape, e in [((2, 5, 7), 0), ((1, 300, 16), -3), ((3, 5000), 2), ((1, 1, 128), 0), ((4, 64), 15),
+                                   ((4000, 96), 0)]]
+    xs[0][0, 1] = 0.0                      # a zero token
+    xs[1][0, 7, 3] = float("nan")          # a NaN token
+    st = StepBuffer(0)
+    for x in xs:
+        queue_stats(st, x.to(torch.int64))  # a chunk before the sketches: their offset is not 0
+        queue_stats_sketch(st, x)
+    proj = torch.cat(st.sketch_proj).numpy().copy()
+    norms = torch.cat(st.sketch_norms).numpy()[:, 0].copy()
+    sk = sketches_from_blob(copy_to_host(st), st)
+    scales, data = encode(norms, proj[:, :-1], np.asarray(st.sketch_rows))
+    assert np.array_equal(sk.data.view(np.uint16), data.view(np.uint16))
+    assert np.array_equal(sk.scales, scales, equal_nan=True)
+    assert (sk.data[1][1:] == 0).all() and np.isnan(sk.data[10 + 7].astype(np.float32)).all()
+    for i, x in enumerate(xs):
+        v = x.double().numpy()
+        assert sk.mins[i] == np.nanmin(v) or np.isnan(v).any()
+        if not np.isnan(v).any():
+            assert sk.maxs[i] == v.max()
+            assert np.isclose(sk.sums[i], v.sum(), rtol=1e-5, atol=1e-6 * np.abs(v).sum())
+            assert np.isclose(sk.norms[i], np.sqrt((v * v).sum()), rtol=1e-5)

@@ -44,7 +44,7 @@ def write_step(w: T.TraceWriter, st: StepBuffer, model: ModelInfo,
     base = Bases(w.counts["events"], w.counts["tensors"], w.counts["reshapes"], w.counts["probes"])
     payload_ids = write_payloads(w, st, blob)
     events = events_table(st, base)
-    sk = sketches_from_blob(blob, st.sketch_slots) if st.sketch_slots else None
+    sk = sketches_from_blob(blob, st) if st.sketch_rows else None
     tensors = tensors_table(st, blob, base, payload_ids, sk)
     reshapes = reshapes_table(st, base)
     probes, pos_rows = ProbeAssembly(w, st, blob, model).table(base)

@@ -76,7 +76,7 @@ class TensorRow:
     numel: int
     stats: StatSlot  # (byte offset, width) in the device blob
     payload: int     # step-local payload request index, -1 when not saved
-    sketch: int = -1  # index in the step's ``sketch_slots``, -1 when not sketched
+    sketch: int = -1  # index in the step's ``sketch_rows``, -1 when not sketched
 
 
 @dataclass(slots=True)
@@ -150,11 +150,16 @@ class StepBuffer:
     # the identity cache: (id, version) -> (weak reference to the tensor, its StatSlot)
     stat_dedupe: dict[tuple, tuple[weakref.ref, StatSlot]] = field(default_factory=dict)
     probe_cache: dict[tuple, QueuedValues] = field(default_factory=dict)
-    # value sketches: (byte offset in the blob, tokens, values per token) of each queued sketch,
-    # and the identity cache (id, version) -> (weak reference, index in sketch_slots)
-    sketch_slots: list[tuple[int, int, int]] = field(default_factory=list)
+    # value sketches, kept apart from device_chunks and joined once per step (copy_to_host):
+    # each sketch's [N, K + 1] float32 projections and sums, [N, 1] norms, min and max (0-d
+    # float32), its token count, and the identity cache (id, version) -> (weak reference,
+    # index in sketch_rows)
+    sketch_proj: list = field(default_factory=list)
+    sketch_norms: list = field(default_factory=list)
+    sketch_min: list = field(default_factory=list)
+    sketch_max: list = field(default_factory=list)
+    sketch_rows: list[int] = field(default_factory=list)
     sketch_dedupe: dict[tuple, tuple[weakref.ref, int]] = field(default_factory=dict)
-    fused_stats: dict[tuple, int] = field(default_factory=dict)   # (id, version) -> sketch slot of fused stats
     nth: dict[int, int] = field(default_factory=dict)              # module id -> calls so far
     op_nth: dict[tuple[int, int], int] = field(default_factory=dict)  # (event, op) -> calls so far
     seq: int = 0             # execution-order counter shared by events, reshapes and probes

@@ -19,7 +19,7 @@ from torch import Tensor
 from vlmscope.recorder.buffer import NO_STATS, PayloadRequest, StatSlot, StepBuffer
 from vlmscope.trace.sketch import MAX_SKETCH_ROWS, sketch_dim
 from vlmscope.trace.sketch import stride as sketch_stride
-from vlmscope.trace.sketch import encode as encode_sketches
+from vlmscope.trace.sketch import encode_column0
 from vlmscope.trace.sketch import projection_signs
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {}
@@ -129,16 +129,16 @@ def queue_stats_sketch(st: StepBuffer, t: Tensor, stats: bool = True) -> tuple[S
     """The value sketch of a floating tensor ``[..., D]`` and (``stats``) its statistics, queued
     on its device: ``(stat slot, sketch slot)`` (``NO_STATS`` / -1 when there are none).
 
-    The sketch: per token (row of the last dimension larger than 1) its L2 norm and its
-    projection on the K fixed directions for ``D`` plus a column of ones (the token's sum),
-    computed as one ``aminmax``, one norm and one ``linear``, and queued as one float32 chunk
-    ``[min, max, norms (N), projections and sums (N x (K + 1))]`` (encoded to float16 on the host
-    when the step is written, see :mod:`vlmscope.trace.sketch`). For float32/16/bfloat16 tensors
-    the statistics come from that chunk (the sum from the tokens' sums, the norm from their
-    norms, min and max), so they cost no pass of their own: the stat slot then has a negative
-    width (-2; -4 with the NaN/Inf counts, queued separately as int64 at its offset). Other
-    tensors (float64, too many tokens) get :func:`queue_stats` and, when it fits, a sketch of the
-    same layout. A tensor passed on from module to module is done once per step."""
+    The sketch: per token (row of the last dimension larger than 1) its projection on the K fixed
+    directions for ``D`` and its sum (a row of ones in the same ``linear``), its L2 norm, and the
+    tensor's min and max: one ``aminmax``, one norm and one ``linear`` per tensor, kept in the
+    step's lists and joined once per step by :func:`copy_to_host`, which also divides and rounds
+    the cosines (see :mod:`vlmscope.trace.sketch`). For float32/16/bfloat16 tensors the
+    statistics come from the sketch (the sum from the tokens' sums, the norm from their norms, min
+    and max), so they cost no pass of their own: the stat slot then has a negative width (-2; -4
+    with the NaN/Inf counts, queued separately as int64 at its offset). Other tensors (float64,
+    too many tokens) get :func:`queue_stats` and, when it fits, a sketch. A tensor passed on from
+    module to module is done once per step."""
     key = (id(t), version_of(t))
     hit = st.sketch_dedupe.get(key)
     if hit is not None:
@@ -160,18 +160,18 @@ def queue_stats_sketch(st: StepBuffer, t: Tensor, stats: bool = True) -> tuple[S
     if x.dtype != torch.float32:
         x = x.float()
     mn, mx = torch.aminmax(x)
-    norms = torch.linalg.vector_norm(x, dim=1)
     s = sketch_stride(d)
     if s == 1:
         proj = torch.nn.functional.linear(x, _projection(d, x.device))
     else:   # a wide token: every s-th value projected, its sum from all of them
-        proj = torch.cat((torch.nn.functional.linear(x[:, ::s], _projection(d, x.device)), x.sum(1, keepdim=True)), 1)
-    chunk = torch.cat((mn.reshape(1), mx.reshape(1), norms, proj.reshape(-1)))
-    off = st.device_bytes
-    st.device_chunks.append(chunk.view(torch.uint8))
-    st.device_bytes += 4 * chunk.shape[0]       # 8 + 4 N (K + 2): a multiple of 8 (K + 2 is even)
-    slot = len(st.sketch_slots)
-    st.sketch_slots.append((off, n, proj.shape[1]))
+        proj = torch.cat((torch.nn.functional.linear(x[:, ::s], _projection(d, x.device)),
+                          x.sum(1, keepdim=True)), 1)
+    slot = len(st.sketch_rows)
+    st.sketch_proj.append(proj)
+    st.sketch_norms.append(torch.linalg.vector_norm(x, dim=1, keepdim=True))
+    st.sketch_min.append(mn)
+    st.sketch_max.append(mx)
+    st.sketch_rows.append(n)
     if fused:
         # NaN/Inf counts only when they can be non-zero (as queue_stats decides)
         if x.device.type != "cpu" or not (math.isfinite(mn) and math.isfinite(mx)):
@@ -180,8 +180,7 @@ def queue_stats_sketch(st: StepBuffer, t: Tensor, stats: bool = True) -> tuple[S
             st.device_chunks.append(cnt.view(torch.uint8))
             st.device_bytes += 16
         else:
-            stat_slot = (-2, -2)      # no bytes of its own: everything is in the sketch chunk
-        st.fused_stats[key] = slot
+            stat_slot = (-2, -2)      # no bytes of its own: everything is in the sketch
     try:
         ref = weakref.ref(t)
         st.sketch_dedupe[key] = (ref, slot)
@@ -207,22 +206,27 @@ class StepSketches(NamedTuple):
     maxs: np.ndarray      # [S] float64
 
 
-def sketches_from_blob(blob: np.ndarray, slots: list[tuple[int, int, int]]) -> StepSketches:
-    """Decode and encode the step's queued sketches, vectorised over the whole step."""
-    off, n, w = np.asarray(slots, dtype=np.int64).reshape(-1, 3).T   # w = K + 1 (projections + sum)
-    f32 = blob[: len(blob) - len(blob) % 4].view(np.float32)
-    base = off // 4
-    total = int(n.sum())
+def sketches_from_blob(blob: np.ndarray, st: StepBuffer) -> StepSketches:
+    """The step's sketches from the bytes :func:`copy_to_host` put after its other
+    ``device_bytes``: the ``[T, 2]`` float32 sums and norms of the tokens, the ``[2S]`` float32
+    mins and maxes, and the ``[T, 1 + K]`` float16 block whose cosines the device wrote. Column 0
+    (norm / scale) is filled here, in place, and zero tokens get cosines 0: the result is
+    :func:`vlmscope.trace.sketch.encode`'s, bit for bit."""
+    n = np.asarray(st.sketch_rows, dtype=np.int64)
+    total, k, _ = _sketch_bytes(st)
+    a, b = st.device_bytes + 8 * total, st.device_bytes + 8 * total + 8 * len(n)
+    tail = blob[st.device_bytes:a].view(np.float32).reshape(total, 2)
+    mm = blob[a:b].view(np.float32)
+    data = blob[b:b + 2 * total * (1 + k)].view(np.float16).reshape(total, 1 + k)
     first = np.cumsum(n) - n
-    within = np.arange(total) - np.repeat(first, n)
-    norms_t = f32[np.repeat(base + 2, n) + within]
-    k1 = int(w[0])
-    proj = f32[(np.repeat(base + 2 + n, n) + within * k1)[:, None] + np.arange(k1)[None, :]]
+    norms_t = tail[:, 1]
     with np.errstate(over="ignore", invalid="ignore"):
-        sums = np.add.reduceat(proj[:, -1].astype(np.float64), first)
-        norms = np.sqrt(np.add.reduceat(np.square(norms_t.astype(np.float64)), first))
-    scales, data = encode_sketches(norms_t, proj[:, :-1], n)
-    return StepSketches(scales, data, n, sums, norms, f32[base].astype(np.float64), f32[base + 1].astype(np.float64))
+        sums = np.add.reduceat(tail[:, 0].astype(np.float64), first)
+        n64 = norms_t.astype(np.float64)
+        norms = np.sqrt(np.add.reduceat(n64 * n64, first))
+    scales = encode_column0(norms_t, n, data)
+    return StepSketches(scales, data, n, sums, norms, mm[:len(n)].astype(np.float64),
+                        mm[len(n):].astype(np.float64))
 
 
 def queue_bytes(st: StepBuffer, t: Tensor) -> tuple[int, int]:
@@ -272,13 +276,39 @@ class PayloadBudget:
         return len(st.payloads) - 1  # step-local; remapped when the step is written
 
 
+def _sketch_bytes(st: StepBuffer) -> tuple[int, int, int]:
+    """(tokens T, directions K, bytes) of the step's sketches in the host blob."""
+    if not st.sketch_proj:
+        return 0, 0, 0
+    total = sum(st.sketch_rows)
+    k = int(st.sketch_proj[0].shape[1]) - 1
+    return total, k, 8 * total + 8 * len(st.sketch_rows) + 2 * total * (1 + k)
+
+
 def copy_to_host(st: StepBuffer) -> np.ndarray:
-    """The one device->host copy of a step: every queued chunk as one uint8 array."""
-    if not st.device_chunks:
-        return np.zeros(0, np.uint8)
-    if len(st.device_chunks) == 1:
-        return st.device_chunks[0].cpu().numpy()
-    return torch.cat(st.device_chunks).cpu().numpy()
+    """The one device->host copy of a step: every queued chunk as one uint8 array, the value
+    sketches last, from byte ``st.device_bytes`` (see :func:`sketches_from_blob`). The blob is
+    allocated once on the device and every part is written into its place (``out=``)."""
+    chunks = st.device_chunks
+    total, k, sk_bytes = _sketch_bytes(st)
+    if not sk_bytes:
+        if not chunks:
+            return np.zeros(0, np.uint8)
+        return (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).cpu().numpy()
+    nb = st.device_bytes
+    proj, norms = torch.cat(st.sketch_proj), torch.cat(st.sketch_norms)   # [T, K + 1], [T, 1]
+    buf = torch.empty(nb + sk_bytes, dtype=torch.uint8, device=proj.device)
+    if chunks:
+        torch.cat(chunks, out=buf[:nb])
+    # the tokens' sums and norms (float32: the tensors' statistics come from them), the mins
+    # and maxes, then the [T, 1 + K] float16 block as stored, its cosines divided and rounded on
+    # the device for the whole step at once (the same IEEE division and rounding as numpy's, see
+    # sketch.encode); column 0 (norm / scale) is filled on the host
+    a, b = nb + 8 * total, nb + 8 * total + 8 * len(st.sketch_rows)
+    torch.cat((proj[:, k:], norms), 1, out=buf[nb:a].view(torch.float32).view(total, 2))
+    torch.stack(st.sketch_min + st.sketch_max, out=buf[a:b].view(torch.float32))
+    torch.div(proj[:, :k], norms, out=buf[b:].view(torch.float16).view(total, 1 + k)[:, 1:])
+    return buf.cpu().numpy()
 
 
 def stats_from_blob(blob: np.ndarray, slots: list[StatSlot] | tuple[StatSlot, ...],

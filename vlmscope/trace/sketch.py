@@ -91,45 +91,75 @@ def encode(norms: np.ndarray, proj: np.ndarray, counts: np.ndarray) -> tuple[np.
 
     ``norms``: ``[T]`` float32 token norms of all sketches back to back; ``proj``: ``[T, K]``
     their projections; ``counts``: tokens per sketch (each > 0). Returns ``(scales [S] float32,
-    data [T, 1 + K] float16)``: column 0 ``norm / scale``, the rest ``proj / norm`` (0 for a zero
-    token). Non-finite inputs stay non-finite (a NaN token reads as NaN)."""
+    data [T, 1 + K] float16)``: column 0 ``norm / scale`` (:func:`encode_column0`), the rest
+    ``proj / norm`` in float32 rounded to float16, 0 for a zero token. A NaN token reads as NaN.
+    The recorder divides and rounds on the device (``torch``: the same IEEE operations, the same
+    bits) and calls :func:`encode_column0`."""
     counts = np.asarray(counts, dtype=np.int64)
     norms = np.asarray(norms, dtype=np.float32)
     proj = np.asarray(proj, dtype=np.float32).reshape(len(norms), -1)
+    out = np.empty((len(norms), 1 + proj.shape[1]), np.float16)
     if not len(counts):
-        return np.zeros(0, np.float32), np.zeros((0, 1 + proj.shape[1]), np.float16)
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    with np.errstate(invalid="ignore"):
-        scales = np.maximum.reduceat(norms, starts)
-    s_tok = np.repeat(scales, counts)
-    out = np.empty((len(norms), 1 + proj.shape[1]), np.float32)
+        return np.zeros(0, np.float32), out
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        out[:, 0] = np.where(s_tok > 0, norms / np.where(s_tok > 0, s_tok, 1), np.where(np.isfinite(norms), 0, np.nan))
-        den = np.where(norms > 0, norms, 1)[:, None]
-        out[:, 1:] = np.where((norms > 0)[:, None] | ~np.isfinite(proj), proj / den, 0)
-    return scales.astype(np.float32), out.astype(np.float16)
+        np.divide(proj, norms[:, None], out=out[:, 1:], casting="unsafe")
+    return encode_column0(norms, counts, out), out
+
+
+def encode_column0(norms: np.ndarray, counts: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Fill column 0 of ``out`` (``[T, 1 + K]`` float16, columns 1..K already ``proj / norm``)
+    with ``norm / scale`` and give zero tokens cosines 0; returns the scales (``[S]`` float32,
+    the largest token norm of each sketch; a sketch whose scale is 0 or NaN has column 0 at 0,
+    NaN for its non-finite tokens)."""
+    starts = np.cumsum(counts) - counts
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        scales = np.maximum.reduceat(norms, starts)
+        out[:, 0] = norms / np.repeat(scales, counts)
+        dead = ~(scales > 0)
+        if dead.any():
+            rows = np.repeat(dead, counts)
+            out[rows, 0] = np.where(np.isfinite(norms[rows]), 0, np.nan)
+    zero = norms == 0
+    if zero.any():
+        out[zero, 1:] = 0
+    return scales.astype(np.float32)
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_ARANGE = np.zeros(0, np.uint64)
+
+
+def _positions(n: int) -> np.ndarray:
+    """``arange(n)`` as uint64 (a cached, read-only array: made once, sliced after)."""
+    global _ARANGE
+    if len(_ARANGE) < n:
+        _ARANGE = np.arange(max(n, 2 * len(_ARANGE)), dtype=np.uint64)
+        _ARANGE.setflags(write=False)
+    return _ARANGE[:n]
 
 
 def digests(data: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """One uint64 per sketch of ``data`` (``[T, width]`` float16, the sketches' tokens back to
-    back, ``counts`` tokens each): the sum of the values' bit patterns, each weighted by a
-    different odd number for its place in the sketch, modulo 2^64. Two sketches with the same
-    bits have the same digest; a reordering changes it. ``diff`` compares the digests (and
-    scales) first and reads the values only of the pairs whose digests differ."""
+    back, ``counts`` tokens each): the sum of the values' bit patterns ``u_i``, each weighted by
+    ``i * G + 1`` for its place ``i`` in the sketch (G odd), modulo 2^64. Two sketches with the
+    same bits have the same digest; a reordering changes it. ``diff`` compares the digests (and
+    scales) first and reads the values only of the pairs whose digests differ.
+
+    Computed with the place in the whole array, ``j = start + i``: the sum is
+    ``G (sum u_j j) - G start (sum u_j) + sum u_j``, exact modulo 2^64."""
     counts = np.asarray(counts, dtype=np.int64)
     if not len(counts):
         return np.zeros(0, np.uint64)
     width = data.shape[1] if data.ndim == 2 else 1
     u = np.ascontiguousarray(data, dtype=np.float16).reshape(-1).view(np.uint16).astype(np.uint64)
+    if not len(u):
+        return np.zeros(len(counts), np.uint64)
     n = counts * width
     starts = np.cumsum(n) - n
-    within = (np.arange(len(u), dtype=np.int64) - np.repeat(starts, n)).astype(np.uint64)
     with np.errstate(over="ignore"):
-        w = within * _GOLDEN + np.uint64(1)
-        return np.add.reduceat(u * w, starts) if len(u) else np.zeros(len(counts), np.uint64)
+        suj = np.add.reduceat(u * _positions(len(u)), starts)
+        su = np.add.reduceat(u, starts)
+        return _GOLDEN * suj - _GOLDEN * starts.astype(np.uint64) * su + su
 
 
 def sketch_of(x: np.ndarray, max_rows: int = MAX_SKETCH_ROWS) -> tuple[float, np.ndarray] | None:
