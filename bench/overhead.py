@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -90,10 +91,6 @@ def main() -> None:
                     help="time the journal: commit per step, the final conversion, and fsync per step")
     args = ap.parse_args()
 
-    from transformers import model_addition_debugger_context
-
-    from vlmscope import Recorder
-
     model, inputs = build(args.image_size, args.device, args.hidden, args.attn)
     ids = inputs["input_ids"][0]
     n_img = int((ids == 151655).sum())
@@ -101,6 +98,17 @@ def main() -> None:
           f"({n_img} image, {ids.numel() - n_img} text); image {args.image_size}x{args.image_size}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     tmp = Path(tempfile.mkdtemp(prefix="vlmscope-bench-"))
+    try:
+        _run(args, model, inputs, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)   # every traced run left a trace or an HF dump here
+
+
+def _run(args, model, inputs, tmp: Path) -> None:
+    from transformers import model_addition_debugger_context
+
+    from vlmscope import Recorder
+
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
     def forward():

@@ -156,3 +156,43 @@ def test_the_index_is_cached_in_the_analysis_layer(pair):
     del t, ix
     gc.collect()
     assert ref() is None                         # released with its trace
+
+
+def test_reshape_status_after_the_row_for_row_prefix_is_the_rows_own(pair, tmp_path):
+    """Rows that stop pairing up row for row (a cache grown twice shifts every later row) get
+    their status from fingerprints taken while streaming, not from a second read. That status
+    is ``reshape_status`` of the two rows, for every pair: here with one op's arguments changed
+    (drift) and one output shape changed (shape) after the prefix, in the forked half too."""
+    import h5py
+    import numpy as np
+
+    from vlmscope.analyze.align import align
+    from vlmscope.analyze.compare import DRIFT, SHAPE, reshape_status
+    from vlmscope.analyze.match import translate_strings
+
+    clean, bad = pair
+    edited = tmp_path / "edited.h5"
+    shutil.copy(bad, edited)
+    with h5py.File(edited, "r+") as f:
+        rs = f["reshapes"]
+        steps = rs["step"]
+        late = np.nonzero(steps >= steps.max() - 2)[0]       # the last steps: in the forked half
+        r_args, r_shape = int(late[3]), int(late[40])
+        row = rs[r_args]
+        others = np.unique(rs["args"][late])
+        row["args"] = int(others[others != row["args"]][0])  # an argument string of another op
+        rs[r_args] = row
+        row = rs[r_shape]
+        row["out_shape"][0] += 1
+        rs[r_shape] = row
+    al = align(clean, edited)
+    r = al.reshapes
+    both = (r.a >= 0) & (r.b >= 0)
+    ia, ib, st = r.a[both], r.b[both], r.status[both]
+    with open_trace(clean) as ta, open_trace(edited) as tb:
+        tr = translate_strings(index_of(ta), index_of(tb))
+        want = reshape_status(ta.table("reshapes")[ia], tb.table("reshapes")[ib], tr)
+    assert np.array_equal(st, want)
+    assert st[ib == r_args][0] == DRIFT and st[ib == r_shape][0] == SHAPE
+    # both edits sit after the row-for-row prefix: their rows pair at other row numbers
+    assert ia[ib == r_args][0] != r_args and ia[ib == r_shape][0] != r_shape

@@ -45,7 +45,8 @@ from vlmscope.trace import ENC_NONE, ROLE_OUTPUT, Trace, open_trace
 from ._index import TraceIndex, index_of
 from .aligned import Aligned, Alignment, Projector, assemble, tensor_time_key, time_key
 from .compare import (  # noqa: F401  (DEFAULT_TOLERANCES, tensor_metrics: re-exported)
-    DEFAULT_TOLERANCES, blobs_differ, reshape_block_status, reshape_status, same_string_ids,
+    DEFAULT_TOLERANCES, RESHAPE_DERIVED, blobs_differ, reshape_block_status, reshape_fingerprints,
+    reshape_status_derived, same_string_ids,
     tensor_block_status, tensor_metrics, tensor_status, tolerance_luts,
 )
 from .maps import MapRules, parse_maps
@@ -56,7 +57,7 @@ from .match import (
 from .status import (  # noqa: F401  (re-exported: the status vocabulary of the results)
     DRIFT, MISSING_A, MISSING_B, SAME, SHAPE, STATUS_NAMES, STATUS_RANK, Status,
 )
-from .stream import BLOCK_ROWS, child_prefix, stream_table
+from .stream import child_prefix, stream_table
 
 __all__ = ["align", "Aligned", "Alignment", "MapRules", "parse_maps", "tensor_metrics", "DEFAULT_TOLERANCES",
            "Status", "SAME", "SHAPE", "DRIFT", "MISSING_A", "MISSING_B", "STATUS_NAMES", "STATUS_RANK"]
@@ -262,9 +263,12 @@ def _align_reshapes(A: TraceIndex, B: TraceIndex, tr: np.ndarray, calls: _Calls,
     all_ok = bool(ok_id.all())
     # one streamed pass: the row-for-row prefix (same call, op, occurrence and call site) and
     # its status; then only the rows after it are read whole and matched
-    p0, pre_status, _ = stream_table(
+    # the same pass fingerprints every row (reshape_fingerprints), so the rows after the prefix
+    # get their status without reading the table a second time
+    p0, pre_status, _, da, db = stream_table(
         A, B, "reshapes", p_e, [("op", tr), ("nth", None), ("site_file", tr), ("site_line", None)],
-        lambda xa, xb: reshape_block_status(xa, xb, tr, ok_id, all_ok))
+        lambda xa, xb: reshape_block_status(xa, xb, tr, ok_id, all_ok),
+        derive=(reshape_fingerprints(tr), RESHAPE_DERIVED))
     pa = pair_col(A, "reshapes", pair_of_a, n_pairs, 0, p0)
     pb = pair_col(B, "reshapes", pair_of_b, n_pairs, 1, p0)
     ta_, tb_ = na - p0, nb - p0
@@ -292,9 +296,8 @@ def _align_reshapes(A: TraceIndex, B: TraceIndex, tr: np.ndarray, calls: _Calls,
             ia, ib = ia[o], ib[o]
     st = np.zeros(len(ia), np.int8)
     st[:p0] = pre_status
-    for j0 in range(p0, len(ia), BLOCK_ROWS):      # in blocks: the gathered rows stay in cache
-        j1 = min(len(ia), j0 + BLOCK_ROWS)
-        st[j0:j1] = reshape_status(A.fetch("reshapes", ia[j0:j1]), B.fetch("reshapes", ib[j0:j1]), tr)
+    ja, jb = ia[p0:], ib[p0:]
+    st[p0:] = reshape_status_derived(da["shape_fp"][ja], db["shape_fp"][jb], da["args"][ja], db["args"][jb])
     return assemble(ia, ib, st, na, nb, A.col("reshapes", "step") if na else np.zeros(0, np.int64),
                     B.col("reshapes", "step") if nb else np.zeros(0, np.int64),
                     lambda r: time_key(A.col("reshapes", "step")[r], A.col("reshapes", "seq")[r]),

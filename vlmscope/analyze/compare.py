@@ -235,6 +235,42 @@ def reshape_status(x: np.ndarray, y: np.ndarray, tr: np.ndarray) -> np.ndarray:
     return np.where(diff, SHAPE, np.where(args_diff, DRIFT, SAME)).astype(np.int8)
 
 
+#: the fields of a reshape row whose difference makes a pair SHAPE in :func:`reshape_status`
+#: (string ids translated first), and the multiplier of the fingerprint that mixes them
+_SHAPE_IDS = ("in_shapes", "in_dtypes", "out_dtype")
+_SHAPE_NUMS = ("out_ndim", "n_in", "n_out", "status")
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+RESHAPE_DERIVED = {"shape_fp": np.dtype(np.uint64), "args": np.dtype(np.int64)}
+
+
+def reshape_fingerprints(tr: np.ndarray):
+    """A :data:`~vlmscope.analyze.stream.Derive` function for the reshapes: per row, a 64-bit
+    fingerprint of every field :func:`reshape_status` compares for SHAPE (A's string ids
+    translated with ``tr`` into B's, every dimension of ``out_shape``), and the row's ``args``
+    string id (translated likewise). Two rows with equal fingerprints and args get SAME, equal
+    fingerprints and other args DRIFT, others SHAPE: :func:`reshape_status`'s verdict, up to a
+    2^-64 chance of two different rows mixing to the same fingerprint."""
+
+    def derive(x: np.ndarray, side: int) -> dict[str, np.ndarray]:
+        h = np.full(len(x), 0x243F6A8885A308D3, np.uint64)
+        cols = [tr[x[f]] if side == 0 else x[f] for f in _SHAPE_IDS] + [x[f] for f in _SHAPE_NUMS]
+        shape = x["out_shape"]
+        cols += [shape[:, i] for i in range(shape.shape[1])]
+        with np.errstate(over="ignore"):
+            for c in cols:
+                h ^= c.astype(np.int64).view(np.uint64)
+                h *= _MIX
+                h ^= h >> np.uint64(29)
+        return {"shape_fp": h, "args": (tr[x["args"]] if side == 0 else x["args"]).astype(np.int64)}
+
+    return derive
+
+
+def reshape_status_derived(fa: np.ndarray, fb: np.ndarray, aa: np.ndarray, ab: np.ndarray) -> np.ndarray:
+    """:func:`reshape_status` of pairs from their derived columns (:func:`reshape_fingerprints`)."""
+    return np.where(fa != fb, SHAPE, np.where(aa != ab, DRIFT, SAME)).astype(np.int8)
+
+
 def reshape_block_status(xa: np.ndarray, xb: np.ndarray, tr: np.ndarray, ok_id: np.ndarray,
                          all_ok: bool) -> tuple[np.ndarray, np.ndarray]:
     """Status of row-for-row paired reshape rows: bit-identical rows (with the same string ids)

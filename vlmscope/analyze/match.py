@@ -166,42 +166,67 @@ def sequence_match(A: TraceIndex, B: TraceIndex, tr: np.ndarray, pa: np.ndarray,
                    irr_a: np.ndarray, irr_b: np.ndarray, off: int) -> tuple[np.ndarray, np.ndarray]:
     """Align the reshapes of calls whose op sequences differ, call by call, with difflib:
     first on (op, call site), then the leftovers of each changed block by op, in order.
-    ``pa``/``irr_a`` (and B's) describe the table rows from ``off`` on; rows returned are global."""
+    ``pa``/``irr_a`` (and B's) describe the table rows from ``off`` on; rows returned are global.
+
+    The calls are grouped and ordered with numpy, each row becomes one integer code for its
+    (op, call site) (A's string ids translated into B's), and the pairs difflib finds for a pair
+    of code sequences are computed once and reused: a fault repeated every step gives every
+    step's call the same pair of sequences."""
+    ra = np.nonzero(irr_a)[0]
+    rb = np.nonzero(irr_b)[0]
+    if not len(ra) or not len(rb):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    ra, rb = ra + off, rb + off
+    ka, kb = pa[ra - off], pb[rb - off]
+    oa = np.lexsort((A.col("reshapes", "seq")[ra], ka))
+    ob = np.lexsort((B.col("reshapes", "seq")[rb], kb))
+    ra, ka, rb, kb = ra[oa], ka[oa], rb[ob], kb[ob]
+    op_a = tr[A.col("reshapes", "op")[ra]]
+    op_b = B.col("reshapes", "op")[rb].astype(np.int64)
+    site = np.concatenate([
+        np.stack([op_a, tr[A.col("reshapes", "site_file")[ra]], A.col("reshapes", "site_line")[ra]], 1),
+        np.stack([op_b, B.col("reshapes", "site_file")[rb], B.col("reshapes", "site_line")[rb]], 1)]).astype(np.int64)
+    _, code = np.unique(site, axis=0, return_inverse=True)
+    code = code.reshape(-1)
+    ca, cb = code[:len(ra)].tolist(), code[len(ra):].tolist()
+    opa, opb = op_a.tolist(), op_b.tolist()
+    ua, sa_ = np.unique(ka, return_index=True)
+    ub, sb_ = np.unique(kb, return_index=True)
+    ea, eb = np.append(sa_[1:], len(ka)), np.append(sb_[1:], len(kb))
+    common, ia_, ib_ = np.intersect1d(ua, ub, assume_unique=True, return_indices=True)
+    cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+    out_a: list[np.ndarray] = []
+    out_b: list[np.ndarray] = []
+    for a0, a1, b0, b1 in zip(sa_[ia_].tolist(), ea[ia_].tolist(), sb_[ib_].tolist(), eb[ib_].tolist()):
+        key = (tuple(ca[a0:a1]), tuple(cb[b0:b1]))
+        hit = cache.get(key)
+        if hit is None:
+            hit = cache[key] = _pairs(key[0], key[1], opa[a0:a1], opb[b0:b1])
+        out_a.append(ra[a0 + hit[0]])
+        out_b.append(rb[b0 + hit[1]])
+    if not out_a:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(out_a).astype(np.int64), np.concatenate(out_b).astype(np.int64)
+
+
+def _pairs(sa: tuple, sb: tuple, op_a: list, op_b: list) -> tuple[np.ndarray, np.ndarray]:
+    """Local index pairs of two calls' (op, call site) code sequences: difflib's equal blocks,
+    then, within each replaced block, the same ops in order (e.g. a moved call site)."""
     import difflib
 
-    ra_rows, rb_rows = np.nonzero(irr_a)[0], np.nonzero(irr_b)[0]
-    out_a: list[int] = []
-    out_b: list[int] = []
-    if not len(ra_rows) or not len(rb_rows):
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    ga = {}
-    for r, k in zip((ra_rows + off).tolist(), pa[ra_rows].tolist()):
-        ga.setdefault(k, []).append(r)
-    gb = {}
-    for r, k in zip((rb_rows + off).tolist(), pb[rb_rows].tolist()):
-        gb.setdefault(k, []).append(r)
-    seq_a, op_a, file_a, line_a = (A.col("reshapes", f) for f in ("seq", "op", "site_file", "site_line"))
-    seq_b, op_b, file_b, line_b = (B.col("reshapes", f) for f in ("seq", "op", "site_file", "site_line"))
-    for k, rows_a in ga.items():
-        rows_b = gb.get(k)
-        if not rows_b:
-            continue
-        rows_a = sorted(rows_a, key=lambda r: int(seq_a[r]))
-        rows_b = sorted(rows_b, key=lambda r: int(seq_b[r]))
-        sa = [(int(tr[op_a[r]]), A.s(int(file_a[r])), int(line_a[r])) for r in rows_a]
-        sb = [(int(op_b[r]), B.s(int(file_b[r])), int(line_b[r])) for r in rows_b]
-        sm = difflib.SequenceMatcher(a=sa, b=sb, autojunk=False)
-        for tag, i1, i2, j1, j2 in sm.get_opcodes():
-            if tag == "equal":
-                out_a += rows_a[i1:i2]
-                out_b += rows_b[j1:j2]
-            elif tag == "replace":   # same op, in order, pairs up (e.g. a moved call site)
-                left = list(range(j1, j2))
-                for i in range(i1, i2):
-                    for jj, j in enumerate(left):
-                        if sa[i][0] == sb[j][0]:
-                            out_a.append(rows_a[i])
-                            out_b.append(rows_b[j])
-                            left = left[jj + 1:]
-                            break
-    return np.asarray(out_a, np.int64), np.asarray(out_b, np.int64)
+    li: list[int] = []
+    lj: list[int] = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=sa, b=sb, autojunk=False).get_opcodes():
+        if tag == "equal":
+            li += range(i1, i2)
+            lj += range(j1, j2)
+        elif tag == "replace":
+            left = list(range(j1, j2))
+            for i in range(i1, i2):
+                for jj, j in enumerate(left):
+                    if op_a[i] == op_b[j]:
+                        li.append(i)
+                        lj.append(j)
+                        left = left[jj + 1:]
+                        break
+    return np.asarray(li, np.int64), np.asarray(lj, np.int64)

@@ -137,6 +137,12 @@ def child_prefix(A: "TraceIndex", B: "TraceIndex", table: str, p_e: int, keys: K
 #: ``(rows_a, rows_b) -> (status, rows needing more)``: the status of rows paired row for row
 BlockStatus = Callable[[np.ndarray, np.ndarray], "tuple[np.ndarray, np.ndarray]"]
 
+#: ``(rows, side) -> {name: values}``: columns a pass derives from every row of trace A (side
+#: 0) or B (side 1) while it streams them, for the rows that do not pair up row for row (their
+#: status then needs no second read of the table). They belong to the pass, not to the index:
+#: A's may depend on B (its string ids translated into B's).
+Derive = Callable[[np.ndarray, int], "dict[str, np.ndarray]"]
+
 
 @dataclass
 class StreamPass:
@@ -151,6 +157,9 @@ class StreamPass:
     cb: dict
     status: np.ndarray
     more: list = field(default_factory=list)
+    derive: "Derive | None" = None
+    da: dict = field(default_factory=dict)   # derived columns of A (name -> array), see Derive
+    db: dict = field(default_factory=dict)
 
     def run(self, blocks) -> int | None:
         """Consume ``blocks`` (``(start, rows_a, rows_b)``): copy the compact columns, and while
@@ -162,6 +171,10 @@ class StreamPass:
             for f in self.ca:
                 self.ca[f][s:e] = xa[f]
                 self.cb[f][s:e] = xb[f]
+            if self.derive is not None:
+                for side, x, d in ((0, xa, self.da), (1, xb, self.db)):
+                    for f, v in self.derive(x, side).items():
+                        d[f][s:e] = v
             if p0 is not None:
                 continue
             q = block_prefix(xa, xb, self.p_e, self.keys)
@@ -190,7 +203,9 @@ class HalfWorker:
         self.out = StreamPass(out.p_e, out.keys, out.block_status,
                               {f: shared(c.dtype, m) for f, c in out.ca.items()},
                               {f: shared(c.dtype, m) for f, c in out.cb.items()}, shared(np.int8, m),
-                              [np.zeros(0, np.int64)])
+                              [np.zeros(0, np.int64)], out.derive,
+                              {f: shared(c.dtype, m) for f, c in out.da.items()},
+                              {f: shared(c.dtype, m) for f, c in out.db.items()})
         self.more = shared(np.int64, m)
         self.head = shared(np.int64, 2)          # [number of rows in ``more``, first unpaired row or -1]
 
@@ -233,6 +248,9 @@ class HalfWorker:
         for f in out.ca:
             out.ca[f][lo:n] = self.out.ca[f]
             out.cb[f][lo:n] = self.out.cb[f]
+        for f in out.da:
+            out.da[f][lo:n] = self.out.da[f]
+            out.db[f][lo:n] = self.out.db[f]
         out.status[lo:n] = self.out.status
         out.more.append(self.more[:int(self.head[0])] + lo)
         q = int(self.head[1])
@@ -243,21 +261,26 @@ class HalfWorker:
 
 
 def stream_table(A: "TraceIndex", B: "TraceIndex", table: str, p_e: int, keys: Keys,
-                 block_status: BlockStatus) -> tuple[int, np.ndarray, np.ndarray]:
+                 block_status: BlockStatus, derive: "tuple[Derive, dict[str, np.dtype]] | None" = None
+                 ) -> tuple:
     """One pass over both traces' ``table`` (tensors or reshapes), block by block: keeps each
     trace's compact columns (:data:`COMPACT_FIELDS`, handed to the indexes), finds the
     row-for-row prefix and, for its rows, the status with ``block_status``.
 
     Returns (prefix length, status of the prefix rows, prefix rows needing more). The tables
-    are never held whole: what stays is about a tenth of their size.
+    are never held whole: what stays is about a tenth of their size. ``derive``: a
+    :data:`Derive` function and the dtypes of its columns; with it, the derived columns of
+    every row of both traces come back as ``(..., derived of A, derived of B)``.
 
     Big tables (8 blocks and more) are cut in two: a :class:`HalfWorker` does the second half of
     the rows of both traces while this process does the first, so that the pass uses both of a
     small machine's cores. Smaller ones are read here (:func:`stream_pair`)."""
     na, nb = A.n_rows(table), B.n_rows(table)
     n = min(na, nb)
+    fn, dts = derive if derive is not None else (None, {})
     out = StreamPass(p_e, keys, block_status, compact_columns(A, table, na), compact_columns(B, table, nb),
-                     np.zeros(n, np.int8), [np.zeros(0, np.int64)])
+                     np.zeros(n, np.int8), [np.zeros(0, np.int64)], fn,
+                     {f: np.empty(na, dt) for f, dt in dts.items()}, {f: np.empty(nb, dt) for f, dt in dts.items()})
     rows = max(A.trace.stream_rows(table, STREAM_BYTES), B.trace.stream_rows(table, STREAM_BYTES))
     worker = HalfWorker.start(A, B, table, n, rows, out) if n >= 8 * rows else None
     if worker is None:
@@ -271,11 +294,16 @@ def stream_table(A: "TraceIndex", B: "TraceIndex", table: str, p_e: int, keys: K
         if p0 is None:
             p0 = p1
     p0 = n if p0 is None else p0
-    for ix, c, m in ((A, out.ca, na), (B, out.cb, nb)):
+    for side, ix, c, d, m in ((0, A, out.ca, out.da, na), (1, B, out.cb, out.db, nb)):
         if m > n:
             rest = ix.rows(table, slice(n, m))
             for f in c:
                 c[f][n:] = rest[f]
+            if fn is not None:
+                for f, v in fn(rest, side).items():
+                    d[f][n:] = v
         ix.set_compact(table, c)
     more_rows = np.concatenate(out.more)
+    if fn is not None:
+        return p0, out.status[:p0], more_rows[more_rows < p0], out.da, out.db
     return p0, out.status[:p0], more_rows[more_rows < p0]
