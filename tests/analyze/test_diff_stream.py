@@ -158,7 +158,52 @@ def test_the_index_is_cached_in_the_analysis_layer(pair):
     assert ref() is None                         # released with its trace
 
 
-def test_reshape_status_after_the_row_for_row_prefix_is_the_rows_own(pair, tmp_path):
+def _tail_statuses(clean, edited, monkeypatch):
+    """(A rows, B rows, status) of the paired reshape rows, and reshape_status of those rows;
+    the reshapes streamed in blocks small enough that their second half is forked off."""
+    import numpy as np
+
+    from vlmscope.analyze.align import align
+    from vlmscope.analyze.compare import reshape_status
+    from vlmscope.analyze.match import translate_strings
+
+    monkeypatch.setattr(stream_mod, "STREAM_BYTES", 1 << 19)
+    forked = []
+    orig = stream_mod.HalfWorker.start
+
+    def spy(A, B, table, *a, **k):
+        w = orig(A, B, table, *a, **k)
+        forked.append((table, w is not None))
+        return w
+
+    monkeypatch.setattr(stream_mod.HalfWorker, "start", spy)
+    r = align(clean, edited).reshapes
+    assert ("reshapes", True) in forked
+    both = (r.a >= 0) & (r.b >= 0)
+    ia, ib, st = r.a[both], r.b[both], r.status[both]
+    with open_trace(clean) as ta, open_trace(edited) as tb:
+        tr = translate_strings(index_of(ta), index_of(tb))
+        want = reshape_status(ta.table("reshapes")[ia], tb.table("reshapes")[ib], tr)
+    return ia, ib, st, want
+
+
+def _edit_reshape(f, r: int, **fields) -> None:
+    import numpy as np
+
+    rs = f["reshapes"]
+    row = rs[r]
+    for k, v in fields.items():
+        if k == "out_shape":
+            row["out_shape"][0] += 1
+        elif k == "args":                         # an argument string of another op
+            others = np.unique(rs["args"][max(0, r - 200):r + 200])
+            row["args"] = int(others[others != row["args"]][0])
+        else:
+            row[k] = v
+    rs[r] = row
+
+
+def test_reshape_status_after_the_row_for_row_prefix_is_the_rows_own(pair, tmp_path, monkeypatch):
     """Rows that stop pairing up row for row (a cache grown twice shifts every later row) get
     their status from fingerprints taken while streaming, not from a second read. That status
     is ``reshape_status`` of the two rows, for every pair: here with one op's arguments changed
@@ -166,33 +211,45 @@ def test_reshape_status_after_the_row_for_row_prefix_is_the_rows_own(pair, tmp_p
     import h5py
     import numpy as np
 
-    from vlmscope.analyze.align import align
-    from vlmscope.analyze.compare import DRIFT, SHAPE, reshape_status
-    from vlmscope.analyze.match import translate_strings
+    from vlmscope.analyze.compare import DRIFT, SHAPE
 
     clean, bad = pair
     edited = tmp_path / "edited.h5"
     shutil.copy(bad, edited)
     with h5py.File(edited, "r+") as f:
-        rs = f["reshapes"]
-        steps = rs["step"]
+        steps = f["reshapes"]["step"]
         late = np.nonzero(steps >= steps.max() - 2)[0]       # the last steps: in the forked half
         r_args, r_shape = int(late[3]), int(late[40])
-        row = rs[r_args]
-        others = np.unique(rs["args"][late])
-        row["args"] = int(others[others != row["args"]][0])  # an argument string of another op
-        rs[r_args] = row
-        row = rs[r_shape]
-        row["out_shape"][0] += 1
-        rs[r_shape] = row
-    al = align(clean, edited)
-    r = al.reshapes
-    both = (r.a >= 0) & (r.b >= 0)
-    ia, ib, st = r.a[both], r.b[both], r.status[both]
-    with open_trace(clean) as ta, open_trace(edited) as tb:
-        tr = translate_strings(index_of(ta), index_of(tb))
-        want = reshape_status(ta.table("reshapes")[ia], tb.table("reshapes")[ib], tr)
+        _edit_reshape(f, r_args, args=True)
+        _edit_reshape(f, r_shape, out_shape=True)
+    ia, ib, st, want = _tail_statuses(clean, edited, monkeypatch)
     assert np.array_equal(st, want)
     assert st[ib == r_args][0] == DRIFT and st[ib == r_shape][0] == SHAPE
     # both edits sit after the row-for-row prefix: their rows pair at other row numbers
     assert ia[ib == r_args][0] != r_args and ia[ib == r_shape][0] != r_shape
+
+
+def test_reshape_status_when_only_the_first_half_stops_pairing_row_for_row(pair, tmp_path, monkeypatch):
+    """One op renamed early ends the row-for-row prefix in the first half, while the forked
+    second half still pairs row for row from its start: its rows get their fingerprints after
+    the pass, and their status is still the rows' own (a drift and a shape there)."""
+    import h5py
+    import numpy as np
+
+    from vlmscope.analyze.compare import DRIFT, SHAPE
+
+    clean, _ = pair
+    edited = tmp_path / "renamed.h5"
+    shutil.copy(clean, edited)
+    with h5py.File(edited, "r+") as f:
+        rs = f["reshapes"]
+        n = len(rs)
+        ops = np.unique(rs["op"][:1000])
+        r_op = 500
+        _edit_reshape(f, r_op, op=int(ops[ops != rs[r_op]["op"]][0]))
+        r_args, r_shape = n - 300, n - 100                 # late: in the forked half
+        _edit_reshape(f, r_args, args=True)
+        _edit_reshape(f, r_shape, out_shape=True)
+    ia, ib, st, want = _tail_statuses(clean, edited, monkeypatch)
+    assert np.array_equal(st, want)
+    assert st[ib == r_args][0] == DRIFT and st[ib == r_shape][0] == SHAPE

@@ -43,6 +43,7 @@ from .aligned import Alignment
 from .align import align
 from .diff_render import Divergence, fmt_tokens, render
 from .automap import ModuleMap, in_scope, infer_map
+from .compare import blobs_differ
 from .culprit import Culprit, localize
 from .maps import MapRules, parse_maps
 from .status import DRIFT, MISSING_A, MISSING_B, SAME, SHAPE, STATUS_NAMES  # noqa: F401  (re-exported)
@@ -505,19 +506,23 @@ def _chosen(ix: TraceIndex) -> dict[str, np.ndarray]:
     return out
 
 
-def _raw(ix: TraceIndex, row: int) -> tuple:
-    p = ix.probes
-    off, n = int(p["data_off"][row]), int(p["data_len"][row])
-    return int(p["enc"][row]), tuple(p["shape"][row][: p["ndim"][row]].tolist()), ix.probe_data[off:off + n]
-
-
-def _same_raw(A: TraceIndex, ra: int, B: TraceIndex, rb: int) -> bool:
-    """The two probes hold the very same values (same encoding, shape and bytes)."""
-    if ra < 0 or rb < 0:
-        return ra < 0 and rb < 0
-    ea, sa, da = _raw(A, ra)
-    eb, sb, db = _raw(B, rb)
-    return ea == eb and sa == sb and len(da) == len(db) and bool(np.array_equal(da, db))
+def _same_raw_many(A: TraceIndex, ra: np.ndarray, B: TraceIndex, rb: np.ndarray) -> np.ndarray:
+    """Per pair of probe rows: do they hold the very same values (same encoding, shape and
+    bytes; two absent probes count as the same)? The bytes are compared by :func:`blobs_differ`."""
+    ra, rb = np.asarray(ra, np.int64), np.asarray(rb, np.int64)
+    out = (ra < 0) & (rb < 0)
+    both = np.flatnonzero((ra >= 0) & (rb >= 0))
+    if not len(both):
+        return out
+    x, y = ra[both], rb[both]
+    pa, pb = A.probes, B.probes
+    nd = pa["ndim"][x].astype(np.int64)
+    live = np.arange(pa["shape"].shape[1])[None, :] < nd[:, None]
+    same = (pa["enc"][x] == pb["enc"][y]) & (nd == pb["ndim"][y]) & \
+        ~((pa["shape"][x] != pb["shape"][y]) & live).any(axis=1)
+    same &= ~blobs_differ(A, B, x, y)
+    out[both] = same
+    return out
 
 
 def _val(ix: TraceIndex, row: int) -> np.ndarray | None:
@@ -712,14 +717,14 @@ def semantic_diff(A: TraceIndex, B: TraceIndex, limit: int = _SEM_LIMIT,
 
     q_d = differ("q_len")
     c_d = differ("cache_before") | differ("cache_after")
-    for j in range(len(sa_idx)):
+    # the probes read, compared for every step pair at once (both none: the same, e.g. causal)
+    same = {k: _same_raw_many(A, ca[k][sa_idx], B, cb[k][sb_idx]) for k in ("positions", "mask", "ids")}
+    same["ids"] &= ida == idb
+    todo = ~(same["positions"] & same["mask"] & same["ids"]) | q_d | c_d
+    for j in np.flatnonzero(todo).tolist():
         s, t = int(sa_idx[j]), int(sb_idx[j])
         ra, rb = {k: int(v[s]) for k, v in ca.items()}, {k: int(v[t]) for k, v in cb.items()}
-        same_pos = _same_raw(A, ra["positions"], B, rb["positions"])
-        same_mask = _same_raw(A, ra["mask"], B, rb["mask"])     # both none: both causal
-        same_ids = _same_raw(A, ra["ids"], B, rb["ids"]) and ida == idb
-        if same_pos and same_mask and same_ids and not q_d[j] and not c_d[j]:
-            continue
+        same_pos, same_mask, same_ids = bool(same["positions"][j]), bool(same["mask"][j]), bool(same["ids"][j])
         sta, stb = stA[s], stB[t]
         kind = _KINDS.get(int(sta["kind"]), str(int(sta["kind"])))
         pa = _axes(_val(A, ra["positions"])) if not same_pos else None

@@ -163,19 +163,16 @@ class StreamPass:
 
     def run(self, blocks) -> int | None:
         """Consume ``blocks`` (``(start, rows_a, rows_b)``): copy the compact columns, and while
-        the rows pair up row for row, their status. Returns the first row that does not pair up
-        (in the blocks' numbering), or None."""
+        the rows pair up row for row, their status; from the first row that does not (returned,
+        in the blocks' numbering, or None) on, the derived columns (:data:`Derive`)."""
         p0 = None
         for s, xa, xb in blocks:
             e = s + len(xa)
             for f in self.ca:
                 self.ca[f][s:e] = xa[f]
                 self.cb[f][s:e] = xb[f]
-            if self.derive is not None:
-                for side, x, d in ((0, xa, self.da), (1, xb, self.db)):
-                    for f, v in self.derive(x, side).items():
-                        d[f][s:e] = v
             if p0 is not None:
+                self._derive(s, xa, xb)
                 continue
             q = block_prefix(xa, xb, self.p_e, self.keys)
             for b0 in range(0, q, BLOCK_ROWS):         # in cache-sized pieces
@@ -185,7 +182,16 @@ class StreamPass:
                 self.more.append(m + s + b0)
             if q < e - s:
                 p0 = s + q
+                self._derive(p0, xa[q:], xb[q:])
         return p0
+
+    def _derive(self, s: int, xa: np.ndarray, xb: np.ndarray) -> None:
+        """The derived columns of rows ``[s, s + len)`` of both traces."""
+        if self.derive is None:
+            return
+        for side, x, d in ((0, xa, self.da), (1, xb, self.db)):
+            for f, v in self.derive(x, side).items():
+                d[f][s:s + len(x)] = v
 
 
 class HalfWorker:
@@ -293,6 +299,11 @@ def stream_table(A: "TraceIndex", B: "TraceIndex", table: str, p_e: int, keys: K
             worker.close()      # reaps the child even when this half failed
         if p0 is None:
             p0 = p1
+        elif fn is not None and (p1 is None or p1 > worker.lo):
+            # the second half derived only from its own first unpaired row on: derive the
+            # rows before it too (they follow the prefix the first half found)
+            for s, xa, xb in trace_blocks(A, B, table, worker.lo, n if p1 is None else p1, rows):
+                out._derive(s, xa, xb)
     p0 = n if p0 is None else p0
     for side, ix, c, d, m in ((0, A, out.ca, out.da, na), (1, B, out.cb, out.db, nb)):
         if m > n:

@@ -234,6 +234,16 @@ def read_strings(f: h5py.File, label: Any = "", strict: bool = False) -> np.ndar
                          f"{int(ends[-1]) if len(ends) else 0:,} of {len(blob):,} bytes, first string "
                          f"{int(ends[0]) if len(ends) else 0} bytes)")
     ends = ends[ends <= len(blob)]            # a crash between the two writes loses a tail only
+    if len(ends) and not (blob[:ends[-1]] == 0).any():
+        # no NUL byte: one NUL between strings, one decode and one split (no per-string decode);
+        # a string that is not UTF-8 fails the decode and takes the per-string path below
+        joined = np.insert(blob[:ends[-1]], ends[:-1], 0).tobytes()
+        try:
+            out = joined.decode("utf-8", "surrogatepass").split("\x00")
+        except UnicodeDecodeError:
+            out = None
+        if out is not None and len(out) == len(ends):
+            return np.array(out, dtype=object)
     raw = blob.tobytes()
     starts = np.concatenate([[0], ends[:-1]]).tolist()
     pairs = list(zip(starts, ends.tolist()))

@@ -368,10 +368,20 @@ class Trace:
         return self.strings[int(i)] if i >= 0 else ""
 
     def string_id(self, s: str) -> int:
-        """The id of string ``s``, or -1 when the trace never interned it."""
-        if "string_ids" not in self._cache:
-            self._cache["string_ids"] = {v: i for i, v in enumerate(self.strings)}
-        return self._cache["string_ids"].get(s, -1)
+        """The id of string ``s``, or -1 when the trace never interned it. Looked up among the
+        strings of its length (no dictionary of every string: a big trace holds 100,000 of them
+        and an analysis asks for a few), and remembered."""
+        ids = self._cache.setdefault("string_ids", {})
+        i = ids.get(s)
+        if i is None:
+            strings = self.strings
+            lens = self._cache.get("string_lens")
+            if lens is None:
+                lens = self._cache["string_lens"] = np.fromiter(map(len, strings), np.int64, count=len(strings))
+            cand = np.flatnonzero(lens == len(s))
+            hit = cand[strings[cand] == s] if len(cand) else cand
+            i = ids[s] = int(hit[0]) if len(hit) else -1
+        return i
 
     @property
     def steps(self) -> np.ndarray:
