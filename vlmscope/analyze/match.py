@@ -40,13 +40,14 @@ def pack(cols: list[np.ndarray]) -> np.ndarray:
     key = np.zeros(n, np.int64)
     radix_total = 1
     for c in cols:
-        c = np.asarray(c, np.int64)
+        c = np.asarray(c)
         r = int(c.max()) + 1 if n else 1
         if radix_total * r >= (1 << 62):
             _, key = np.unique(key, return_inverse=True)
             key = key.astype(np.int64).ravel()
             radix_total = int(key.max()) + 1 if n else 1
-        key = key * r + c
+        key *= r                 # in place: no new array of n keys per column
+        key += c
         radix_total *= r
     return key
 
@@ -155,11 +156,16 @@ def with_prefix(p: int, ia: np.ndarray, ib: np.ndarray) -> tuple[np.ndarray, np.
 def pair_col(ix: TraceIndex, table: str, pair_of: np.ndarray, n_pairs: int, side: int, p: int = 0) -> np.ndarray:
     """Aligned-call id of each row (from row ``p`` on); rows outside any module pair by step;
     rows of unaligned calls get -1."""
-    ev = ix.col(table, "event")[p:].astype(np.int64)
-    step = ix.col(table, "step")[p:].astype(np.int64)
-    inside = ev >= 0
-    p = np.where(inside, pair_of[np.maximum(ev, 0)] if len(pair_of) else -1, n_pairs + step)
-    return p
+    ev = ix.col(table, "event")[p:]
+    out = np.empty(len(ev), np.int64)
+    outside = ev < 0
+    if len(pair_of):
+        np.take(pair_of, ev, out=out, mode="clip")   # (event ids index pair_of: no int64 copy of them)
+    else:
+        out.fill(-1)
+    if outside.any():
+        out[outside] = n_pairs + ix.col(table, "step")[p:][outside].astype(np.int64)
+    return out
 
 
 def sequence_match(A: TraceIndex, B: TraceIndex, tr: np.ndarray, pa: np.ndarray, pb: np.ndarray,

@@ -185,14 +185,16 @@ def sketch_lookup(ix: TraceIndex, sk: np.ndarray, rows: np.ndarray) -> np.ndarra
     """The sketch row of each tensor row (-1: none), through a dense table (cached)."""
     lut = ix.__dict__.get("_sketch_lut")
     if lut is None:
+        # lut[r + 1]: the sketch of tensor row r; -1 at both ends, for rows -1 (none) and past
+        # the table (a clipped take lands there)
         n = ix.n_rows("tensors")
-        lut = np.full(n + 1, -1, np.int64)
+        lut = np.full(n + 2, -1, np.int64)
         t = sk["tensor"]
         ok = (t >= 0) & (t < n)           # checked by the reader; kept safe here
-        lut[t[ok]] = np.nonzero(ok)[0]
+        lut[t[ok] + 1] = np.nonzero(ok)[0]
         ix.__dict__["_sketch_lut"] = lut
-    r = np.asarray(rows, np.int64)
-    return lut[np.where((r >= 0) & (r < len(lut) - 1), r, len(lut) - 1)]
+    r = np.asarray(rows, np.int64) + 1
+    return np.take(lut, r, mode="clip")
 
 
 def _tol_lut(ix: TraceIndex) -> np.ndarray:
