@@ -52,7 +52,7 @@ from .compare import (  # noqa: F401  (DEFAULT_TOLERANCES, tensor_metrics: re-ex
 from .maps import MapRules, parse_maps
 from .sketchdiff import sketch_drift
 from .match import (
-    match_cols, match_keys, occurrence, pack, pair_col, sequence_match, take, translate_strings, with_prefix,
+    match_cols, match_in_groups, match_keys, occurrence, pack, pair_col, sequence_match, take, translate_strings, with_prefix,
 )
 from .status import (  # noqa: F401  (re-exported: the status vocabulary of the results)
     DRIFT, MISSING_A, MISSING_B, SAME, SHAPE, STATUS_NAMES, STATUS_RANK, Status,
@@ -284,9 +284,8 @@ def _align_reshapes(A: TraceIndex, B: TraceIndex, tr: np.ndarray, calls: _Calls,
     irregular = np.nonzero(ca != cb)[0]
     irr_a = np.isin(pa, irregular) if len(irregular) else np.zeros(ta_, bool)
     irr_b = np.isin(pb, irregular) if len(irregular) else np.zeros(tb_, bool)
-    ka = np.where((pa >= 0) & ~irr_a, keys[:ta_], -1 - np.arange(ta_))
-    kb = np.where((pb >= 0) & ~irr_b, keys[ta_:], -(ta_ + 1) - np.arange(tb_))
-    ia, ib, _ = match_keys(ka, kb)
+    # the rows of calls with as many reshapes on both sides pair up call by call, mostly in order
+    ia, ib = match_in_groups(np.where(irr_a, -1, pa), keys[:ta_], np.where(irr_b, -1, pb), keys[ta_:])
     ia, ib = with_prefix(p0, ia, ib)
     if len(irregular):
         xa_, xb_ = sequence_match(A, B, tr, pa, pb, irr_a, irr_b, p0)

@@ -108,6 +108,31 @@ def match_keys(ka: np.ndarray, kb: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     return np.concatenate([pre, ia + p]), np.concatenate([pre, ib + p]), p
 
 
+def match_in_groups(ga: np.ndarray, ka: np.ndarray, gb: np.ndarray, kb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`match_sorted` for rows in groups (``g``: a group id, -1 for a row that matches
+    nothing) whose every group has as many rows on both sides, in the same order mostly (the
+    reshapes of an aligned module call): the rows, taken group by group in row order, pair up by
+    position where their keys agree; only the others are matched by sorting. Falls back to
+    :func:`match_sorted` when the groups' sizes differ."""
+    ra, rb = np.flatnonzero(ga >= 0), np.flatnonzero(gb >= 0)
+    if len(ra) != len(rb):
+        return match_sorted(np.where(ga >= 0, ka, -1 - np.arange(len(ka))),
+                            np.where(gb >= 0, kb, -(len(ka) + 1) - np.arange(len(kb))))
+    oa = ra[np.argsort(ga[ra], kind="stable")]
+    ob = rb[np.argsort(gb[rb], kind="stable")]
+    if not np.array_equal(ga[oa], gb[ob]):
+        return match_sorted(np.where(ga >= 0, ka, -1 - np.arange(len(ka))),
+                            np.where(gb >= 0, kb, -(len(ka) + 1) - np.arange(len(kb))))
+    eq = ka[oa] == kb[ob]
+    ia, ib = oa[eq], ob[eq]
+    if not eq.all():
+        xa, xb = oa[~eq], ob[~eq]
+        ja, jb = match_sorted(ka[xa], kb[xb])
+        ia, ib = np.concatenate([ia, xa[ja]]), np.concatenate([ib, xb[jb]])
+    o = np.argsort(ia, kind="stable")
+    return ia[o].astype(np.int64), ib[o].astype(np.int64)
+
+
 def match_cols(cols_a: list[np.ndarray], cols_b: list[np.ndarray], valid_a: np.ndarray | None = None,
                valid_b: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Like :func:`match_keys` on keys made of several non-negative integer columns, without
