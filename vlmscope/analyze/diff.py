@@ -364,8 +364,13 @@ def _step_diffs(A: TraceIndex, B: TraceIndex, limit: int = 200) -> list[dict]:
     if not n:
         return []
     sa, sb = A.steps[:n], B.steps[:n]
+    # whole columns first: only steps whose raw fields differ can show a difference
+    cand = np.zeros(n, bool)
+    for f in (*_STEP_FIELDS, "pos_rows", "mask_ndim"):
+        d = sa[f] != sb[f]
+        cand |= d.reshape(n, -1).any(axis=1)
     out = []
-    for s in range(n):
+    for s in np.flatnonzero(cand).tolist():
         ra, rb = _step_values(sa[s]), _step_values(sb[s])
         for f in _STEP_FIELDS:
             if ra[f] != rb[f]:
