@@ -172,11 +172,18 @@ def _fingerprints(ix: TraceIndex, sk: np.ndarray) -> np.ndarray:
     (cached): equal fingerprints, equal sketches."""
     fp = ix.__dict__.get("_sketch_fp")
     if fp is None:
-        scale = np.where(np.isnan(sk["scale"]), np.float32(np.nan), sk["scale"]).astype(np.float32)
+        # digest ^ (scale bits * G) ^ (rows << 24) ^ width, built in place (one array of the
+        # table's length, not one per term)
+        scale = sk["scale"].astype(np.float32)
+        scale[np.isnan(scale)] = np.float32(np.nan)
+        fp = scale.view(np.uint32).astype(np.uint64)
         with np.errstate(over="ignore"):
-            fp = (sk["digest"].astype(np.uint64)
-                  ^ (scale.view(np.uint32).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-                  ^ (sk["rows"].astype(np.uint64) << np.uint64(24)) ^ sk["width"].astype(np.uint64))
+            fp *= np.uint64(0x9E3779B97F4A7C15)
+        fp ^= sk["digest"].astype(np.uint64, copy=False)
+        rows = sk["rows"].astype(np.uint64)
+        rows <<= np.uint64(24)
+        fp ^= rows
+        fp ^= sk["width"].astype(np.uint64)
         ix.__dict__["_sketch_fp"] = fp
     return fp
 
@@ -189,9 +196,13 @@ def sketch_lookup(ix: TraceIndex, sk: np.ndarray, rows: np.ndarray) -> np.ndarra
         # the table (a clipped take lands there)
         n = ix.n_rows("tensors")
         lut = np.full(n + 2, -1, np.int64)
-        t = sk["tensor"]
-        ok = (t >= 0) & (t < n)           # checked by the reader; kept safe here
-        lut[t[ok] + 1] = np.nonzero(ok)[0]
+        t = sk["tensor"].astype(np.int64)
+        if len(t) and t.min() >= 0 and t.max() < n:      # checked by the reader; kept safe here
+            t += 1
+            lut[t] = np.arange(len(t))
+        else:
+            ok = (t >= 0) & (t < n)
+            lut[t[ok] + 1] = np.nonzero(ok)[0]
         ix.__dict__["_sketch_lut"] = lut
     r = np.asarray(rows, np.int64) + 1
     return np.take(lut, r, mode="clip")
