@@ -161,8 +161,6 @@ def test_the_index_is_cached_in_the_analysis_layer(pair):
 def _tail_statuses(clean, edited, monkeypatch):
     """(A rows, B rows, status) of the paired reshape rows, and reshape_status of those rows;
     the reshapes streamed in blocks small enough that their second half is forked off."""
-    import numpy as np
-
     from vlmscope.analyze.align import align
     from vlmscope.analyze.compare import reshape_status
     from vlmscope.analyze.match import translate_strings
@@ -253,3 +251,100 @@ def test_reshape_status_when_only_the_first_half_stops_pairing_row_for_row(pair,
     ia, ib, st, want = _tail_statuses(clean, edited, monkeypatch)
     assert np.array_equal(st, want)
     assert st[ib == r_args][0] == DRIFT and st[ib == r_shape][0] == SHAPE
+
+
+# ------------------------------------------------------------------ tables read by a helper
+
+
+def test_diff_with_prefetched_tables_equals_diff_without(pair, monkeypatch):
+    """``diff`` has a forked helper read the probe and sketch tables of big traces while it
+    works on; the report is the same as without it, the helper is reaped, and the tables came
+    from it."""
+    from vlmscope.analyze import worker as worker_mod
+
+    clean, bad = pair
+    without = _report(clean, bad)[0]
+    monkeypatch.setattr(worker_mod, "PREFETCH_MIN_BYTES", 0)
+    started, pids, supplied = [], [], []
+    orig_start, orig_result = worker_mod.TablePrefetch.start, worker_mod.TablePrefetch._result
+
+    def spy_start(self):
+        ok = orig_start(self)
+        started.append((ok, sorted({n for _, n, _ in self.items})))
+        pids.append(self.worker.pid)
+        return ok
+
+    def spy_result(self, arr):
+        got = orig_result(self, arr)
+        supplied.append(got is not None)
+        return got
+
+    monkeypatch.setattr(worker_mod.TablePrefetch, "start", spy_start)
+    monkeypatch.setattr(worker_mod.TablePrefetch, "_result", spy_result)
+    with_pf = _report(clean, bad)[0]
+    assert started == [(True, ["probe_data", "probes", "sketches"])]
+    assert len(supplied) == 6 and all(supplied)     # 3 tables of each trace came from the helper
+    assert with_pf == without
+    for pid in pids:                                # reaped: no such child any more
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+
+
+def test_prefetched_rows_are_checked_like_rows_read_here(pair, tmp_path):
+    """A damaged probe row is reported the same whether the trace read its table or the helper did."""
+    import h5py
+
+    from vlmscope.analyze.worker import TablePrefetch
+    from vlmscope.trace import TraceError
+
+    clean, _ = pair
+    bad = tmp_path / "bad_probe.h5"
+    shutil.copy(clean, bad)
+    with h5py.File(bad, "r+") as f:
+        row = f["probes"][3]
+        row["data_off"] = 1 << 40
+        f["probes"][3] = row
+    messages = []
+    for prefetch in (False, True):
+        with open_trace(bad) as t:
+            pre = TablePrefetch([t], min_bytes=0)
+            if prefetch:
+                assert pre.start()
+            try:
+                with pytest.raises(TraceError) as e:
+                    t.table("probes")
+                messages.append(str(e.value))
+            finally:
+                pre.close()
+    assert messages[0] == messages[1] and "probe" in messages[0]
+
+
+def test_a_failed_or_closed_helper_leaves_the_reading_to_the_trace(pair, monkeypatch):
+    import numpy as np
+
+    from vlmscope.analyze import worker as worker_mod
+    from vlmscope.analyze.worker import TablePrefetch
+
+    clean, _ = pair
+    with open_trace(clean) as t:
+        want = t.table("probes").copy()
+    # the child fails: the trace reads the table itself
+    monkeypatch.setattr(TablePrefetch, "_read", lambda self: (_ for _ in ()).throw(OSError("disk")))
+    with open_trace(clean) as t:
+        pre = TablePrefetch([t], min_bytes=0)
+        assert pre.start()
+        assert np.array_equal(t.table("probes"), want)
+        assert pre._ok is False
+        pre.close()
+    monkeypatch.undo()
+    # closed before anything was asked: the trace forgets the helper and reads the table itself
+    with open_trace(clean) as t:
+        pre = TablePrefetch([t], min_bytes=0)
+        assert pre.start()
+        pre.close()
+        assert pre.worker.pid == -1
+        assert np.array_equal(t.table("probes"), want)
+    # small traces are not worth a helper
+    with open_trace(clean) as t:
+        assert not TablePrefetch([t]).start()
+    assert worker_mod.PREFETCH_MIN_BYTES > 0

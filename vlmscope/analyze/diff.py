@@ -46,6 +46,7 @@ from .automap import ModuleMap, in_scope, infer_map
 from .compare import blobs_differ
 from .culprit import Culprit, localize
 from .maps import MapRules, parse_maps
+from .worker import TablePrefetch
 from .status import DRIFT, MISSING_A, MISSING_B, SAME, SHAPE, STATUS_NAMES  # noqa: F401  (re-exported)
 
 _STEP_FIELDS = ("kind", "status", "input_len", "q_len", "cache_before", "cache_after", "pos_min", "pos_max",
@@ -122,6 +123,12 @@ def diff(trace_a: Trace | str | os.PathLike, trace_b: Trace | str | os.PathLike,
         ta = trace_a if isinstance(trace_a, Trace) else opened.enter_context(open_trace(trace_a))
         tb = trace_b if isinstance(trace_b, Trace) else opened.enter_context(open_trace(trace_b))
         rules = parse_maps(maps)
+        if alignment is None:
+            # the probe and sketch tables, read by a helper process while this one reads the
+            # strings, the calls and the streamed tables (big traces only)
+            pre = TablePrefetch([ta, tb])
+            opened.callback(pre.close)
+            pre.start()
         A, B = index_of(ta), index_of(tb)
         mm = infer_map(A, B, rules) if auto_map else None
         path_map = _path_map(mm)

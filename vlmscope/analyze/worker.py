@@ -99,3 +99,87 @@ class ForkedWorker:
             except OSError:
                 pass
             self.pid = -1
+
+
+#: tables worth reading in a helper process (:class:`TablePrefetch`): read whole by the later
+#: passes of ``diff``, and not needed at its start
+PREFETCH_TABLES = ("probes", "probe_data", "sketches")
+#: below this many bytes in all, a trace's tables are read where they are needed (a fork costs
+#: more than it saves)
+PREFETCH_MIN_BYTES = 32 << 20
+
+
+class TablePrefetch:
+    """Whole tables of some traces, read by a forked child into shared memory while this process
+    does other work (``diff`` starts one before it reads strings, events and the streamed tables,
+    and the probe and sketch tables are ready when it gets to them).
+
+    Each trace is told (:meth:`Trace.expect_table <vlmscope.trace.Trace.expect_table>`) to ask
+    for its tables here first: the first such request waits for the child, and the rows are
+    checked by the trace as rows it read itself. If the child failed, or was closed before it
+    finished, the trace reads them itself. :meth:`close` kills and reaps the child."""
+
+    def __init__(self, traces, tables: tuple[str, ...] | None = None, min_bytes: int | None = None):
+        self.worker = ForkedWorker()
+        self.items: list[tuple[object, str, np.ndarray]] = []
+        self._ok: bool | None = None
+        tables = PREFETCH_TABLES if tables is None else tables
+        min_bytes = PREFETCH_MIN_BYTES if min_bytes is None else min_bytes
+        wanted = []
+        for t in traces:
+            names = [n for n in tables if _present(t, n) and not t.is_loaded(n)]
+            size = sum(t.n_rows(n) * t.dataset_dtype(n).itemsize for n in names)
+            if names and size >= min_bytes and not str(t.path).endswith(".partial"):
+                wanted += [(t, n) for n in names]
+        try:
+            self.items = [(t, n, ForkedWorker.shared(t.dataset_dtype(n), t.n_rows(n))) for t, n in wanted]
+        except OSError:             # no shared memory: the traces read their tables themselves
+            self.items = []
+
+    def start(self) -> bool:
+        """Fork the child; True when it runs (the traces then expect their tables from it)."""
+        if not self.items or not self.worker.start(self._read):
+            return False
+        for t, n, arr in self.items:
+            t.expect_table(n, lambda arr=arr: self._result(arr))
+        return True
+
+    def _read(self) -> None:  # pragma: no cover - runs in the forked process
+        import h5py
+
+        files: dict[str, h5py.File] = {}
+        try:
+            for t, n, arr in self.items:
+                p = str(t.path)
+                if p not in files:
+                    files[p] = h5py.File(p, "r")
+                if len(arr):
+                    files[p][n].read_direct(arr)
+        finally:
+            for f in files.values():
+                f.close()
+
+    def _result(self, arr: np.ndarray) -> np.ndarray | None:
+        if self._ok is None:
+            self._ok = self.worker.join()
+        return arr if self._ok else None
+
+    def close(self) -> None:
+        """Kill and reap the child if it still runs; tables not asked for yet are then read by
+        the traces themselves (and the shared memory is let go)."""
+        if self._ok is None and self.worker.pid > 0:
+            self._ok = False
+        self.worker.close()
+        for t, n, _ in self.items:
+            t.expect_table(n, None)
+        self.items = []
+
+
+def _present(t, name: str) -> bool:
+    """Whether trace ``t`` has dataset ``name`` with rows (the sketch tables are optional)."""
+    if name in ("sketches", "sketch_data"):
+        return t.has_sketches()
+    try:
+        return t.n_rows(name) > 0
+    except Exception:  # noqa: BLE001 - a table a damaged trace lacks: read (and reported) later
+        return False

@@ -57,6 +57,7 @@ class Trace:
         if self.path.stat().st_size == 0:
             raise TraceError(f"not a vlmscope trace (empty file): {self.path}")
         self._cache: dict[Any, Any] = {}
+        self._loaders: dict[str, Callable[[], "np.ndarray | None"]] = {}   # see expect_table
         self._version = 0
         self._file_size = self.path.stat().st_size
         self._sizes = Sizes(self._size_of)
@@ -238,6 +239,16 @@ class Trace:
         if arr is None:
             ds, dt, _ = self._layout(name)
             n = ds.shape[0]
+            loader = self._loaders.pop(name, None)
+            got = loader() if loader is not None else None
+            if got is not None and got.dtype == dt and got.shape == (n,):
+                # read by another process (expect_table): checked here like rows read here
+                if name in _ROW_TABLES:
+                    k = self.stream_rows(name, _CHECK_BYTES)
+                    for s in range(0, n, k):
+                        check_rows(name, got[s:min(n, s + k)], self._sizes, self.path, base=s)
+                self._cache[name] = got
+                return got
             arr = self._guard(lambda: np.empty(n, dt))
             if name not in _ROW_TABLES:
                 if n:
@@ -345,6 +356,17 @@ class Trace:
     def dataset_dtype(self, name: str) -> np.dtype:
         """The row dtype of a table as stored (format 1 and 2 share the field names)."""
         return self._layout(name)[1]
+
+    def expect_table(self, name: str, loader: "Callable[[], np.ndarray | None] | None") -> None:
+        """Have the first read of the whole table ``name`` (``probes``, ``probe_data``,
+        ``sketches``...) ask ``loader`` first: another process may be reading it meanwhile. The
+        loader returns the rows (their dtype and length must be the dataset's) or None, and then
+        the table is read here. Rows it supplies are checked like rows read here. ``None``
+        forgets a loader not asked yet."""
+        if loader is None:
+            self._loaders.pop(name, None)
+        elif name not in self._cache:
+            self._loaders[name] = loader
 
     def is_loaded(self, name: str) -> bool:
         """Whether a table is already read whole (and cached)."""
