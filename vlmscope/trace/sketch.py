@@ -151,14 +151,15 @@ def digests(data: np.ndarray, counts: np.ndarray) -> np.ndarray:
     if not len(counts):
         return np.zeros(0, np.uint64)
     width = data.shape[1] if data.ndim == 2 else 1
-    u = np.ascontiguousarray(data, dtype=np.float16).reshape(-1).view(np.uint16).astype(np.uint64)
+    u = np.ascontiguousarray(data, dtype=np.float16).reshape(-1).view(np.uint16)
     if not len(u):
         return np.zeros(len(counts), np.uint64)
     n = counts * width
     starts = np.cumsum(n) - n
     with np.errstate(over="ignore"):
-        suj = np.add.reduceat(u * _positions(len(u)), starts)
-        su = np.add.reduceat(u, starts)
+        # uint16 x uint64 (no uint64 copy of the values), sums accumulated in uint64
+        suj = np.add.reduceat(np.multiply(u, _positions(len(u))), starts)
+        su = np.add.reduceat(u, starts, dtype=np.uint64)
         return _GOLDEN * suj - _GOLDEN * starts.astype(np.uint64) * su + su
 
 
