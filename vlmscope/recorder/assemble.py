@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from operator import attrgetter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -54,7 +55,7 @@ def write_step(w: T.TraceWriter, st: StepBuffer, model: ModelInfo,
     w.append("reshapes", reshapes)
     w.append("probes", probes)
     if sk is not None:
-        w.append("sketches", sketches_block(w, st, sk, base))
+        w.append("sketches", sketches_block(w, st, sk, base, tensors))
     w.append("steps", step_row(st, base, pos_rows))
     w.end_step()
     return len(events)
@@ -124,22 +125,25 @@ def tensors_table(st: StepBuffer, blob: np.ndarray, base: Bases, payload_ids: li
     return tt
 
 
-def sketches_block(w: T.TraceWriter, st: StepBuffer, sk: StepSketches, base: "Bases") -> np.ndarray:
+def sketches_block(w: T.TraceWriter, st: StepBuffer, sk: StepSketches, base: "Bases",
+                   tensors: np.ndarray) -> np.ndarray:
     """Write the step's encoded sketches into ``/sketch_data`` and return their ``/sketches`` rows
-    (a tensor seen by several calls shares its sketch's values)."""
+    (a tensor seen by several calls shares its sketch's values); ``tensors``: the step's
+    ``/tensors`` rows."""
     scales, data, n = sk.scales, sk.data, sk.counts
     first = w.append_sketch_data(data)
     width = data.shape[1]
     slot_off = first + (np.cumsum(n) - n) * width
-    pairs = [(i, r.sketch) for i, r in enumerate(st.tensors) if r.sketch >= 0]
-    rows = np.zeros(len(pairs), T.OPTIONAL_TABLES["sketches"])
-    if pairs:
-        ti, si = np.asarray(pairs, dtype=np.int64).T
+    sketch = np.fromiter(map(attrgetter("sketch"), st.tensors), np.int64, len(st.tensors))
+    ti = np.flatnonzero(sketch >= 0)
+    si = sketch[ti]
+    rows = np.zeros(len(ti), T.OPTIONAL_TABLES["sketches"])
+    if len(ti):
         rows["tensor"] = ti + base.tensors
         rows["rows"] = n[si]
         rows["width"] = width
         rows["scale"] = scales[si]
-        rows["dtype"] = [st.tensors[i].dtype for i in ti]
+        rows["dtype"] = tensors["dtype"][ti]
         rows["digest"] = digests(data, n)[si]
         rows["off"] = slot_off[si]
     return rows
