@@ -214,10 +214,12 @@ def sequence_match(A: TraceIndex, B: TraceIndex, tr: np.ndarray, pa: np.ndarray,
     ra, ka, rb, kb = ra[oa], ka[oa], rb[ob], kb[ob]
     op_a = tr[A.col("reshapes", "op")[ra]]
     op_b = B.col("reshapes", "op")[rb].astype(np.int64)
-    site = np.concatenate([
-        np.stack([op_a, tr[A.col("reshapes", "site_file")[ra]], A.col("reshapes", "site_line")[ra]], 1),
-        np.stack([op_b, B.col("reshapes", "site_file")[rb], B.col("reshapes", "site_line")[rb]], 1)]).astype(np.int64)
-    _, code = np.unique(site, axis=0, return_inverse=True)
+    fa_, fb_ = A.col("reshapes", "site_file")[ra], B.col("reshapes", "site_file")[rb]
+    cols = [np.concatenate([op_a, op_b]).astype(np.int64),
+            np.concatenate([np.where(fa_ >= 0, tr[np.maximum(fa_, 0)], fa_), fb_]).astype(np.int64),
+            np.concatenate([A.col("reshapes", "site_line")[ra], B.col("reshapes", "site_line")[rb]]).astype(np.int64)]
+    site = pack([c - c.min() for c in cols])       # one int64 key per (op, call site), exact
+    _, code = np.unique(site, return_inverse=True)
     code = code.reshape(-1)
     ca, cb = code[:len(ra)].tolist(), code[len(ra):].tolist()
     opa, opb = op_a.tolist(), op_b.tolist()
