@@ -348,3 +348,72 @@ def test_a_failed_or_closed_helper_leaves_the_reading_to_the_trace(pair, monkeyp
     with open_trace(clean) as t:
         assert not TablePrefetch([t]).start()
     assert worker_mod.PREFETCH_MIN_BYTES > 0
+
+
+@pytest.mark.parametrize("table, field", [("reshapes", "args"), ("reshapes", "in_shapes"), ("tensors", "name")])
+def test_a_damaged_row_in_the_forked_half_is_reported_as_without_the_fork(pair, tmp_path, monkeypatch, table, field):
+    """The forked half checks every row it reads, as the parent's reads are checked: a damaged
+    string id in the second half of a table is the same one-line error with or without the fork
+    (the child fails, and the parent reads that half itself)."""
+    import h5py
+
+    from vlmscope.analyze.align import align
+    from vlmscope.trace import TraceError
+
+    clean, bad = pair
+    damaged = tmp_path / "damaged.h5"
+    shutil.copy(bad, damaged)
+    with h5py.File(clean, "r") as f:
+        n_clean = len(f[table])
+    with h5py.File(damaged, "r+") as f:
+        ds = f[table]
+        r = min(len(ds), n_clean) * 4 // 5          # late, in both traces' rows: the forked half
+        row = ds[r]
+        row[field] = 10**9
+        ds[r] = row
+    monkeypatch.setattr(stream_mod, "STREAM_BYTES", 1 << 19)
+    forked = []
+    orig = stream_mod.HalfWorker.start
+
+    def spy(A, B, t, *a, **k):
+        w = orig(A, B, t, *a, **k)
+        forked.append((t, w is not None))
+        return w
+
+    monkeypatch.setattr(stream_mod.HalfWorker, "start", spy)
+    messages = []
+    for no_fork in ("", "1"):
+        monkeypatch.setenv("VLMSCOPE_NO_FORK", no_fork) if no_fork else monkeypatch.delenv("VLMSCOPE_NO_FORK", raising=False)
+        with pytest.raises(TraceError) as e:
+            align(clean, damaged)
+        messages.append(str(e.value))
+    assert (table, True) in forked
+    assert messages[0] == messages[1] and f"{table} row {r:,}" in messages[0] and "string" in messages[0]
+
+
+def test_the_helpers_read_the_files_the_traces_have_open(pair, tmp_path, monkeypatch):
+    """The forked helpers open the trace files by their paths; a file put at a trace's path
+    after it was opened is not read (they fail, and the parent reads its own open file)."""
+    import h5py
+
+    from vlmscope.analyze import worker as worker_mod
+
+    clean, bad = pair
+    a = tmp_path / "a.h5"
+    shutil.copy(clean, a)
+    other = tmp_path / "other.h5"
+    shutil.copy(clean, other)
+    with h5py.File(other, "r+") as f:        # the same rows, other values
+        for name in ("tensors", "probes"):
+            ds = f[name]
+            rows = ds[:]
+            rows["mean" if name == "tensors" else "info"] = rows["mean" if name == "tensors" else "info"][::-1]
+            ds[:] = rows
+    monkeypatch.setattr(stream_mod, "STREAM_BYTES", 1 << 19)
+    monkeypatch.setattr(worker_mod, "PREFETCH_MIN_BYTES", 0)
+    with open_trace(a) as ta, open_trace(bad) as tb:
+        want = json.dumps(diff(ta, tb).to_dict(), sort_keys=True, default=str)
+    with open_trace(a) as ta, open_trace(bad) as tb:
+        os.replace(other, a)                 # another file at the path of the open trace
+        got = json.dumps(diff(ta, tb).to_dict(), sort_keys=True, default=str)
+    assert got == want

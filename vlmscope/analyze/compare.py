@@ -249,7 +249,8 @@ def reshape_fingerprints(tr: np.ndarray):
     translated with ``tr`` into B's, every dimension of ``out_shape``), and the row's ``args``
     string id (translated likewise). Two rows with equal fingerprints and args get SAME, equal
     fingerprints and other args DRIFT, others SHAPE: :func:`reshape_status`'s verdict, up to a
-    2^-64 chance of two different rows mixing to the same fingerprint."""
+    2^-64 chance of two different recorded rows mixing to the same fingerprint (the mix has no
+    key: a file crafted to collide could pass a shape difference off as the same)."""
 
     def derive(x: np.ndarray, side: int) -> dict[str, np.ndarray]:
         h = np.full(len(x), 0x243F6A8885A308D3, np.uint64)

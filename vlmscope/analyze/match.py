@@ -113,7 +113,9 @@ def match_in_groups(ga: np.ndarray, ka: np.ndarray, gb: np.ndarray, kb: np.ndarr
     nothing) whose every group has as many rows on both sides, in the same order mostly (the
     reshapes of an aligned module call): the rows, taken group by group in row order, pair up by
     position where their keys agree; only the others are matched by sorting. Falls back to
-    :func:`match_sorted` when the groups' sizes differ."""
+    :func:`match_sorted` when the groups' sizes differ. The same pairs as :func:`match_sorted`
+    when keys are unique within a group, as the reshapes' (call, op, occurrence) keys are; a
+    damaged trace with repeated keys may see its repeats paired in another order."""
     ra, rb = np.flatnonzero(ga >= 0), np.flatnonzero(gb >= 0)
     if len(ra) != len(rb):
         return match_sorted(np.where(ga >= 0, ka, -1 - np.arange(len(ka))),

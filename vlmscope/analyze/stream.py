@@ -65,12 +65,16 @@ def block_reader(trace: Trace, table: str, cap: int):
     return lambda s, e: trace.read_rows(table, s, e, buf)
 
 
-def dataset_reader(ds, cap: int):
-    """:func:`block_reader` on an open h5py dataset (a forked process opens its own files)."""
+def dataset_reader(ds, cap: int, check: Callable[[np.ndarray, int], None] | None = None):
+    """:func:`block_reader` on an open h5py dataset (a forked process opens its own files);
+    ``check(rows, start)`` checks each block (:meth:`Trace.row_checker
+    <vlmscope.trace.Trace.row_checker>`)."""
     buf = np.empty(cap, ds.dtype)
 
     def read(s: int, e: int) -> np.ndarray:
         ds.read_direct(buf, np.s_[s:e], np.s_[0:e - s])
+        if check is not None:
+            check(buf[:e - s], s)
         return buf[:e - s]
 
     return read
@@ -214,6 +218,11 @@ class HalfWorker:
                               {f: shared(c.dtype, m) for f, c in out.db.items()})
         self.more = shared(np.int64, m)
         self.head = shared(np.int64, 2)          # [number of rows in ``more``, first unpaired row or -1]
+        # the child checks every row it reads, as the parent's reads are checked (a damaged row
+        # fails the child, and the parent then does the half itself and reports it)
+        self.check_a, self.check_b = A.trace.row_checker(table), B.trace.row_checker(table)
+        # and opens the files by their paths: they must still be the files the traces have open
+        self.ids = A.trace.file_identity(), B.trace.file_identity()
 
     @property
     def pid(self) -> int:
@@ -224,7 +233,8 @@ class HalfWorker:
     def start(cls, A: "TraceIndex", B: "TraceIndex", table: str, n: int, rows: int,
               out: StreamPass) -> "HalfWorker | None":
         """A worker whose child streams the second half (whole blocks), or None."""
-        if not fork_allowed() or A.trace.is_loaded(table) or B.trace.is_loaded(table):
+        if not fork_allowed() or A.trace.is_loaded(table) or B.trace.is_loaded(table) or \
+                A.trace.file_identity() is None or B.trace.file_identity() is None:   # not files on disk
             return None
         lo = (n // 2 // rows) * rows
         try:
@@ -236,9 +246,14 @@ class HalfWorker:
     def _stream_half(self) -> None:  # pragma: no cover - runs in the forked process
         import h5py
 
+        from vlmscope.trace import same_file
+
         cap = min(self.rows, self.n - self.lo)
         with h5py.File(self.A.trace.path, "r") as fa, h5py.File(self.B.trace.path, "r") as fb:
-            q = self.out.run(paired_blocks(dataset_reader(fa[self.table], cap), dataset_reader(fb[self.table], cap),
+            if not (same_file(fa, self.ids[0]) and same_file(fb, self.ids[1])):
+                raise OSError("a trace file was replaced since it was opened")
+            q = self.out.run(paired_blocks(dataset_reader(fa[self.table], cap, self.check_a),
+                                           dataset_reader(fb[self.table], cap, self.check_b),
                                            self.lo, self.n, self.rows, base=self.lo))
             mr = np.concatenate(self.out.more)
             self.more[:len(mr)] = mr

@@ -1,9 +1,11 @@
-"""The one forked helper process of the streaming passes (:mod:`.stream`).
+"""The forked helper processes of ``diff``: the second half of a streamed pass
+(:class:`.stream.HalfWorker`) and the tables read ahead (:class:`TablePrefetch`).
 
-Decompressing the two big tables is most of a ``diff``, and h5py serialises it across threads,
-so the streamed pass over a big table hands the second half of its rows to a forked child
-(:class:`.stream.HalfWorker`), which leaves its results in shared memory. This module is the
-process side of that: fork, shared arrays, exit status, reaping.
+Decompressing the tables is most of a ``diff``, and h5py serialises it across threads, so the
+streamed pass over a big table hands the second half of its rows to a forked child, which leaves
+its results in shared memory, and another child reads the probe and sketch tables while the
+parent works on. This module is the process side of that: fork, shared arrays, exit status,
+reaping.
 
 It is fail-safe. A child is started only where :func:`fork_allowed` says so. It opens its files
 afresh, runs its task and leaves with ``os._exit`` whatever happens. Any failure (starting it,
@@ -129,8 +131,10 @@ class TablePrefetch:
         for t in traces:
             names = [n for n in tables if _present(t, n) and not t.is_loaded(n)]
             size = sum(t.n_rows(n) * t.dataset_dtype(n).itemsize for n in names)
-            if names and size >= min_bytes and not str(t.path).endswith(".partial"):
+            if names and size >= min_bytes and t.file_identity() is not None:   # a file on disk
                 wanted += [(t, n) for n in names]
+        # the child opens each file by its path: it checks that it is still the file each trace has open
+        self.identity = {str(t.path): t.file_identity() for t, _ in wanted}
         try:
             self.items = [(t, n, ForkedWorker.shared(t.dataset_dtype(n), t.n_rows(n))) for t, n in wanted]
         except OSError:             # no shared memory: the traces read their tables themselves
@@ -147,12 +151,16 @@ class TablePrefetch:
     def _read(self) -> None:  # pragma: no cover - runs in the forked process
         import h5py
 
+        from vlmscope.trace import same_file
+
         files: dict[str, h5py.File] = {}
         try:
             for t, n, arr in self.items:
                 p = str(t.path)
                 if p not in files:
                     files[p] = h5py.File(p, "r")
+                    if not same_file(files[p], self.identity[p]):
+                        raise OSError(f"{p} is no longer the file the trace has open")
                 if len(arr):
                     files[p][n].read_direct(arr)
         finally:

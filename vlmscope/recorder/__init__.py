@@ -4,7 +4,7 @@
 ``TorchFunctionMode`` that logs shape-changing ops with their call sites. Each
 top-level forward call of the model is a *step*. Tensor stats and probe values are
 computed on the tensor's device, kept there, and copied to the host once per step
-(one ``torch.cat`` of byte views, one ``.cpu()``), so recording adds no host
+(written into one device byte array, one ``.cpu()``), so recording adds no host
 synchronisation inside the forward.
 
 The hot path is written for speed: per-class caches for argument names, per-code

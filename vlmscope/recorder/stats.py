@@ -2,8 +2,9 @@
 and the one device->host copy per step that brings them back.
 
 Nothing here synchronises with the device while the forward runs: every value is a small
-tensor appended to the step's ``device_chunks`` as raw bytes, and ``copy_to_host`` turns them
-into one host byte array at the end of the step (one ``torch.cat``, one ``.cpu()``).
+tensor appended to the step's ``device_chunks`` as raw bytes (the value sketches to their own
+lists), and ``copy_to_host`` writes them all into one device byte array at the end of the step,
+brought back with one ``.cpu()``.
 """
 
 from __future__ import annotations

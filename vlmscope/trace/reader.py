@@ -19,7 +19,7 @@ from .format import (
     STATUS_RECORDING, TABLES, OPTIONAL_TABLES, TraceError, _decode, _first_line, decode_probe, read_strings, shape_of,
 )
 from .validate import (
-    Sizes, _q, attr_int, attr_json, attr_str, check_link, check_payload, check_rows, check_table, corrupt, loads,
+    BLOCK_FIELDS, ROW_FIELDS, Sizes, _q, attr_int, attr_json, attr_str, check_link, check_payload, check_rows, check_table, corrupt, loads,
     preflight, read_attr, step_damage,
 )
 
@@ -357,6 +357,30 @@ class Trace:
         """The row dtype of a table as stored (format 1 and 2 share the field names)."""
         return self._layout(name)[1]
 
+    def file_identity(self) -> tuple[int, int, int, int] | None:
+        """(device, inode, size, modification time in ns) of the file this trace has open, so
+        that a process opening its path on its own can make sure it reads the same file (see
+        :func:`same_file`); None when the trace is not a plain file read from disk (a journal
+        replayed in memory)."""
+        try:
+            if self._f.driver != "sec2":
+                return None
+            st = os.fstat(self._f.id.get_vfd_handle())
+        except Exception:  # noqa: BLE001 - no file descriptor to ask: treat as not a plain file
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def row_checker(self, table: str) -> Callable[[np.ndarray, int], None]:
+        """``check(rows, base)``: :meth:`check_rows` for rows of ``table`` read elsewhere (a
+        forked process reading the file on its own), against the sizes taken now: it needs no
+        access to this trace's open file."""
+        keys = {"steps", "strings", *(t for t, _ in ROW_FIELDS.get(table, {}).values()),
+                *(t for _, _, t in BLOCK_FIELDS.get(table, ()))}
+        snap = {k: self._sizes[k] for k in keys}
+        sizes = Sizes(snap.__getitem__)
+        path = self.path
+        return lambda rows, base=0: check_rows(table, rows, sizes, path, base=base)
+
     def expect_table(self, name: str, loader: "Callable[[], np.ndarray | None] | None") -> None:
         """Have the first read of the whole table ``name`` (``probes``, ``probe_data``,
         ``sketches``...) ask ``loader`` first: another process may be reading it meanwhile. The
@@ -620,3 +644,15 @@ _META_TYPES: dict[str, type | tuple[type, ...]] = {
 def open_trace(path: str | os.PathLike) -> Trace:
     """Open a trace lazily. Raises :class:`TraceError` with a one-line message on bad files."""
     return Trace(path)
+
+
+def same_file(f: h5py.File, identity: tuple[int, int, int, int] | None) -> bool:
+    """Whether the open h5py file ``f`` is the file of that :meth:`Trace.file_identity` (not a
+    file since put at the same path)."""
+    if identity is None:
+        return False
+    try:
+        st = os.fstat(f.id.get_vfd_handle())
+    except Exception:  # noqa: BLE001
+        return False
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == identity

@@ -15,8 +15,9 @@ Summary statistics (min, max, mean, std) do not change when rows are permuted or
 do. float16 keeps ~3 significant digits: differences below ~1e-3 of a token's norm are below the
 sketch's resolution (the stats, kept in float64, still see them).
 
-Shared by the recorder (which computes norms and projections on the device, then encodes them on
-the host with :func:`encode`), the importer and the synthetic traces (:func:`sketch_of`, numpy).
+Shared by the recorder (which computes norms and projections on the device, divides and rounds
+the cosines there and fills column 0 on the host with :func:`encode_column0`: the bits of
+:func:`encode`), the importer and the synthetic traces (:func:`sketch_of`, numpy).
 """
 
 from __future__ import annotations
@@ -127,15 +128,24 @@ def encode_column0(norms: np.ndarray, counts: np.ndarray, out: np.ndarray) -> np
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _ARANGE = np.zeros(0, np.uint64)
+#: positions kept cached (8 MiB); longer arrays are made on demand and not kept
+_ARANGE_MAX = 1 << 20
 
 
 def _positions(n: int) -> np.ndarray:
-    """``arange(n)`` as uint64 (a cached, read-only array: made once, sliced after)."""
+    """``arange(n)`` as uint64: a cached, read-only array up to ``_ARANGE_MAX`` (a recording
+    digests every step's sketches), made afresh beyond. Safe from several threads (the cache is
+    read once, replaced whole)."""
     global _ARANGE
-    if len(_ARANGE) < n:
-        _ARANGE = np.arange(max(n, 2 * len(_ARANGE)), dtype=np.uint64)
-        _ARANGE.setflags(write=False)
-    return _ARANGE[:n]
+    cached = _ARANGE
+    if len(cached) >= n:
+        return cached[:n]
+    if n > _ARANGE_MAX:
+        return np.arange(n, dtype=np.uint64)
+    cached = np.arange(min(max(n, 2 * len(cached)), _ARANGE_MAX), dtype=np.uint64)
+    cached.setflags(write=False)
+    _ARANGE = cached
+    return cached[:n]
 
 
 def digests(data: np.ndarray, counts: np.ndarray) -> np.ndarray:
