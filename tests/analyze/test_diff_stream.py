@@ -158,15 +158,11 @@ def test_the_index_is_cached_in_the_analysis_layer(pair):
     assert ref() is None                         # released with its trace
 
 
-def _tail_statuses(clean, edited, monkeypatch):
-    """(A rows, B rows, status) of the paired reshape rows, and reshape_status of those rows;
-    the reshapes streamed in blocks small enough that their second half is forked off."""
-    from vlmscope.analyze.align import align
-    from vlmscope.analyze.compare import reshape_status
-    from vlmscope.analyze.match import translate_strings
-
+def _small_blocks_forked(monkeypatch) -> list[tuple[str, bool]]:
+    """Stream in blocks small enough that the second half of every table is forked off; the
+    returned list fills with (table, whether a child was started) per streamed pass."""
     monkeypatch.setattr(stream_mod, "STREAM_BYTES", 1 << 19)
-    forked = []
+    forked: list[tuple[str, bool]] = []
     orig = stream_mod.HalfWorker.start
 
     def spy(A, B, table, *a, **k):
@@ -175,6 +171,17 @@ def _tail_statuses(clean, edited, monkeypatch):
         return w
 
     monkeypatch.setattr(stream_mod.HalfWorker, "start", spy)
+    return forked
+
+
+def _tail_statuses(clean, edited, monkeypatch):
+    """(A rows, B rows, status) of the paired reshape rows, and reshape_status of those rows;
+    the reshapes streamed in blocks small enough that their second half is forked off."""
+    from vlmscope.analyze.align import align
+    from vlmscope.analyze.compare import reshape_status
+    from vlmscope.analyze.match import translate_strings
+
+    forked = _small_blocks_forked(monkeypatch)
     r = align(clean, edited).reshapes
     assert ("reshapes", True) in forked
     both = (r.a >= 0) & (r.b >= 0)
@@ -371,16 +378,7 @@ def test_a_damaged_row_in_the_forked_half_is_reported_as_without_the_fork(pair, 
         row = ds[r]
         row[field] = 10**9
         ds[r] = row
-    monkeypatch.setattr(stream_mod, "STREAM_BYTES", 1 << 19)
-    forked = []
-    orig = stream_mod.HalfWorker.start
-
-    def spy(A, B, t, *a, **k):
-        w = orig(A, B, t, *a, **k)
-        forked.append((t, w is not None))
-        return w
-
-    monkeypatch.setattr(stream_mod.HalfWorker, "start", spy)
+    forked = _small_blocks_forked(monkeypatch)
     messages = []
     for no_fork in ("", "1"):
         monkeypatch.setenv("VLMSCOPE_NO_FORK", no_fork) if no_fork else monkeypatch.delenv("VLMSCOPE_NO_FORK", raising=False)
