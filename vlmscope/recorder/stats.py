@@ -214,11 +214,11 @@ def sketches_from_blob(blob: np.ndarray, st: StepBuffer) -> StepSketches:
     (norm / scale) is filled here, in place, and zero tokens get cosines 0: the result is
     :func:`vlmscope.trace.sketch.encode`'s, bit for bit."""
     n = np.asarray(st.sketch_rows, dtype=np.int64)
-    total, k, _ = _sketch_bytes(st)
-    a, b = st.device_bytes + 8 * total, st.device_bytes + 8 * total + 8 * len(n)
-    tail = blob[st.device_bytes:a].view(np.float32).reshape(total, 2)
-    mm = blob[a:b].view(np.float32)
-    data = blob[b:b + 2 * total * (1 + k)].view(np.float16).reshape(total, 1 + k)
+    lay = _sketch_layout(st)
+    total, k = lay.total, lay.k
+    tail = blob[st.device_bytes:lay.mm].view(np.float32).reshape(total, 2)
+    mm = blob[lay.mm:lay.data].view(np.float32)
+    data = blob[lay.data:lay.end].view(np.float16).reshape(total, 1 + k)
     first = np.cumsum(n) - n
     norms_t = tail[:, 1]
     with np.errstate(over="ignore", invalid="ignore"):
@@ -277,13 +277,27 @@ class PayloadBudget:
         return len(st.payloads) - 1  # step-local; remapped when the step is written
 
 
-def _sketch_bytes(st: StepBuffer) -> tuple[int, int, int]:
-    """(tokens T, directions K, bytes) of the step's sketches in the host blob."""
+class _SketchLayout(NamedTuple):
+    """Where the step's sketches lie in its blob, from byte ``st.device_bytes`` on: the tokens'
+    sums and norms ``[T, 2]`` float32 up to ``mm``, the mins then the maxes ``[2S]`` float32 up
+    to ``data``, the ``[T, 1 + K]`` float16 block up to ``end``."""
+    total: int     # tokens T
+    k: int         # directions K
+    mm: int
+    data: int
+    end: int
+
+
+def _sketch_layout(st: StepBuffer) -> _SketchLayout | None:
+    """The one definition of the sketches' place in the blob (written by :func:`copy_to_host`,
+    read by :func:`sketches_from_blob`); None when the step has none."""
     if not st.sketch_proj:
-        return 0, 0, 0
+        return None
     total = sum(st.sketch_rows)
     k = int(st.sketch_proj[0].shape[1]) - 1
-    return total, k, 8 * total + 8 * len(st.sketch_rows) + 2 * total * (1 + k)
+    mm = st.device_bytes + 8 * total
+    data = mm + 8 * len(st.sketch_rows)
+    return _SketchLayout(total, k, mm, data, data + 2 * total * (1 + k))
 
 
 def copy_to_host(st: StepBuffer) -> np.ndarray:
@@ -291,24 +305,23 @@ def copy_to_host(st: StepBuffer) -> np.ndarray:
     sketches last, from byte ``st.device_bytes`` (see :func:`sketches_from_blob`). The blob is
     allocated once on the device and every part is written into its place (``out=``)."""
     chunks = st.device_chunks
-    total, k, sk_bytes = _sketch_bytes(st)
-    if not sk_bytes:
+    lay = _sketch_layout(st)
+    if lay is None:
         if not chunks:
             return np.zeros(0, np.uint8)
         return (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).cpu().numpy()
-    nb = st.device_bytes
+    nb, total, k = st.device_bytes, lay.total, lay.k
     proj, norms = torch.cat(st.sketch_proj), torch.cat(st.sketch_norms)   # [T, K + 1], [T, 1]
-    buf = torch.empty(nb + sk_bytes, dtype=torch.uint8, device=proj.device)
+    buf = torch.empty(lay.end, dtype=torch.uint8, device=proj.device)
     if chunks:
         torch.cat(chunks, out=buf[:nb])
     # the tokens' sums and norms (float32: the tensors' statistics come from them), the mins
     # and maxes, then the [T, 1 + K] float16 block as stored, its cosines divided and rounded on
     # the device for the whole step at once (the same IEEE division and rounding as numpy's, see
     # sketch.encode); column 0 (norm / scale) is filled on the host
-    a, b = nb + 8 * total, nb + 8 * total + 8 * len(st.sketch_rows)
-    torch.cat((proj[:, k:], norms), 1, out=buf[nb:a].view(torch.float32).view(total, 2))
-    torch.stack(st.sketch_min + st.sketch_max, out=buf[a:b].view(torch.float32))
-    torch.div(proj[:, :k], norms, out=buf[b:].view(torch.float16).view(total, 1 + k)[:, 1:])
+    torch.cat((proj[:, k:], norms), 1, out=buf[nb:lay.mm].view(torch.float32).view(total, 2))
+    torch.stack(st.sketch_min + st.sketch_max, out=buf[lay.mm:lay.data].view(torch.float32))
+    torch.div(proj[:, :k], norms, out=buf[lay.data:].view(torch.float16).view(total, 1 + k)[:, 1:])
     return buf.cpu().numpy()
 
 
