@@ -222,7 +222,7 @@ def _align_tensors(A: TraceIndex, B: TraceIndex, tr: np.ndarray, name_lut: np.nd
     the payload metrics of the pairs compared on their saved tensors."""
     nta, ntb = A.n_rows("tensors"), B.n_rows("tensors")
     r_lut, a_lut = tolerance_luts(A, rtol, atol)
-    p0, pre_status, pre_more = stream_table(
+    p0, pre_status, pre_more, _, _ = stream_table(
         A, B, "tensors", calls.p_e, [("role", None), ("name", name_lut)],
         lambda xa, xb: tensor_block_status(xa, xb, tr, r_lut, a_lut))
     # the rows after the prefix are matched on their compact columns (never read whole)

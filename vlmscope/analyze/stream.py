@@ -244,14 +244,10 @@ class HalfWorker:
         return self if self.worker.start(self._stream_half) else None
 
     def _stream_half(self) -> None:  # pragma: no cover - runs in the forked process
-        import h5py
-
-        from vlmscope.trace import same_file
+        from vlmscope.trace import open_same_file
 
         cap = min(self.rows, self.n - self.lo)
-        with h5py.File(self.A.trace.path, "r") as fa, h5py.File(self.B.trace.path, "r") as fb:
-            if not (same_file(fa, self.ids[0]) and same_file(fb, self.ids[1])):
-                raise OSError("a trace file was replaced since it was opened")
+        with open_same_file(self.A.trace.path, self.ids[0]) as fa, open_same_file(self.B.trace.path, self.ids[1]) as fb:
             q = self.out.run(paired_blocks(dataset_reader(fa[self.table], cap, self.check_a),
                                            dataset_reader(fb[self.table], cap, self.check_b),
                                            self.lo, self.n, self.rows, base=self.lo))
@@ -283,15 +279,15 @@ class HalfWorker:
 
 def stream_table(A: "TraceIndex", B: "TraceIndex", table: str, p_e: int, keys: Keys,
                  block_status: BlockStatus, derive: "tuple[Derive, dict[str, np.dtype]] | None" = None
-                 ) -> tuple:
+                 ) -> tuple[int, np.ndarray, np.ndarray, dict, dict]:
     """One pass over both traces' ``table`` (tensors or reshapes), block by block: keeps each
     trace's compact columns (:data:`COMPACT_FIELDS`, handed to the indexes), finds the
     row-for-row prefix and, for its rows, the status with ``block_status``.
 
-    Returns (prefix length, status of the prefix rows, prefix rows needing more). The tables
-    are never held whole: what stays is about a tenth of their size. ``derive``: a
-    :data:`Derive` function and the dtypes of its columns; with it, the derived columns of
-    every row of both traces come back as ``(..., derived of A, derived of B)``.
+    Returns (prefix length, status of the prefix rows, prefix rows needing more, derived columns
+    of A, of B). The tables are never held whole: what stays is about a tenth of their size.
+    ``derive``: a :data:`Derive` function and the dtypes of its columns, computed for the rows
+    from the prefix's end on (without it, the derived columns are empty).
 
     Big tables (8 blocks and more) are cut in two: a :class:`HalfWorker` does the second half of
     the rows of both traces while this process does the first, so that the pass uses both of a
@@ -330,6 +326,4 @@ def stream_table(A: "TraceIndex", B: "TraceIndex", table: str, p_e: int, keys: K
                     d[f][n:] = v
         ix.set_compact(table, c)
     more_rows = np.concatenate(out.more)
-    if fn is not None:
-        return p0, out.status[:p0], more_rows[more_rows < p0], out.da, out.db
-    return p0, out.status[:p0], more_rows[more_rows < p0]
+    return p0, out.status[:p0], more_rows[more_rows < p0], out.da, out.db

@@ -149,18 +149,14 @@ class TablePrefetch:
         return True
 
     def _read(self) -> None:  # pragma: no cover - runs in the forked process
-        import h5py
+        from vlmscope.trace import open_same_file
 
-        from vlmscope.trace import same_file
-
-        files: dict[str, h5py.File] = {}
+        files: dict = {}
         try:
             for t, n, arr in self.items:
                 p = str(t.path)
                 if p not in files:
-                    files[p] = h5py.File(p, "r")
-                    if not same_file(files[p], self.identity[p]):
-                        raise OSError(f"{p} is no longer the file the trace has open")
+                    files[p] = open_same_file(p, self.identity[p])
                 if len(arr):
                     files[p][n].read_direct(arr)
         finally:
@@ -185,7 +181,7 @@ class TablePrefetch:
 
 def _present(t, name: str) -> bool:
     """Whether trace ``t`` has dataset ``name`` with rows (the sketch tables are optional)."""
-    if name in ("sketches", "sketch_data"):
+    if name == "sketches":
         return t.has_sketches()
     try:
         return t.n_rows(name) > 0

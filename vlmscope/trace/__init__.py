@@ -22,7 +22,7 @@ from .format import (
     OPTIONAL_TABLES, ROLE_NAMES, ROLE_OUTPUT, STATUS_COMPLETE, STATUS_FAILED, STATUS_INCOMPLETE, STATUS_RECORDING, STEP_DTYPE,
     TABLES, TENSOR_DTYPE, TraceError, decode_probe, pad_shape, read_strings, shape_of, write_strings,
 )
-from .reader import StepView, Trace, open_trace, same_file
+from .reader import StepView, Trace, open_same_file, open_trace
 from .validate import preflight
 from .writer import TraceWriteError, TraceWriter
 
@@ -31,5 +31,6 @@ __all__ = [
     "FORMAT_VERSION", "KIND_DECODE", "KIND_PREFILL", "MAX_DIMS", "MODULE_DTYPE", "OPTIONAL_TABLES", "PROBE_DTYPE", "RESHAPE_DTYPE",
     "ROLE_INPUT", "ROLE_KWARG", "ROLE_NAMES", "ROLE_OUTPUT", "STATUS_COMPLETE", "STATUS_FAILED", "STATUS_INCOMPLETE",
     "STATUS_RECORDING", "STEP_DTYPE", "TABLES", "TENSOR_DTYPE", "StepView", "Trace", "TraceError", "TraceWriteError", "TraceWriter",
-    "decode_probe", "open_trace", "pad_shape", "preflight", "read_strings", "same_file", "shape_of", "write_strings",
+    "decode_probe", "open_same_file", "open_trace", "pad_shape", "preflight", "read_strings", "shape_of",
+    "write_strings",
 ]

@@ -241,17 +241,11 @@ class Trace:
             n = ds.shape[0]
             loader = self._loaders.pop(name, None)
             got = loader() if loader is not None else None
-            if got is not None and got.dtype == dt and got.shape == (n,):
-                # read by another process (expect_table): checked here like rows read here
-                if name in _ROW_TABLES:
-                    k = self.stream_rows(name, _CHECK_BYTES)
-                    for s in range(0, n, k):
-                        check_rows(name, got[s:min(n, s + k)], self._sizes, self.path, base=s)
-                self._cache[name] = got
-                return got
-            arr = self._guard(lambda: np.empty(n, dt))
+            # rows read by another process (expect_table) are checked like rows read here
+            read = not (got is not None and got.dtype == dt and got.shape == (n,))
+            arr = self._guard(lambda: np.empty(n, dt)) if read else got
             if name not in _ROW_TABLES:
-                if n:
+                if n and read:
                     self._guard(lambda: ds.read_direct(arr))  # faster than ds[:] for compound types
             else:
                 # block by block (whole chunks), each block's rows checked while they are in the
@@ -259,7 +253,8 @@ class Trace:
                 k = self.stream_rows(name, _CHECK_BYTES)
                 for s in range(0, n, k):
                     e = min(n, s + k)
-                    self._guard(lambda: ds.read_direct(arr, np.s_[s:e], np.s_[s:e]))
+                    if read:
+                        self._guard(lambda: ds.read_direct(arr, np.s_[s:e], np.s_[s:e]))
                     check_rows(name, arr[s:e], self._sizes, self.path, base=s)
             self._cache[name] = arr
         return arr
@@ -360,15 +355,9 @@ class Trace:
     def file_identity(self) -> tuple[int, int, int, int] | None:
         """(device, inode, size, modification time in ns) of the file this trace has open, so
         that a process opening its path on its own can make sure it reads the same file (see
-        :func:`same_file`); None when the trace is not a plain file read from disk (a journal
+        :func:`open_same_file`); None when the trace is not a plain file read from disk (a journal
         replayed in memory)."""
-        try:
-            if self._f.driver != "sec2":
-                return None
-            st = os.fstat(self._f.id.get_vfd_handle())
-        except Exception:  # noqa: BLE001 - no file descriptor to ask: treat as not a plain file
-            return None
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return _identity(self._f)
 
     def row_checker(self, table: str) -> Callable[[np.ndarray, int], None]:
         """``check(rows, base)``: :meth:`check_rows` for rows of ``table`` read elsewhere (a
@@ -646,13 +635,22 @@ def open_trace(path: str | os.PathLike) -> Trace:
     return Trace(path)
 
 
-def same_file(f: h5py.File, identity: tuple[int, int, int, int] | None) -> bool:
-    """Whether the open h5py file ``f`` is the file of that :meth:`Trace.file_identity` (not a
-    file since put at the same path)."""
-    if identity is None:
-        return False
+def _identity(f: h5py.File) -> tuple[int, int, int, int] | None:
+    """(device, inode, size, mtime in ns) of an open h5py file read from disk, else None."""
     try:
+        if f.driver != "sec2":
+            return None
         st = os.fstat(f.id.get_vfd_handle())
-    except Exception:  # noqa: BLE001
-        return False
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == identity
+    except Exception:  # noqa: BLE001 - no file descriptor to ask: treat as not a plain file
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def open_same_file(path: str | os.PathLike, identity: tuple[int, int, int, int] | None) -> h5py.File:
+    """Open ``path`` for reading (a forked helper opens its own handle), making sure it is the
+    file of that :meth:`Trace.file_identity`, not one put at the same path since: OSError if not."""
+    f = h5py.File(path, "r")
+    if identity is None or _identity(f) != identity:
+        f.close()
+        raise OSError(f"{path} is no longer the file the trace has open")
+    return f
