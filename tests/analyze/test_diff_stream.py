@@ -224,12 +224,16 @@ def test_reshape_status_after_the_row_for_row_prefix_is_the_rows_own(pair, tmp_p
     with h5py.File(edited, "r+") as f:
         steps = f["reshapes"]["step"]
         late = np.nonzero(steps >= steps.max() - 2)[0]       # the last steps: in the forked half
-        r_args, r_shape = int(late[3]), int(late[40])
+        r_args, r_shape, r_dtype, r_out = int(late[3]), int(late[40]), int(late[60]), int(late[80])
         _edit_reshape(f, r_args, args=True)
         _edit_reshape(f, r_shape, out_shape=True)
+        # the same mechanism through other fields: an input dtype string, an output count
+        _edit_reshape(f, r_dtype, in_dtypes=int(f["reshapes"][r_dtype]["op"]))
+        _edit_reshape(f, r_out, n_out=int(f["reshapes"][r_out]["n_out"]) + 1)
     ia, ib, st, want = _tail_statuses(clean, edited, monkeypatch)
     assert np.array_equal(st, want)
     assert st[ib == r_args][0] == DRIFT and st[ib == r_shape][0] == SHAPE
+    assert st[ib == r_dtype][0] == SHAPE and st[ib == r_out][0] == SHAPE
     # both edits sit after the row-for-row prefix: their rows pair at other row numbers
     assert ia[ib == r_args][0] != r_args and ia[ib == r_shape][0] != r_shape
 
