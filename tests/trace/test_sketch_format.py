@@ -105,3 +105,40 @@ def test_the_recorders_device_encoding_is_sketch_encode_bit_for_bit():
             assert sk.maxs[i] == v.max()
             assert np.isclose(sk.sums[i], v.sum(), rtol=1e-5, atol=1e-6 * np.abs(v).sum())
             assert np.isclose(sk.norms[i], np.sqrt((v * v).sum()), rtol=1e-5)
+
+
+def _digest_by_definition(data: np.ndarray, counts) -> list[int]:
+    """``sketch.digests`` as documented, with Python integers: sum of u_i * (i * G + 1) mod 2^64."""
+    g = 0x9E3779B97F4A7C15
+    u = np.ascontiguousarray(data, dtype=np.float16).view(np.uint16).reshape(len(data), -1)
+    out, o = [], 0
+    for n in counts:
+        flat = u[o:o + n].reshape(-1).tolist()
+        o += n
+        out.append(sum(v * ((i * g + 1) % 2 ** 64) for i, v in enumerate(flat)) % 2 ** 64)
+    return out
+
+
+@pytest.mark.parametrize("width", [9, 40])
+def test_digests_follow_their_definition_and_see_a_swap(width):
+    """The digest is what lets ``diff`` skip the values of equal sketches, so it must be the
+    documented sum exactly (any bits: NaN, infinities, negative zero, largest patterns), for
+    several sketches back to back and for rows wide enough to need float64 sums; swapping two
+    tokens of one sketch changes its digest and no other."""
+    from vlmscope.trace.sketch import digests
+
+    rng = np.random.default_rng(width)
+    counts = np.array([1, 7, 3, 60, 1, 12])
+    data = rng.standard_normal((counts.sum(), width)).astype(np.float16)
+    data[2, :3] = [np.nan, np.inf, -np.inf]
+    data[5, 0] = -0.0
+    data[9] = np.frombuffer(np.full(width, 0xFFFF, np.uint16).tobytes(), np.float16)   # largest bit patterns
+    want = _digest_by_definition(data, counts)
+    got = digests(data, counts)
+    assert got.dtype == np.uint64 and [int(x) for x in got] == want
+    swapped = data.copy()
+    swapped[[20, 21]] = swapped[[21, 20]]       # two tokens of the fourth sketch
+    after = digests(swapped, counts)
+    assert after[3] != got[3]
+    assert np.array_equal(np.delete(after, 3), np.delete(got, 3))
+

@@ -39,8 +39,8 @@ import h5py
 import numpy as np
 
 from .format import (
-    _CACHE_BYTES, CHUNK_BYTES, COMPRESSION, FORMAT_NAME, FORMAT_VERSION, STATUS_INCOMPLETE, STATUS_RECORDING, TABLES,
-    OPTIONAL_TABLES, TraceError, _first_line,
+    _CACHE_BYTES, CHUNK_BYTES, COMPRESSION, FORMAT_NAME, FORMAT_VERSION, SKETCH_COMPRESSION, STATUS_INCOMPLETE,
+    STATUS_RECORDING, TABLES, OPTIONAL_TABLES, TraceError, _first_line,
 )
 
 MAGIC = b"VLMSCOPE-JOURNAL"
@@ -236,8 +236,8 @@ def create_layout(f: h5py.File) -> dict[str, _Table]:
     tables = {}
     for name, dt in ROW_DTYPES.items():
         rows = _CHUNK_ROWS.get(name, max(256, CHUNK_BYTES // dt.itemsize))
-        ds = f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(rows,),
-                              fletcher32=True, **COMPRESSION)
+        ds = f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(rows,), fletcher32=True,
+                              **(SKETCH_COMPRESSION if name == "sketch_data" else COMPRESSION))
         tables[name] = _Table(ds, dt)
     f.create_group("meta")
     f.create_group("payloads")
