@@ -161,6 +161,9 @@ def queue_stats_sketch(st: StepBuffer, t: Tensor, stats: bool = True) -> tuple[S
     if x.dtype != torch.float32:
         x = x.float()
     mn, mx = torch.aminmax(x)
+    on_cpu = x.device.type == "cpu"
+    if on_cpu:   # the values are on the host already: read now, no join of 0-d tensors at the step's end
+        mn, mx = float(mn), float(mx)
     s = sketch_stride(d)
     if s == 1:
         proj = torch.nn.functional.linear(x, _projection(d, x.device))
@@ -175,7 +178,7 @@ def queue_stats_sketch(st: StepBuffer, t: Tensor, stats: bool = True) -> tuple[S
     st.sketch_rows.append(n)
     if fused:
         # NaN/Inf counts only when they can be non-zero (as queue_stats decides)
-        if x.device.type != "cpu" or not (math.isfinite(mn) and math.isfinite(mx)):
+        if not on_cpu or not (math.isfinite(mn) and math.isfinite(mx)):
             cnt = torch.stack((torch.isnan(x).sum(), torch.isinf(x).sum()))
             stat_slot = (st.device_bytes, -4)
             st.device_chunks.append(cnt.view(torch.uint8))
@@ -320,9 +323,14 @@ def copy_to_host(st: StepBuffer) -> np.ndarray:
     # the device for the whole step at once (the same IEEE division and rounding as numpy's, see
     # sketch.encode); column 0 (norm / scale) is filled on the host
     torch.cat((proj[:, k:], norms), 1, out=buf[nb:lay.mm].view(torch.float32).view(total, 2))
-    torch.stack(st.sketch_min + st.sketch_max, out=buf[lay.mm:lay.data].view(torch.float32))
+    on_host = isinstance(st.sketch_min[0], float)     # a CPU step's (queue_stats_sketch)
+    if not on_host:
+        torch.stack(st.sketch_min + st.sketch_max, out=buf[lay.mm:lay.data].view(torch.float32))
     torch.div(proj[:, :k], norms, out=buf[lay.data:].view(torch.float16).view(total, 1 + k)[:, 1:])
-    return buf.cpu().numpy()
+    blob = buf.cpu().numpy()
+    if on_host:
+        blob[lay.mm:lay.data].view(np.float32)[:] = st.sketch_min + st.sketch_max
+    return blob
 
 
 def stats_from_blob(blob: np.ndarray, slots: list[StatSlot] | tuple[StatSlot, ...],
