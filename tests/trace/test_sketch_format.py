@@ -142,3 +142,51 @@ def test_digests_follow_their_definition_and_see_a_swap(width):
     assert after[3] != got[3]
     assert np.array_equal(np.delete(after, 3), np.delete(got, 3))
 
+
+def test_a_convolutions_tokens_are_its_samples(tmp_path):
+    """A convolution's input and output are channel-first, ``[N, C, H, W]``: their tokens are the
+    N samples (a row of the last dimension is a line of pixels). The same tensor given to
+    another module is read as rows of its last dimension there: each reading gets its own
+    sketch, and each is numpy's ``sketch_of`` of that reading, bit for bit."""
+    import torch
+
+    from vlmscope.trace.sketch import sketch_of
+
+    class Tap(torch.nn.Module):
+        def forward(self, x):
+            return x * 2.0
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.tap = Tap()
+
+        def forward(self, x):
+            return self.conv(x), self.tap(x)
+
+    torch.manual_seed(0)
+    net, x = Net(), torch.randn(2, 3, 8, 8)
+    with vlmscope.Recorder(net, out=tmp_path / "conv.h5") as rec, torch.no_grad():
+        y, _ = net(x)
+    with vlmscope.open_trace(rec.path) as t:
+        sk = t.sketch_table()
+        tt = t.table("tensors")
+        ev = t.table("events")
+        by_tensor = {int(r["tensor"]): r for r in sk}
+
+        def sketch(path: str, role: int):
+            rows = [i for i in range(len(tt)) if tt["role"][i] == role
+                    and t.module_path(int(ev["module"][tt["event"][i]])) == path]
+            assert len(rows) == 1, (path, role)
+            r = by_tensor[rows[0]]
+            return float(r["scale"]), t.sketch_values(int(r["off"]), int(r["rows"] * r["width"])).reshape(int(r["rows"]), -1)
+
+        for (path, role), value in {("conv", 0): x.reshape(2, -1), ("conv", 2): y.reshape(2, -1),
+                                    ("tap", 0): x}.items():
+            scale, data = sketch(path, role)
+            want_scale, want = sketch_of(value.numpy())
+            assert data.shape == want.shape, (path, role)
+            assert scale == np.float32(want_scale)
+            assert np.array_equal(data.view(np.uint16), want.view(np.uint16)), (path, role)
+        assert sketch("conv", 0)[1].shape[0] == 2 and sketch("tap", 0)[1].shape[0] == 2 * 3 * 8

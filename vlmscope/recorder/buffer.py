@@ -152,14 +152,15 @@ class StepBuffer:
     probe_cache: dict[tuple, QueuedValues] = field(default_factory=dict)
     # value sketches, kept apart from device_chunks and joined once per step (copy_to_host):
     # each sketch's [N, K + 1] float32 projections and sums, [N, 1] norms, min and max (0-d
-    # float32), its token count, and the identity cache (id, version) -> (weak reference,
-    # index in sketch_rows)
+    # float32 tensors; Python floats for a CPU tensor, whose values are on the host), its token
+    # count, and the identity cache (id, version) -> (weak reference, index in sketch_rows, the
+    # values per token asked for: 0 for the default)
     sketch_proj: list = field(default_factory=list)
     sketch_norms: list = field(default_factory=list)
     sketch_min: list = field(default_factory=list)
     sketch_max: list = field(default_factory=list)
     sketch_rows: list[int] = field(default_factory=list)
-    sketch_dedupe: dict[tuple, tuple[weakref.ref, int]] = field(default_factory=dict)
+    sketch_dedupe: dict[tuple, tuple[weakref.ref, int, int]] = field(default_factory=dict)
     nth: dict[int, int] = field(default_factory=dict)              # module id -> calls so far
     op_nth: dict[tuple[int, int], int] = field(default_factory=dict)  # (event, op) -> calls so far
     seq: int = 0             # execution-order counter shared by events, reshapes and probes

@@ -436,7 +436,8 @@ class Recorder:
         # value sketches of floating tensors, masks excepted (rows of -inf say nothing per token);
         # with them, the stats of a float tensor come mostly from the sketch's own matmul
         if self.record_sketches and t.is_floating_point() and name.partition("[")[0] not in MASK_NAMES:
-            slot, sketch = queue_stats_sketch(st, t, self.record_stats)
+            per_sample = mod_id in self.model_info.channel_first_ids and t.dim() > 2 and t.shape[0] > 0
+            slot, sketch = queue_stats_sketch(st, t, self.record_stats, t.numel() // t.shape[0] if per_sample else 0)
         else:
             slot, sketch = (queue_stats(st, t) if self.record_stats else NO_STATS), -1
         payload = -1

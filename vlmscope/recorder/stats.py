@@ -126,9 +126,11 @@ def _projection(d: int, device: torch.device) -> Tensor:
 _FUSED = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def queue_stats_sketch(st: StepBuffer, t: Tensor, stats: bool = True) -> tuple[StatSlot, int]:
+def queue_stats_sketch(st: StepBuffer, t: Tensor, stats: bool = True, d: int = 0) -> tuple[StatSlot, int]:
     """The value sketch of a floating tensor ``[..., D]`` and (``stats``) its statistics, queued
-    on its device: ``(stat slot, sketch slot)`` (``NO_STATS`` / -1 when there are none).
+    on its device: ``(stat slot, sketch slot)`` (``NO_STATS`` / -1 when there are none). ``d``:
+    the values per token when they are not :func:`~vlmscope.trace.sketch.sketch_dim`'s (a
+    convolution's channel-first tensor: one token per sample), 0 for that default.
 
     The sketch: per token (row of the last dimension larger than 1) its projection on the K fixed
     directions for ``D`` and its sum (a row of ones in the same ``linear``), its L2 norm, and the
@@ -141,16 +143,17 @@ def queue_stats_sketch(st: StepBuffer, t: Tensor, stats: bool = True) -> tuple[S
     too many tokens) get :func:`queue_stats` and, when it fits, a sketch. A tensor passed on from
     module to module is done once per step."""
     key = (id(t), version_of(t))
+    given_d = d
     hit = st.sketch_dedupe.get(key)
     if hit is not None:
-        ref, slot = hit
-        if ref() is t:
+        ref, slot, hit_d = hit
+        if ref() is t and hit_d == d:    # the same tensor read as the same tokens
             s_hit = st.stat_dedupe.get(key) if stats else None
             return (s_hit[1] if s_hit is not None and s_hit[0]() is t else
                     (queue_stats(st, t) if stats else NO_STATS)), slot
     if not t.is_floating_point() or t.dim() == 0 or t.layout != torch.strided or t.is_meta:
         return (queue_stats(st, t) if stats else NO_STATS), -1
-    d = sketch_dim(t.shape)
+    d = d or sketch_dim(t.shape)
     numel = t.numel()
     if numel == 0 or numel // d > MAX_SKETCH_ROWS:
         return (queue_stats(st, t) if stats else NO_STATS), -1
@@ -187,7 +190,7 @@ def queue_stats_sketch(st: StepBuffer, t: Tensor, stats: bool = True) -> tuple[S
             stat_slot = (-2, -2)      # no bytes of its own: everything is in the sketch
     try:
         ref = weakref.ref(t)
-        st.sketch_dedupe[key] = (ref, slot)
+        st.sketch_dedupe[key] = (ref, slot, given_d)
         if stats:
             st.stat_dedupe[key] = (ref, stat_slot)
     except TypeError:

@@ -39,6 +39,9 @@ class ModelInfo:
     video_token_id: int | None = None
     vision_model_id: int = -1  # the vision tower, or -1
     rope_owner_id: int = -1    # the module keeping the model's ``rope_deltas`` attribute, or -1
+    #: convolutions: their tensors are channel-first ``[N, C, *spatial]``, so a value sketch's token
+    #: is one of the N samples (a row of the last dimension is a line of pixels, not a token)
+    channel_first_ids: frozenset[int] = frozenset()
 
     def meta(self) -> dict:
         """The structure fields of ``/meta``."""
@@ -69,6 +72,8 @@ def analyse(model: torch.nn.Module, image_token_id: int | None, save_globs: Sequ
         video_token_id=video_token_id_of(cfg),
         vision_model_id=index.get(s.vision_model, -1) if s.vision_model is not None else -1,
         rope_owner_id=next((i for i, (_, m) in enumerate(modules) if _has_rope_deltas(m)), -1),
+        channel_first_ids=frozenset(i for i, (_, m) in enumerate(modules)
+                                    if isinstance(m, torch.nn.modules.conv._ConvNd)),
     )
 
 

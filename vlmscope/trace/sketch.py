@@ -1,7 +1,8 @@
 """Value sketches: a cheap per-token summary of a tensor that sees reorderings and small shifts.
 
 A tensor of shape ``[..., D]`` is read as ``N = numel / D`` tokens (rows of its last dimension;
-trailing dimensions of size 1 are skipped, see :func:`sketch_dim`).
+trailing dimensions of size 1 are skipped, see :func:`sketch_dim`). The recorder reads a
+convolution's channel-first ``[N, C, *spatial]`` input and output as their N samples instead.
 Its sketch holds, per token, ``1 + SKETCH_DIRS`` float16 values:
 
 - column 0: the token's L2 norm divided by the tensor's largest token norm (``scale``, kept in
