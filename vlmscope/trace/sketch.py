@@ -157,43 +157,21 @@ def digests(data: np.ndarray, counts: np.ndarray) -> np.ndarray:
     scales) first and reads the values only of the pairs whose digests differ.
 
     Computed with the place in the whole array, ``j = start + i``: the sum is
-    ``G (sum u_j j) - G start (sum u_j) + sum u_j``, exact modulo 2^64. ``sum u_j j`` is taken
-    token by token: a token ``t`` of ``w`` values holds places ``t w + c``, so it adds
-    ``t w s_t + r_t`` with ``s_t = sum_c u_tc`` and ``r_t = sum_c c u_tc``, both from one
-    matrix product (exact: integers below 2^24 in float32, or 2^53 in float64 for wide rows)."""
+    ``G (sum u_j j) - G start (sum u_j) + sum u_j``, exact modulo 2^64."""
     counts = np.asarray(counts, dtype=np.int64)
     if not len(counts):
         return np.zeros(0, np.uint64)
     width = data.shape[1] if data.ndim == 2 else 1
-    u = np.ascontiguousarray(data, dtype=np.float16).view(np.uint16).reshape(-1, width)
+    u = np.ascontiguousarray(data, dtype=np.float16).reshape(-1).view(np.uint16)
     if not len(u):
         return np.zeros(len(counts), np.uint64)
-    sr = (u.astype(_exact_dtype(width)) @ _token_weights(width)).astype(np.uint64)   # [T, 2]: s_t, r_t
-    s = sr[:, 0]
-    tok = np.cumsum(counts) - counts
+    n = counts * width
+    starts = np.cumsum(n) - n
     with np.errstate(over="ignore"):
-        v = _positions(len(u)) * np.uint64(width)
-        v *= s
-        v += sr[:, 1]
-        suj = np.add.reduceat(v, tok)
-        su = np.add.reduceat(s, tok)
-        starts = tok.astype(np.uint64) * np.uint64(width)
-        return _GOLDEN * suj - _GOLDEN * starts * su + su
-
-
-def _exact_dtype(width: int) -> type:
-    """A float type in which the sums of :func:`digests` over a token of ``width`` uint16 values
-    are exact (``65535 * sum(c)`` below the mantissa's limit)."""
-    return np.float32 if 65535 * width * (width + 1) // 2 < (1 << 24) else np.float64
-
-
-@lru_cache(maxsize=16)
-def _token_weights(width: int) -> np.ndarray:
-    """``[width, 2]``: a column of ones (``s_t``) and the places 0..width-1 (``r_t``)."""
-    dt = _exact_dtype(width)
-    w = np.stack((np.ones(width, dt), np.arange(width, dtype=dt)), 1)
-    w.setflags(write=False)
-    return w
+        # uint16 x uint64 (no uint64 copy of the values), sums accumulated in uint64
+        suj = np.add.reduceat(np.multiply(u, _positions(len(u))), starts)
+        su = np.add.reduceat(u, starts, dtype=np.uint64)
+        return _GOLDEN * suj - _GOLDEN * starts.astype(np.uint64) * su + su
 
 
 def sketch_of(x: np.ndarray, max_rows: int = MAX_SKETCH_ROWS) -> tuple[float, np.ndarray] | None:
