@@ -67,10 +67,10 @@ class Culprit:
             return "no module computes differently: every paired call agrees within tolerance"
         b = f" (B: {self.module_b or '<root>'})" if self.module_b is not None else " (no counterpart in B)"
         name = self.module_a or "<root>"
-        if self.status == "found":
-            return f"culprit: {name}{b} at {step}: {self.reason}"
-        if self.status == "upstream":
-            return f"culprit: {name}{b} at {step}: {self.reason}"
+        if self.status in ("found", "upstream"):
+            # with a caveat (inputs compared by statistics only) the culprit is named, not established
+            lead = "culprit" if self.caveat is None else "tentative culprit"
+            return f"{lead}: {name}{b} at {step}: {self.reason}"
         if self.status == "inputs":
             return f"no culprit: the runs' own inputs differ at {step} ({self.reason})"
         return f"culprit not established at {step}: {self.reason}"

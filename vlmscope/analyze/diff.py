@@ -58,6 +58,10 @@ _fmt_tokens = fmt_tokens   # the CLI imports it under this name
 #: and whose outputs do not) is established: the first node detected may lie downstream
 FIRST_CAVEAT = ("the first divergence detected may lie downstream of its cause, and no culprit is established "
                 "(see the culprit line)")
+#: said instead when a culprit is named but tentative (some of its inputs were compared by summary
+#: statistics only, see its note)
+FIRST_CAVEAT_TENTATIVE = ("the first divergence detected may lie downstream of its cause, and the culprit named "
+                          "is tentative (see its note)")
 
 
 @dataclass
@@ -90,6 +94,15 @@ class DiffReport:
         return c is not None and c.status in ("found", "upstream") and c.caveat is None
 
     @property
+    def first_caveat(self) -> str | None:
+        """What to say under the first tensor divergence detected, or None when a culprit is
+        established (or nothing diverges)."""
+        if not self.n_divergent or self.culprit_established:
+            return None
+        c = self.culprit
+        return FIRST_CAVEAT_TENTATIVE if c is not None and c.status in ("found", "upstream") else FIRST_CAVEAT
+
+    @property
     def first_semantic(self):
         return self.semantic[0] if self.semantic else None
 
@@ -101,7 +114,7 @@ class DiffReport:
             "semantic_steps": self.semantic_steps,
             "culprit": self.culprit.to_dict() if self.culprit else None,
             "first_divergence": self.first.to_dict() if self.first else None,
-            "first_divergence_caveat": FIRST_CAVEAT if self.n_divergent and not self.culprit_established else None,
+            "first_divergence_caveat": self.first_caveat,
             "module_map": self.module_map.to_dict() if self.module_map is not None and not self.module_map.identity
             else None,
             "only": self.only, "ignore": self.ignore, "cross_implementation": self.cross,

@@ -210,7 +210,7 @@ def _print_map(mm, out) -> None:
 def _print_diff(rep, out) -> None:
     from rich.text import Text
 
-    from vlmscope.analyze.diff import FIRST_CAVEAT, show_value
+    from vlmscope.analyze.diff import show_value
 
     out.print(Text("diff ", "bold"), _t(rep.trace_a, "cyan"), " vs ", _t(rep.trace_b, "cyan"),
               f"  ({rep.n_steps[0]} / {rep.n_steps[1]} steps)")
@@ -237,7 +237,8 @@ def _print_diff(rep, out) -> None:
     c = rep.culprit
     if c is not None and c.status != "same":
         if c.status in ("found", "upstream"):
-            out.print(Text("culprit: ", "bold red"), _t(c.headline().removeprefix("culprit: ")))
+            lead, _, rest = c.headline().partition(": ")
+            out.print(Text(f"{lead}: ", "bold red" if c.caveat is None else "bold yellow"), _t(rest))
         else:
             out.print(Text("localization: ", "bold"), _t(c.headline()))
         if c.walked:
@@ -255,8 +256,8 @@ def _print_diff(rep, out) -> None:
         f = divergences[0] if divergences else None
     if f is not None and (rep.n_divergent or sem is None):    # the first tensor (or node) divergence detected
         out.print(Text("first divergence detected: ", "bold yellow"), _t(f.headline()))
-        if rep.n_divergent and not rep.culprit_established:
-            out.print(_t(f"note: {FIRST_CAVEAT}", "dim"))
+        if rep.first_caveat:
+            out.print(_t(f"note: {rep.first_caveat}", "dim"))
     if rep.cross:
         out.print(_t(f"{sum(g['count'] for g in groups)} divergent node(s) among the paired ones (the nodes on one "
                      f"side only are how the implementations differ; --json lists them); {summary}", "dim"))
