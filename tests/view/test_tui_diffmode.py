@@ -9,6 +9,8 @@ import asyncio
 
 import pytest
 
+import vlmscope
+
 from vlmscope.analyze.diff import diff
 from vlmscope.analyze.status import Status
 from vlmscope.testing import write_demo_trace
@@ -106,3 +108,18 @@ def test_g_lands_on_the_divergent_row_and_header_has_both_prompts(pair):
     path, cur, header = asyncio.run(go())
     assert path == ATTN and cur[1] == "e"
     assert "prompt A = B Describe this image." in header
+
+
+def test_header_names_each_runs_model_and_prompt(qwen25_trace_path, qwen2_trace_path):
+    """Diffing two models (a port against its reference, Qwen2-VL against Qwen2.5-VL), the
+    header names both, not A's twice."""
+    async def go():
+        app = ViewerApp([qwen25_trace_path, qwen2_trace_path], checks=False)
+        async with app.run_test(size=(220, 40)) as pilot:
+            await settle(pilot)
+            return str(app.screen.query_one("#header").render())
+    header = asyncio.run(go())
+    with vlmscope.open_trace(qwen25_trace_path) as ta, vlmscope.open_trace(qwen2_trace_path) as tb:
+        ma, mb = ta.meta["model"], tb.meta["model"]
+    assert ma != mb
+    assert f"{ma} vs {mb}" in header, header

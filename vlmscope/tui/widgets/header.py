@@ -29,6 +29,15 @@ def elapsed(seconds: float) -> str:
     return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s"
 
 
+def _model(meta: dict) -> str:
+    return printable(meta.get("model") or meta.get("model_class") or "model ?")
+
+
+def _device(meta: dict) -> str:
+    return " ".join(printable(x) for x in (meta.get("device"), meta.get("dtype"), meta.get("attn_implementation"))
+                    if x)
+
+
 def _prompt(meta: dict) -> str:
     return printable(str(meta.get("prompt", "") or "").replace("\n", " "))
 
@@ -89,7 +98,8 @@ class TraceHeader(Static):
         ``row``: (selected batch row, B) of a batched step, shown as ``row 1 (2/3)``."""
         self._last = ((a, step, filt, b, query), {"checks_failed": checks_failed, "row": row})
         meta = a.meta if isinstance(a.meta, dict) else {}
-        model = printable(meta.get("model") or meta.get("model_class") or "model ?")
+        meta_b = (b.meta if isinstance(b.meta, dict) else {}) if b is not None else {}
+        model = _model(meta)
         line1 = Text(no_wrap=True, overflow="ellipsis")
         line1.append("vlmscope ", "bold")
         if b is None:
@@ -103,9 +113,12 @@ class TraceHeader(Static):
             line1.append(printable(b.name), "cyan")
             line1.append(" ")
             line1.append_text(_status(b))
-            line1.append(f"  {model}", "dim")
-        dev = " ".join(printable(x) for x in (meta.get("device"), meta.get("dtype"), meta.get("attn_implementation"))
-                       if x)
+            # each run's model and device (two implementations are often two models)
+            model_b = _model(meta_b)
+            line1.append(f"  {model}" if model == model_b else f"  {model} vs {model_b}", "dim")
+        dev = _device(meta)
+        if b is not None and _device(meta_b) != dev:
+            dev = f"{dev or '?'} vs {_device(meta_b) or '?'}"
         if dev:
             line1.append("  " + dev, "")
         if b is None:
