@@ -62,6 +62,25 @@ def test_what_the_writer_writes_the_reader_reads(tmp_path):
         assert not t.is_loaded("tensors")
 
 
+def test_a_table_smaller_than_a_chunk_is_stored_in_a_chunk_of_its_size(tmp_path):
+    """HDF5 checksums and compresses whole chunks, padding included: a small recording's tables
+    get chunks of their own size when the journal is converted; a table larger than a chunk
+    keeps the format's chunk size, and every value reads back."""
+    big = np.arange(300_000, dtype=np.int64).view(np.uint8)    # 2.4 MB of probe data: several chunks
+    w = TraceWriter(tmp_path / "c.h5", meta={"model": "m"})
+    off = w.append_probe_data(big)
+    w.append("steps", np.zeros(1, T.STEP_DTYPE))
+    w.end_step()
+    p = w.close()
+    with h5py.File(p) as f:
+        assert f["steps"].chunks == (1,)
+        assert f["probe_data"].chunks[0] == T.CHUNK_BYTES // 4 < len(big)
+        assert f["tensors"].shape == (0,) and f["tensors"].chunks == (1,)
+    with open_trace(p) as t:
+        assert np.array_equal(t.table("probe_data")[off:off + len(big)], big)
+        assert t.n_steps == 1
+
+
 @pytest.mark.parametrize("status", [T.STATUS_INCOMPLETE, T.STATUS_FAILED])
 def test_unfinished_runs_open_with_their_status(tmp_path, status):
     with open_trace(_write(tmp_path / "t.h5", status)) as t:

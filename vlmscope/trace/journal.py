@@ -231,11 +231,16 @@ class _Table:
         self.buffered = len(rest)
 
 
-def create_layout(f: h5py.File) -> dict[str, _Table]:
-    """Create the empty datasets and groups of a trace in ``f`` (format ``FORMAT_VERSION``)."""
+def create_layout(f: h5py.File, sizes: dict[str, int] | None = None) -> dict[str, _Table]:
+    """Create the empty datasets and groups of a trace in ``f`` (format ``FORMAT_VERSION``).
+    ``sizes``: the rows each table will hold, when known: a table smaller than a chunk gets a
+    chunk of its own size (HDF5 checksums and compresses whole chunks, padding included, so a
+    small recording would pay for a MiB of padding per table when it is closed)."""
     tables = {}
     for name, dt in ROW_DTYPES.items():
         rows = _CHUNK_ROWS.get(name, max(256, CHUNK_BYTES // dt.itemsize))
+        if sizes is not None:
+            rows = max(1, min(rows, sizes.get(name, 0)))
         ds = f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(rows,), fletcher32=True,
                               **(SKETCH_COMPRESSION if name == "sketch_data" else COMPRESSION))
         tables[name] = _Table(ds, dt)
@@ -286,7 +291,11 @@ def convert(journal: str | os.PathLike, target: h5py.File, label: str | None = N
         size = os.fstat(fh.fileno()).st_size
         sc = scan(fh, size, label)
         f = target
-        tables = create_layout(f)
+        sizes: dict[str, int] = {}
+        for rec in sc.records:
+            if rec.rtype == ROWS and rec.name in ROW_DTYPES:
+                sizes[rec.name] = sizes.get(rec.name, 0) + rec.length // ROW_DTYPES[rec.name].itemsize
+        tables = create_layout(f, sizes)
         meta = {"run_json": "{}", "config_json": "{}", "created": ""}
         n_payloads = 0
         for rec in sc.records:
