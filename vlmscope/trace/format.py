@@ -24,10 +24,11 @@ CHUNK_BYTES = 1 << 20     # per chunk: a per-step flush re-compresses the last, 
 #: so the mostly-constant columns of a structured row compress away, and it decompresses
 #: at ~2.5 GB/s (lzf: ~0.6 GB/s) -- whole-table reads by check / diff are bound by this.
 COMPRESSION = hdf5plugin.Blosc2(cname="lz4", clevel=5, filters=hdf5plugin.Blosc2.SHUFFLE)
-#: ``/sketch_data``: float16 cosines of random projections are close to incompressible (lz4
-#: keeps ~74 % of them at clevel 5 and ~75 % at clevel 1); clevel 1 takes ~60 % of the time,
-#: paid once per recording when the journal is converted (``bench/overhead.py``)
-SKETCH_COMPRESSION = hdf5plugin.Blosc2(cname="lz4", clevel=1, filters=hdf5plugin.Blosc2.SHUFFLE)
+#: ``/sketch_data`` is stored uncompressed (still checksummed): float16 cosines of random
+#: projections are close to incompressible (lz4 keeps 74-88 % of them on the embedded models),
+#: and compressing them cost ~0.8 ms per MB when a recording is closed (the file is 12 % larger
+#: for the README's example recording)
+SKETCH_COMPRESSION: dict = {}
 _CACHE_BYTES = 4 << 20    # HDF5 chunk cache per dataset: holds a few whole chunks
 
 STATUS_RECORDING = "recording"
