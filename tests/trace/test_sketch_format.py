@@ -190,3 +190,84 @@ def test_a_convolutions_tokens_are_its_samples(tmp_path):
             assert scale == np.float32(want_scale)
             assert np.array_equal(data.view(np.uint16), want.view(np.uint16)), (path, role)
         assert sketch("conv", 0)[1].shape[0] == 2 and sketch("tap", 0)[1].shape[0] == 2 * 3 * 8
+
+
+def test_a_wide_tokens_blocks_are_projected_as_numpy_does(tmp_path):
+    """A token of more than 4096 values (vocabulary logits) is projected on 8 blocks of contiguous
+    values spread over it (read in place, no gather); the recorder's sketch is numpy's
+    ``sketch_of`` (within a float16 ulp: the sums run in another order), a change in the last
+    block shows, and the trace says which definition its sketches follow."""
+    import torch
+
+    from vlmscope.trace.sketch import SKETCH_VERSION, sampled_columns, sketch_of
+
+    d = 10_001
+    cols = sampled_columns(d)
+    assert len(cols) == 4096 and len(set(cols.tolist())) == 4096 and cols.max() > d * 7 // 8
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(16, d)
+
+        def forward(self, x):
+            return self.head(x)
+
+    torch.manual_seed(0)
+    net, x = Net(), torch.randn(2, 3, 16)
+    with vlmscope.Recorder(net, out=tmp_path / "wide.h5") as rec, torch.no_grad():
+        y = net(x)
+    with vlmscope.open_trace(rec.path) as t:
+        assert t.meta["sketch_version"] == SKETCH_VERSION
+        tt, sk = t.table("tensors"), t.sketch_table()
+        rows = [r for r in sk if tt["role"][r["tensor"]] == 2 and tt["numel"][r["tensor"]] == y.numel()]
+        assert len({int(r["off"]) for r in rows}) == 1      # the head's output, the root's too
+        r = rows[0]
+        got = t.sketch_values(int(r["off"]), int(r["rows"] * r["width"])).reshape(int(r["rows"]), -1)
+    scale, want = sketch_of(y.numpy())
+    assert got.shape == want.shape == (6, SKETCH_WIDTH)
+    assert np.isclose(float(r["scale"]), scale, rtol=1e-6)
+    assert np.abs(got.astype(np.float32) - want.astype(np.float32)).max() <= 2e-3
+    z = y.numpy().copy()
+    z[0, 1, cols[-1]] += np.linalg.norm(z[0, 1])          # a value of the last block, in one token
+    moved = np.abs(sketch_of(z)[1][:, 1:].astype(np.float32) - want[:, 1:].astype(np.float32)).max(1)
+    assert moved[1] > 3e-3 and moved[np.arange(6) != 1].max() < 3e-3    # beyond diff's float32 tolerance
+
+
+def test_wide_token_sketches_of_an_earlier_definition_compare_with_nothing(qwen25_trace_path, tmp_path):
+    """A trace written before ``sketch_version`` 2 projected wide tokens on other values: its
+    wide-token sketches are left out of comparisons (its other sketches still count), so a diff
+    against today's recording of the same run finds nothing, where comparing them would report
+    the logits as drifting. (The old trace here is today's, its wide-token sketches replaced by
+    other cosines and its version taken out.)"""
+    from vlmscope.analyze._index import index_of
+    from vlmscope.analyze.diff import diff
+    from vlmscope.analyze.sketchdiff import sketch_table
+
+    import json
+
+    from vlmscope.trace.sketch import digests
+
+    old = tmp_path / "old.h5"
+    shutil.copy(qwen25_trace_path, old)
+    with h5py.File(old, "r+") as f:
+        run = json.loads(f["meta"].attrs["run_json"])
+        del run["sketch_version"]
+        f["meta"].attrs["run_json"] = json.dumps(run)
+        # the wide tokens' sketches as another definition gives them: other cosines (and digests)
+        sk, data = f["sketches"][:], f["sketch_data"][:]
+        numel = f["tensors"]["numel"][sk["tensor"]]
+        for i in np.flatnonzero(numel // sk["rows"] > 4096):
+            o, n, w = int(sk["off"][i]), int(sk["rows"][i]), int(sk["width"][i])
+            block = data[o:o + n * w].reshape(n, w)
+            block[:, 1:] += 0.1
+            sk["digest"][i] = digests(block, np.array([n]))[0]
+        f["sketch_data"][:] = data
+        f["sketches"][:] = sk
+    assert diff(old, qwen25_trace_path).same
+    with vlmscope.open_trace(qwen25_trace_path) as tn, vlmscope.open_trace(old) as to:
+        new_sk, old_sk = sketch_table(index_of(tn)), sketch_table(index_of(to))
+        numel = tn.table("tensors")["numel"]
+        wide = numel[new_sk["tensor"]] // new_sk["rows"] > 4096
+        assert wide.any() and (~wide).sum() > 100
+        assert np.array_equal(old_sk["off"], new_sk["off"][~wide])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from vlmscope.trace.sketch import MAX_SKETCH_COLS, SKETCH_VERSION
+
 from ._index import TraceIndex
 
 #: a sketch value (a token's norm over the tensor's largest, or a cosine) is float16: two
@@ -78,12 +80,18 @@ def _pattern(a: np.ndarray, b: np.ndarray, lo: int, hi: int, tol: float) -> str:
 
 
 def sketch_table(ix: TraceIndex) -> np.ndarray:
-    """The trace's ``/sketches`` rows sorted by tensor row (cached on the index)."""
+    """The trace's ``/sketches`` rows sorted by tensor row (cached on the index). Sketches of wide
+    tokens written under an earlier definition (``sketch_version`` below the current one, see
+    :data:`vlmscope.trace.sketch.SKETCH_VERSION`) are left out: they read other values than
+    today's, so they compare with nothing."""
     sk = ix.__dict__.get("_sketch_table")
     if sk is None:
         sk = ix.trace.sketch_table()
         if len(sk) and not (np.diff(sk["tensor"]) >= 0).all():
             sk = sk[np.argsort(sk["tensor"], kind="stable")]
+        if len(sk) and ix.trace.meta.get("sketch_version", 1) < SKETCH_VERSION:
+            numel = ix.col("tensors", "numel")[sk["tensor"]]
+            sk = sk[numel // np.maximum(sk["rows"], 1) <= MAX_SKETCH_COLS]
         ix.__dict__["_sketch_table"] = sk
     return sk
 

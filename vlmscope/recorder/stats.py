@@ -18,8 +18,7 @@ import torch
 from torch import Tensor
 
 from vlmscope.recorder.buffer import NO_STATS, PayloadRequest, StatSlot, StepBuffer
-from vlmscope.trace.sketch import MAX_SKETCH_ROWS, sketch_dim
-from vlmscope.trace.sketch import stride as sketch_stride
+from vlmscope.trace.sketch import MAX_SKETCH_COLS, MAX_SKETCH_ROWS, WIDE_BLOCKS, sketch_dim
 from vlmscope.trace.sketch import encode_column0
 from vlmscope.trace.sketch import projection_signs
 
@@ -102,22 +101,24 @@ _PROJ: dict[tuple[int, torch.device], Tensor] = {}
 
 
 def _projection(d: int, device: torch.device) -> Tensor:
-    """``[K + 1, D]``: the sketch directions for hidden size ``d``
-    (:func:`vlmscope.trace.sketch.projection`, transposed) on ``device``, plus a row of ones (each
-    token's sum, for the tensor's sum: the statistics of a sketched tensor need no pass of their
-    own); made there once per (size, device), for ``torch.nn.functional.linear``."""
+    """The sketch directions for hidden size ``d`` (:func:`vlmscope.trace.sketch.projection`) on
+    ``device``: ``[K + 1, D]``, transposed, plus a row of ones (each token's sum, for the tensor's
+    sum: the statistics of a sketched tensor need no pass of their own), for
+    ``torch.nn.functional.linear``; for a wide token (``D > MAX_SKETCH_COLS``) ``[B, K, L]``, the
+    directions on each of its B blocks of L values, for one ``bmm``. Made there once per (size,
+    device)."""
     p = _PROJ.get((d, device))
     if p is None:
         # built on the device (integer ops, no host-to-device copy: nothing to synchronise);
-        # [K + 1, D] for linear(): a matmul against a narrow [D, K] operand runs at half the
-        # speed on CPU BLAS (here each output is a dot product over contiguous memory). A wide
-        # token (logits) is projected on every s-th value: [K, m] for x[:, ::s], no ones row
-        s = sketch_stride(d)
-        m = len(range(0, d, s))
+        # K outputs a row for linear(): a matmul against a narrow [D, K] operand runs at half the
+        # speed on CPU BLAS (here each output is a dot product over contiguous memory)
+        m = min(d, MAX_SKETCH_COLS)
         with torch.device(device):
             signs = projection_signs(m, xp=torch).to(torch.float32) * (1.0 / math.sqrt(m))
-            p = signs.t().contiguous() if s > 1 else \
-                torch.cat((signs.t(), torch.ones((1, d), dtype=torch.float32))).contiguous()
+            if d > MAX_SKETCH_COLS:   # rows b*L..(b+1)*L-1 of the signs belong to block b
+                p = signs.reshape(WIDE_BLOCKS, m // WIDE_BLOCKS, -1).transpose(1, 2).contiguous()
+            else:
+                p = torch.cat((signs.t(), torch.ones((1, d), dtype=torch.float32))).contiguous()
         _PROJ[(d, device)] = p
     return p
 
@@ -167,11 +168,14 @@ def queue_stats_sketch(st: StepBuffer, t: Tensor, stats: bool = True, d: int = 0
     on_cpu = x.device.type == "cpu"
     if on_cpu:   # the values are on the host already: read now, no join of 0-d tensors at the step's end
         mn, mx = float(mn), float(mx)
-    s = sketch_stride(d)
-    if s == 1:
+    if d <= MAX_SKETCH_COLS:
         proj = torch.nn.functional.linear(x, _projection(d, x.device))
-    else:   # a wide token: every s-th value projected, its sum from all of them
-        proj = torch.cat((torch.nn.functional.linear(x[:, ::s], _projection(d, x.device)),
+    else:   # a wide token: its blocks projected (a strided view, no copy), its sum from all values
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        per = MAX_SKETCH_COLS // WIDE_BLOCKS
+        blocks = x.as_strided((WIDE_BLOCKS, n, per), (d // WIDE_BLOCKS, x.stride(0), 1))
+        proj = torch.cat((torch.bmm(blocks, _projection(d, x.device).transpose(1, 2)).sum(0),
                           x.sum(1, keepdim=True)), 1)
     slot = len(st.sketch_rows)
     st.sketch_proj.append(proj)

@@ -625,7 +625,7 @@ _STATUSES = (STATUS_RECORDING, STATUS_COMPLETE, STATUS_INCOMPLETE, STATUS_FAILED
 _META_TYPES: dict[str, type | tuple[type, ...]] = {
     **{k: str for k in ("family", "model", "model_class", "dtype", "device", "attn_implementation",
                         "decoder_layers", "text_model", "vision_model", "merger", "prompt", "generated_text")},
-    **{k: int for k in ("image_token_id", "num_key_value_heads", "num_attention_heads")},
+    **{k: int for k in ("image_token_id", "num_key_value_heads", "num_attention_heads", "sketch_version")},
     "warnings": list, "image": dict, "generation": dict,
 }
 

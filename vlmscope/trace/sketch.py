@@ -32,14 +32,29 @@ SKETCH_DIRS = 8
 SKETCH_WIDTH = 1 + SKETCH_DIRS
 #: tensors with more tokens than this are not sketched (their stats still are)
 MAX_SKETCH_ROWS = 1 << 16
-#: a token wider than this (vocabulary logits) is projected on every ``stride(D)``-th value only
-#: (its norm still covers every value): the projection then costs at most 4096 values per token
+#: a token wider than this (vocabulary logits) is projected on ``WIDE_BLOCKS`` blocks of
+#: contiguous values spread over it, this many values in all (:func:`sampled_columns`; its norm
+#: still covers every value): the projection reads at most 4096 values per token, and reads them
+#: without a gather (a strided sample of a [T, 151936] logits tensor touched all of its memory)
 MAX_SKETCH_COLS = 4096
+WIDE_BLOCKS = 8
+#: the sketch definition, kept in ``/meta`` ``run_json`` as ``sketch_version`` by the writer of
+#: any trace with sketches. 2: wide tokens projected on blocks (:func:`sampled_columns`); 1 (no
+#: ``sketch_version``: traces written before): on every ``ceil(D / 4096)``-th value. Sketches of
+#: wide tokens are compared only between traces of the same version
+SKETCH_VERSION = 2
 
 
-def stride(d: int) -> int:
-    """Every how many values of a token of ``d`` values the projection reads."""
-    return -(-int(d) // MAX_SKETCH_COLS)
+def sampled_columns(d: int) -> np.ndarray:
+    """The values of a token of ``d`` values that its projection reads: all of them up to
+    ``MAX_SKETCH_COLS``; past that, ``WIDE_BLOCKS`` blocks of ``MAX_SKETCH_COLS // WIDE_BLOCKS``
+    contiguous values, block ``b`` starting at value ``b * (d // WIDE_BLOCKS)``."""
+    d = int(d)
+    if d <= MAX_SKETCH_COLS:
+        return np.arange(d)
+    per = MAX_SKETCH_COLS // WIDE_BLOCKS
+    return (np.arange(WIDE_BLOCKS)[:, None] * (d // WIDE_BLOCKS) + np.arange(per)[None, :]).ravel()
+
 
 SKETCH_DTYPE = np.dtype([
     ("tensor", np.int64),   # row in /tensors
@@ -78,12 +93,12 @@ def projection_signs(d: int, k: int = SKETCH_DIRS, xp=np):
 @lru_cache(maxsize=64)
 def projection(dim: int, k: int = SKETCH_DIRS) -> np.ndarray:
     """``[dim, k]`` float32 unit columns, the same for every trace with this hidden size: random
-    signs over sqrt(m) on the m rows read (every ``stride(dim)``-th; all of them up to 4096),
-    zero elsewhere."""
-    s = stride(dim)
-    m = len(range(0, int(dim), s))
+    signs over sqrt(m) on the m rows read (:func:`sampled_columns`, in their order), zero
+    elsewhere."""
+    cols = sampled_columns(dim)
+    m = len(cols)
     p = np.zeros((int(dim), k), np.float32)
-    p[::s] = projection_signs(m, k).astype(np.float32) * np.float32(1.0 / np.sqrt(m))
+    p[cols] = projection_signs(m, k).astype(np.float32) * np.float32(1.0 / np.sqrt(m))
     p.setflags(write=False)
     return p
 
@@ -186,7 +201,8 @@ def sketch_of(x: np.ndarray, max_rows: int = MAX_SKETCH_ROWS) -> tuple[float, np
         return None
     with np.errstate(over="ignore", invalid="ignore"):
         norms = np.sqrt(np.einsum("ij,ij->i", x2.astype(np.float64), x2.astype(np.float64))).astype(np.float32)
-        proj = x2 @ projection(d)
+        cols = sampled_columns(d)      # the rows of projection(d) that are not zero
+        proj = x2[:, cols] @ projection(d)[cols] if len(cols) < d else x2 @ projection(d)
     scales, data = encode(norms, proj, np.array([len(x2)]))
     return float(scales[0]), data
 

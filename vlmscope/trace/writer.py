@@ -14,6 +14,7 @@ import h5py
 import numpy as np
 
 from . import journal as J
+from .sketch import SKETCH_VERSION
 from .format import _CACHE_BYTES, OPTIONAL_TABLES, STATUS_COMPLETE, TABLES, _encode_strings, _first_line, _jsonable
 
 
@@ -160,6 +161,8 @@ class TraceWriter:
         """Append float16 sketch values; returns the element offset of the first one."""
         data = np.ascontiguousarray(values, dtype=np.float16).ravel()
         n = self.sketch_values
+        if len(data) and not n:     # the first sketches: say which definition they follow
+            self.update_meta(sketch_version=SKETCH_VERSION)
         if len(data):
             self._put(J.ROWS, "sketch_data", _bytes(data))
             self.sketch_values = n + len(data)
