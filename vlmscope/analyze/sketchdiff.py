@@ -90,10 +90,24 @@ def sketch_table(ix: TraceIndex) -> np.ndarray:
         if len(sk) and not (np.diff(sk["tensor"]) >= 0).all():
             sk = sk[np.argsort(sk["tensor"], kind="stable")]
         if len(sk) and ix.trace.meta.get("sketch_version", 1) < SKETCH_VERSION:
-            numel = ix.col("tensors", "numel")[sk["tensor"]]
-            sk = sk[numel // np.maximum(sk["rows"], 1) <= MAX_SKETCH_COLS]
+            sk = sk[_numel_of(ix, sk["tensor"]) // np.maximum(sk["rows"], 1) <= MAX_SKETCH_COLS]
         ix.__dict__["_sketch_table"] = sk
     return sk
+
+
+def _numel_of(ix: TraceIndex, rows: np.ndarray) -> np.ndarray:
+    """``numel`` of the (sorted, checked) tensor rows ``rows``: from the table when it is loaded,
+    else read block by block (an older trace's /tensors is not loaded whole for this)."""
+    if "tensors" in ix.__dict__:
+        return ix.col("tensors", "numel")[rows]
+    out = np.empty(len(rows), np.int64)
+    block = 1 << 18
+    for lo in range(0, ix.n_rows("tensors"), block):
+        i, j = np.searchsorted(rows, [lo, lo + block])
+        if i < j:
+            hi = min(ix.n_rows("tensors"), lo + block)
+            out[i:j] = ix.trace.read_rows("tensors", lo, hi)["numel"][rows[i:j] - lo]
+    return out
 
 
 #: values compared per block (both traces): bounds the index arrays a block needs
