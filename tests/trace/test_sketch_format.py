@@ -194,14 +194,15 @@ def test_a_convolutions_tokens_are_its_samples(tmp_path):
 
 def test_a_wide_tokens_blocks_are_projected_as_numpy_does(tmp_path):
     """A token of more than 4096 values (vocabulary logits) is projected on 8 blocks of contiguous
-    values spread over it (read in place, no gather); the recorder's sketch is numpy's
-    ``sketch_of`` (within a float16 ulp: the sums run in another order), a change in the last
-    block shows, and the trace says which definition its sketches follow."""
+    values spread over it (read in place, no gather), its cosines taken against the values read;
+    the recorder's sketch is numpy's ``sketch_of`` (within a float16 ulp: the sums run in another
+    order), a change in the last block shows, and the trace says which definition its sketches
+    follow."""
     import torch
 
     from vlmscope.trace.sketch import SKETCH_VERSION, sampled_columns, sketch_of
 
-    d = 10_001
+    d = 65_539
     cols = sampled_columns(d)
     assert len(cols) == 4096 and len(set(cols.tolist())) == 4096 and cols.max() > d * 7 // 8
 
@@ -228,6 +229,9 @@ def test_a_wide_tokens_blocks_are_projected_as_numpy_does(tmp_path):
     assert got.shape == want.shape == (6, SKETCH_WIDTH)
     assert np.isclose(float(r["scale"]), scale, rtol=1e-6)
     assert np.abs(got.astype(np.float32) - want.astype(np.float32)).max() <= 2e-3
+    # cosines against the values read: ~1/sqrt(4096), not ~1/sqrt(D) (four times smaller here,
+    # and below diff's tolerance of 3e-3)
+    assert np.abs(got[:, 1:].astype(np.float32)).mean() > 0.008
     z = y.numpy().copy()
     z[0, 1, cols[-1]] += np.linalg.norm(z[0, 1])          # a value of the last block, in one token
     moved = np.abs(sketch_of(z)[1][:, 1:].astype(np.float32) - want[:, 1:].astype(np.float32)).max(1)

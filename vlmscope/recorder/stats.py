@@ -170,16 +170,22 @@ def queue_stats_sketch(st: StepBuffer, t: Tensor, stats: bool = True, d: int = 0
         mn, mx = float(mn), float(mx)
     if d <= MAX_SKETCH_COLS:
         proj = torch.nn.functional.linear(x, _projection(d, x.device))
+        norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
     else:   # a wide token: its blocks projected (a strided view, no copy), its sum from all values
         if x.stride(1) != 1:
             x = x.contiguous()
         per = MAX_SKETCH_COLS // WIDE_BLOCKS
         blocks = x.as_strided((WIDE_BLOCKS, n, per), (d // WIDE_BLOCKS, x.stride(0), 1))
-        proj = torch.cat((torch.bmm(blocks, _projection(d, x.device).transpose(1, 2)).sum(0),
+        norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        # cosines against the values read (the step divides by the token's norm: scaled here by
+        # norm / norm of the values read, 0 when those are all 0), as sketch.sketch_of does
+        read = torch.linalg.vector_norm(blocks, dim=(0, 2)).unsqueeze(1)
+        factor = torch.where(read > 0, norms / read, 0.0)
+        proj = torch.cat((torch.bmm(blocks, _projection(d, x.device).transpose(1, 2)).sum(0) * factor,
                           x.sum(1, keepdim=True)), 1)
     slot = len(st.sketch_rows)
     st.sketch_proj.append(proj)
-    st.sketch_norms.append(torch.linalg.vector_norm(x, dim=1, keepdim=True))
+    st.sketch_norms.append(norms)
     st.sketch_min.append(mn)
     st.sketch_max.append(mx)
     st.sketch_rows.append(n)

@@ -10,7 +10,10 @@ Its sketch holds, per token, ``1 + SKETCH_DIRS`` float16 values:
 - columns 1..K: the cosine between the token and K fixed random unit directions (random signs
   over sqrt(D), from an integer hash of the hidden size ``D`` alone: :func:`projection`), so two
   implementations with the same hidden size project onto the same directions and their
-  sketches compare token by token.
+  sketches compare token by token. A wide token (more than ``MAX_SKETCH_COLS`` values) is
+  projected on the values :func:`sampled_columns` reads, and its cosines are taken against
+  those values (against the whole token they would be ~1/sqrt(D), below float16's resolution
+  of a difference).
 
 Summary statistics (min, max, mean, std) do not change when rows are permuted or shifted; these
 do. float16 keeps ~3 significant digits: differences below ~1e-3 of a token's norm are below the
@@ -202,7 +205,14 @@ def sketch_of(x: np.ndarray, max_rows: int = MAX_SKETCH_ROWS) -> tuple[float, np
     with np.errstate(over="ignore", invalid="ignore"):
         norms = np.sqrt(np.einsum("ij,ij->i", x2.astype(np.float64), x2.astype(np.float64))).astype(np.float32)
         cols = sampled_columns(d)      # the rows of projection(d) that are not zero
-        proj = x2[:, cols] @ projection(d)[cols] if len(cols) < d else x2 @ projection(d)
+        if len(cols) < d:
+            # a wide token: cosines against the values read (encode divides by the token's norm)
+            xr = x2[:, cols]
+            read = np.sqrt(np.einsum("ij,ij->i", xr.astype(np.float64), xr.astype(np.float64))).astype(np.float32)
+            factor = np.where(read > 0, norms / np.where(read > 0, read, 1), np.float32(0)).astype(np.float32)
+            proj = (xr @ projection(d)[cols]) * factor[:, None]
+        else:
+            proj = x2 @ projection(d)
     scales, data = encode(norms, proj, np.array([len(x2)]))
     return float(scales[0]), data
 
