@@ -127,11 +127,12 @@ def _projection(d: int, device: torch.device) -> Tensor:
 _FUSED = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def queue_stats_sketch(st: StepBuffer, t: Tensor, stats: bool = True, d: int = 0) -> tuple[StatSlot, int]:
+def queue_stats_sketch(st: StepBuffer, t: Tensor, stats: bool = True, per_token: int = 0) -> tuple[StatSlot, int]:
     """The value sketch of a floating tensor ``[..., D]`` and (``stats``) its statistics, queued
-    on its device: ``(stat slot, sketch slot)`` (``NO_STATS`` / -1 when there are none). ``d``:
-    the values per token when they are not :func:`~vlmscope.trace.sketch.sketch_dim`'s (a
-    convolution's channel-first tensor: one token per sample), 0 for that default.
+    on its device: ``(stat slot, sketch slot)`` (``NO_STATS`` / -1 when there are none).
+    ``per_token``: the values per token when they are not
+    :func:`~vlmscope.trace.sketch.sketch_dim`'s (a convolution's channel-first tensor: one token
+    per sample), 0 for that default.
 
     The sketch: per token (row of the last dimension larger than 1) its projection on the K fixed
     directions for ``D`` and its sum (a row of ones in the same ``linear``), its L2 norm, and the
@@ -144,17 +145,16 @@ def queue_stats_sketch(st: StepBuffer, t: Tensor, stats: bool = True, d: int = 0
     too many tokens) get :func:`queue_stats` and, when it fits, a sketch. A tensor passed on from
     module to module is done once per step."""
     key = (id(t), version_of(t))
-    given_d = d
     hit = st.sketch_dedupe.get(key)
     if hit is not None:
-        ref, slot, hit_d = hit
-        if ref() is t and hit_d == d:    # the same tensor read as the same tokens
+        ref, slot, hit_per_token = hit
+        if ref() is t and hit_per_token == per_token:    # the same tensor read as the same tokens
             s_hit = st.stat_dedupe.get(key) if stats else None
             return (s_hit[1] if s_hit is not None and s_hit[0]() is t else
                     (queue_stats(st, t) if stats else NO_STATS)), slot
     if not t.is_floating_point() or t.dim() == 0 or t.layout != torch.strided or t.is_meta:
         return (queue_stats(st, t) if stats else NO_STATS), -1
-    d = d or sketch_dim(t.shape)
+    d = per_token or sketch_dim(t.shape)
     numel = t.numel()
     if numel == 0 or numel // d > MAX_SKETCH_ROWS:
         return (queue_stats(st, t) if stats else NO_STATS), -1
@@ -168,15 +168,14 @@ def queue_stats_sketch(st: StepBuffer, t: Tensor, stats: bool = True, d: int = 0
     on_cpu = x.device.type == "cpu"
     if on_cpu:   # the values are on the host already: read now, no join of 0-d tensors at the step's end
         mn, mx = float(mn), float(mx)
+    norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
     if d <= MAX_SKETCH_COLS:
         proj = torch.nn.functional.linear(x, _projection(d, x.device))
-        norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
     else:   # a wide token: its blocks projected (a strided view, no copy), its sum from all values
         if x.stride(1) != 1:
             x = x.contiguous()
         per = MAX_SKETCH_COLS // WIDE_BLOCKS
         blocks = x.as_strided((WIDE_BLOCKS, n, per), (d // WIDE_BLOCKS, x.stride(0), 1))
-        norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
         # cosines against the values read (the step divides by the token's norm: scaled here by
         # norm / norm of the values read, 0 when those are all 0), as sketch.sketch_of does
         read = torch.linalg.vector_norm(blocks, dim=(0, 2)).unsqueeze(1)
@@ -200,7 +199,7 @@ def queue_stats_sketch(st: StepBuffer, t: Tensor, stats: bool = True, d: int = 0
             stat_slot = (-2, -2)      # no bytes of its own: everything is in the sketch
     try:
         ref = weakref.ref(t)
-        st.sketch_dedupe[key] = (ref, slot, given_d)
+        st.sketch_dedupe[key] = (ref, slot, per_token)
         if stats:
             st.stat_dedupe[key] = (ref, stat_slot)
     except TypeError:

@@ -202,19 +202,25 @@ def sketch_of(x: np.ndarray, max_rows: int = MAX_SKETCH_ROWS) -> tuple[float, np
     x2 = x.reshape(-1, d).astype(np.float32, copy=False)
     if len(x2) > max_rows:
         return None
-    with np.errstate(over="ignore", invalid="ignore"):
-        norms = np.sqrt(np.einsum("ij,ij->i", x2.astype(np.float64), x2.astype(np.float64))).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        norms = _row_norms(x2)
         cols = sampled_columns(d)      # the rows of projection(d) that are not zero
         if len(cols) < d:
             # a wide token: cosines against the values read (encode divides by the token's norm)
             xr = x2[:, cols]
-            read = np.sqrt(np.einsum("ij,ij->i", xr.astype(np.float64), xr.astype(np.float64))).astype(np.float32)
-            factor = np.where(read > 0, norms / np.where(read > 0, read, 1), np.float32(0)).astype(np.float32)
+            read = _row_norms(xr)
+            factor = np.where(read > 0, norms / read, np.float32(0))
             proj = (xr @ projection(d)[cols]) * factor[:, None]
         else:
             proj = x2 @ projection(d)
     scales, data = encode(norms, proj, np.array([len(x2)]))
     return float(scales[0]), data
+
+
+def _row_norms(x: np.ndarray) -> np.ndarray:
+    """float32 L2 norm of each row of ``x``, summed in float64."""
+    x64 = x.astype(np.float64)
+    return np.sqrt(np.einsum("ij,ij->i", x64, x64)).astype(np.float32)
 
 
 def decode(scale: float, data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -161,9 +161,9 @@ class TraceWriter:
         """Append float16 sketch values; returns the element offset of the first one."""
         data = np.ascontiguousarray(values, dtype=np.float16).ravel()
         n = self.sketch_values
-        if len(data) and not n:     # the first sketches: say which definition they follow
-            self.update_meta(sketch_version=SKETCH_VERSION)
         if len(data):
+            if not n:     # the first sketches: say which definition they follow
+                self.update_meta(sketch_version=SKETCH_VERSION)
             self._put(J.ROWS, "sketch_data", _bytes(data))
             self.sketch_values = n + len(data)
         return n

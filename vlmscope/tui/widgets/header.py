@@ -117,8 +117,9 @@ class TraceHeader(Static):
             model_b = _model(meta_b)
             line1.append(f"  {model}" if model == model_b else f"  {model} vs {model_b}", "dim")
         dev = _device(meta)
-        if b is not None and _device(meta_b) != dev:
-            dev = f"{dev or '?'} vs {_device(meta_b) or '?'}"
+        dev_b = _device(meta_b) if b is not None else dev
+        if dev_b != dev:
+            dev = f"{dev or '?'} vs {dev_b or '?'}"
         if dev:
             line1.append("  " + dev, "")
         if b is None:
@@ -144,7 +145,7 @@ class TraceHeader(Static):
             line2.append(printable(query))
         prompt = _prompt(meta)
         if b is not None:       # diff mode: both prompts, each cut to its share of the line
-            prompt_b = _prompt(b.meta if isinstance(b.meta, dict) else {})
+            prompt_b = _prompt(meta_b)
             room = max(8, (self.size.width or 120) - line2.cell_len - 16)
             if prompt == prompt_b:
                 line2.append("  prompt A = B ", "dim")
